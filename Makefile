@@ -1,0 +1,36 @@
+# One-command set-up and test on a fresh machine (Python, gcc and make are all it needs).
+#   make test                      # .venv + CPU torch 2.13.0 + extension + test deps, then pytest
+#   make test TORCH_SPEC="torch==2.14.1"
+#   make bench                     # microbenchmarks (tables + JSON under bench/results/)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+MAX_JOBS ?= 2
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+.PHONY: test build deps bench clean cuda-check
+
+$(VENV)/.deps-stamp: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" numpy ninja
+	$(PIP) install -q pytest scipy matplotlib "transformers>=4.45" "datasets>=2.19" "accelerate>=0.34" \
+		safetensors tqdm pyyaml rouge-score triton
+	touch $@
+
+deps: $(VENV)/.deps-stamp
+
+build: deps
+	MAX_JOBS=$(MAX_JOBS) $(PIP) install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) bench/bench_score.py
+	$(PY) bench/bench_select.py
+
+clean:
+	rm -rf build *.egg-info wagle_ext/*.so

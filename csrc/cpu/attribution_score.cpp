@@ -1,0 +1,231 @@
+// CPU kernel of wagle::attribution_score(_out): one pass over the inputs that writes the fp32
+// score and accumulates the 11-bit key histogram used by selection (kernels.md 4.1).
+//
+// Bytes per element (fp32 in, fp32 out): 16 (wagle: w, g_f, g_r read, s written); 20 with a
+// Hessian tensor. The histogram lives in L1 (4 interleaved 2049-bin uint32 copies per thread, so
+// consecutive elements in the same bucket do not serialise on one counter) and adds no DRAM traffic.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/score_math.h"
+#include "cpu/cpu_dispatch.h"
+#include "cpu/tensor_checks.h"
+
+namespace wagle {
+namespace cpu {
+namespace {
+
+constexpr int64_t kBlock = 512;     // elements per inner block (scores + buckets stay in L1)
+constexpr int kSubHists = 4;
+
+template <typename T>
+WAGLE_ALWAYS_INLINE float load_f(const T* p, int64_t i);
+template <>
+WAGLE_ALWAYS_INLINE float load_f<float>(const float* p, int64_t i) { return p[i]; }
+template <>
+WAGLE_ALWAYS_INLINE float load_f<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
+  return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
+}
+template <>
+WAGLE_ALWAYS_INLINE float load_f<c10::Half>(const c10::Half* p, int64_t i) {
+  return fp16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
+}
+
+struct ScoreArgs {
+  const void* w;
+  const void* gf;
+  const void* gr;
+  const void* h;
+  float gamma;
+  float eps;
+  float* out;
+};
+
+// Scores and histogram of elements [begin, end). hist: kSubHists * kHistSize uint32 counters.
+template <int Kind, typename TW, typename TG>
+WAGLE_ALWAYS_INLINE void score_range_body(const ScoreArgs& a, int64_t begin, int64_t end,
+                                          uint32_t* __restrict__ hist) {
+  const TW* __restrict__ w = static_cast<const TW*>(a.w);
+  const TG* __restrict__ gf = static_cast<const TG*>(a.gf);
+  const TG* __restrict__ gr = static_cast<const TG*>(a.gr);
+  const TG* __restrict__ h = static_cast<const TG*>(a.h);
+  float* __restrict__ out = a.out;
+  const float gamma = a.gamma, eps = a.eps;
+  alignas(64) uint32_t bucket[kBlock];
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    const int64_t n = std::min<int64_t>(kBlock, end - b0);
+    float* __restrict__ o = out + b0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t j = b0 + i;
+      const float wv = (Kind == kScoreGradient) ? 0.f : load_f<TW>(w, j);
+      const float gfv = (Kind == kScoreMagnitude) ? 0.f : load_f<TG>(gf, j);
+      const float grv = (Kind == kScoreWagle || Kind == kScoreWagleHessian) ? load_f<TG>(gr, j) : 0.f;
+      const float hv = (Kind == kScoreWagleHessian) ? load_f<TG>(h, j) : 0.f;
+      const float s = attribution_score<Kind>(wv, gfv, grv, hv, gamma, eps);
+      o[i] = s;
+      bucket[i] = score_bucket(s);
+    }
+    int64_t i = 0;
+    for (; i + kSubHists <= n; i += kSubHists) {
+      ++hist[0 * kHistSize + bucket[i + 0]];
+      ++hist[1 * kHistSize + bucket[i + 1]];
+      ++hist[2 * kHistSize + bucket[i + 2]];
+      ++hist[3 * kHistSize + bucket[i + 3]];
+    }
+    for (; i < n; ++i) ++hist[bucket[i]];
+  }
+}
+
+template <int Kind, typename TW, typename TG>
+WAGLE_TARGET_AVX512 void score_range_avx512(const ScoreArgs& a, int64_t b, int64_t e, uint32_t* hist) {
+  score_range_body<Kind, TW, TG>(a, b, e, hist);
+}
+template <int Kind, typename TW, typename TG>
+WAGLE_TARGET_AVX2 void score_range_avx2(const ScoreArgs& a, int64_t b, int64_t e, uint32_t* hist) {
+  score_range_body<Kind, TW, TG>(a, b, e, hist);
+}
+template <int Kind, typename TW, typename TG>
+void score_range_default(const ScoreArgs& a, int64_t b, int64_t e, uint32_t* hist) {
+  score_range_body<Kind, TW, TG>(a, b, e, hist);
+}
+
+using RangeFn = void (*)(const ScoreArgs&, int64_t, int64_t, uint32_t*);
+
+template <int Kind, typename TW, typename TG>
+RangeFn pick_isa(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return &score_range_avx512<Kind, TW, TG>;
+    case Isa::Avx2: return &score_range_avx2<Kind, TW, TG>;
+    default: return &score_range_default<Kind, TW, TG>;
+  }
+}
+
+template <typename TW, typename TG>
+RangeFn pick_kind(int kind, Isa isa) {
+  switch (kind) {
+    case kScoreWagle: return pick_isa<kScoreWagle, TW, TG>(isa);
+    case kScoreWagleHessian: return pick_isa<kScoreWagleHessian, TW, TG>(isa);
+    case kScoreSnip: return pick_isa<kScoreSnip, TW, TG>(isa);
+    case kScoreGradient: return pick_isa<kScoreGradient, TW, TG>(isa);
+    default: return pick_isa<kScoreMagnitude, TW, TG>(isa);
+  }
+}
+
+template <typename TW>
+RangeFn pick_grad_dtype(at::ScalarType tg, int kind, Isa isa) {
+  switch (tg) {
+    case at::kBFloat16: return pick_kind<TW, c10::BFloat16>(kind, isa);
+    case at::kHalf: return pick_kind<TW, c10::Half>(kind, isa);
+    default: return pick_kind<TW, float>(kind, isa);
+  }
+}
+
+RangeFn pick(at::ScalarType tw, at::ScalarType tg, int kind, Isa isa) {
+  switch (tw) {
+    case at::kBFloat16: return pick_grad_dtype<c10::BFloat16>(tg, kind, isa);
+    case at::kHalf: return pick_grad_dtype<c10::Half>(tg, kind, isa);
+    default: return pick_grad_dtype<float>(tg, kind, isa);
+  }
+}
+
+int parse_kind(c10::string_view kind) {
+  if (kind == "wagle") return kScoreWagle;
+  if (kind == "wagle_hessian") return kScoreWagleHessian;
+  if (kind == "snip") return kScoreSnip;
+  if (kind == "gradient") return kScoreGradient;
+  if (kind == "magnitude") return kScoreMagnitude;
+  TORCH_CHECK_VALUE(false, "attribution_score: unknown kind '", std::string(kind),
+                    "' (expected wagle, wagle_hessian, snip, gradient or magnitude)");
+}
+
+void attribution_score_out_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& grad_forget,
+                               const c10::optional<at::Tensor>& grad_retain,
+                               const c10::optional<at::Tensor>& hessian, c10::string_view kind_s,
+                               double gamma, double eps, at::Tensor& out, at::Tensor& hist) {
+  const int kind = parse_kind(kind_s);
+  const bool need_gf = kind != kScoreMagnitude;
+  const bool need_w = kind != kScoreGradient;
+  const bool need_gr = kind == kScoreWagle || kind == kScoreWagleHessian;
+  const bool need_h = kind == kScoreWagleHessian;
+  const int64_t n = weight.numel();
+  check_float_tensor(weight, "weight");
+  check_out_hist(hist);
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == n,
+                    "attribution_score_out: out must be a contiguous float32 tensor with ", n,
+                    " elements");
+  at::ScalarType tg = at::kFloat;
+  auto grad_like = [&](const c10::optional<at::Tensor>& t, const char* name, bool needed) {
+    if (!needed) return at::Tensor();
+    TORCH_CHECK_VALUE(t.has_value() && t->defined(), "attribution_score: kind '", std::string(kind_s),
+                      "' needs ", name);
+    check_float_tensor(*t, name);
+    TORCH_CHECK_VALUE(t->numel() == n, "attribution_score: ", name, " has ", t->numel(),
+                      " elements, weight has ", n);
+    return t->contiguous();
+  };
+  at::Tensor w = need_w ? weight.contiguous() : at::Tensor();
+  at::Tensor gf = grad_like(grad_forget, "grad_forget", need_gf);
+  at::Tensor gr = grad_like(grad_retain, "grad_retain", need_gr);
+  at::Tensor h = grad_like(hessian, "hessian", need_h);
+  // g_f, g_r and h share one dtype in the kernel; convert the odd one out (rare: accumulators are
+  // normally all fp32).
+  if (gf.defined()) tg = gf.scalar_type();
+  else if (gr.defined()) tg = gr.scalar_type();
+  if (gr.defined() && gr.scalar_type() != tg) gr = gr.to(tg);
+  if (h.defined() && h.scalar_type() != tg) h = h.to(tg);
+  if (n == 0) return;
+
+  ScoreArgs args{w.defined() ? w.data_ptr() : nullptr, gf.defined() ? gf.data_ptr() : nullptr,
+                 gr.defined() ? gr.data_ptr() : nullptr, h.defined() ? h.data_ptr() : nullptr,
+                 static_cast<float>(gamma), static_cast<float>(eps), out.data_ptr<float>()};
+  RangeFn fn = pick(weight.scalar_type(), tg, kind, cpu_isa());
+
+  const int nthreads = at::get_num_threads();
+  std::vector<int64_t> thread_hist(static_cast<size_t>(nthreads) * kHistSize, 0);
+  // Grain: 64K elements (>= 256 KB of traffic) per task; small tensors run on the caller thread.
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> local(static_cast<size_t>(kSubHists) * kHistSize, 0);
+    int64_t* th = thread_hist.data() + static_cast<size_t>(at::get_thread_num()) * kHistSize;
+    // Flush every 2^30 elements so the uint32 counters cannot overflow.
+    for (int64_t b = begin; b < end; b += (int64_t(1) << 30)) {
+      const int64_t e = std::min<int64_t>(end, b + (int64_t(1) << 30));
+      fn(args, b, e, local.data());
+      for (int s = 0; s < kSubHists; ++s)
+        for (int i = 0; i < kHistSize; ++i) {
+          th[i] += local[s * kHistSize + i];
+          local[s * kHistSize + i] = 0;
+        }
+    }
+  });
+  int64_t* hp = hist.data_ptr<int64_t>();
+  for (int t = 0; t < nthreads; ++t)
+    for (int i = 0; i < kHistSize; ++i) hp[i] += thread_hist[static_cast<size_t>(t) * kHistSize + i];
+}
+
+std::tuple<at::Tensor, at::Tensor> attribution_score_cpu(const at::Tensor& weight,
+                                                         const c10::optional<at::Tensor>& grad_forget,
+                                                         const c10::optional<at::Tensor>& grad_retain,
+                                                         const c10::optional<at::Tensor>& hessian,
+                                                         c10::string_view kind, double gamma, double eps) {
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+  at::Tensor hist = at::zeros({kHistSize}, weight.options().dtype(at::kLong));
+  attribution_score_out_cpu(weight, grad_forget, grad_retain, hessian, kind, gamma, eps, out, hist);
+  return {out, hist};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace wagle
+
+TORCH_LIBRARY_IMPL(wagle, CPU, m) {
+  m.impl("attribution_score_out", &wagle::cpu::attribution_score_out_cpu);
+  m.impl("attribution_score", &wagle::cpu::attribution_score_cpu);
+}

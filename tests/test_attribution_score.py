@@ -1,0 +1,153 @@
+"""attribution_scores: every CPU back end against the reference, plus validation and opcheck."""
+import pytest
+import torch
+
+import wagle_ext
+from wagle_ext import ops
+from wagle_ext.kernels import reference as ref
+
+from conftest import cpu_backends, require_cpp
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+KINDS = ["wagle", "wagle_hessian", "snip", "gradient", "magnitude"]
+SHAPES = [(0,), (1,), (7,), (33, 17), (1023,), (3, 5, 129), (70001,)]
+
+
+def _inputs(shape, dtype, gen, noncontig=False):
+    def mk(scale=1.0):
+        if noncontig:
+            return (torch.randn(*shape, 3, generator=gen) * scale).to(dtype)[..., 1]
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    w = mk(0.05)
+    gf = mk(1e-3)
+    gr = mk(1e-6)
+    h = (torch.rand(*shape, generator=gen) * 1e-3).to(dtype)
+    return w, gf, gr, h
+
+
+def _public(kind, w, gf, gr, h, **kw):
+    if kind == "wagle_hessian":
+        return wagle_ext.attribution_scores([w], [gf], [gr], kind="wagle", hessian=[h], return_histogram=True, **kw)
+    return wagle_ext.attribution_scores([w], [gf], [gr], kind=kind, return_histogram=True, **kw)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("attribution_score"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(backend, dtype, kind, shape, gen, use_backend):
+    use_backend(backend)
+    w, gf, gr, h = _inputs(shape, dtype, gen)
+    (s,), hist = _public(kind, w, gf, gr, h, gamma=1e-6)
+    rs, rh = ref.attribution_score(w, gf, gr, h, kind, 1e-6, 1e-8)
+    assert s.dtype == torch.float32 and s.shape == w.shape
+    # Same float32 operations in the same order: bit-identical.
+    torch.testing.assert_close(s, rs, rtol=0, atol=0)
+    assert torch.equal(hist, rh)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("attribution_score"))
+def test_noncontiguous_and_mixed_dtypes(backend, gen, use_backend):
+    use_backend(backend)
+    w, gf, gr, _ = _inputs((257, 9), torch.bfloat16, gen, noncontig=True)
+    gf32, gr32 = gf.float(), gr.float()  # fp32 accumulators beside bf16 weights (the usual case)
+    assert not w.is_contiguous()
+    (s,), hist = wagle_ext.attribution_scores([w], [gf32], [gr32], gamma=3e-4, return_histogram=True)
+    rs, rh = ref.attribution_score(w, gf32, gr32, None, "wagle", 3e-4, 0.0)
+    torch.testing.assert_close(s, rs, rtol=0, atol=0)
+    assert torch.equal(hist, rh)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("attribution_score"))
+def test_many_tensors_histogram_sums(backend, gen, use_backend):
+    use_backend(backend)
+    shapes = [(int(torch.randint(0, 300, (1,), generator=gen)),) for _ in range(210)]
+    ws = [torch.randn(s, generator=gen) for s in shapes]
+    gfs = [torch.randn(s, generator=gen) for s in shapes]
+    grs = [torch.randn(s, generator=gen) * 1e-7 for s in shapes]
+    scores, hist = wagle_ext.attribution_scores(ws, gfs, grs, return_histogram=True)
+    assert len(scores) == 210
+    total = torch.zeros(ref.HIST_SIZE, dtype=torch.int64)
+    for w, gf, gr, s in zip(ws, gfs, grs, scores):
+        rs, rh = ref.attribution_score(w, gf, gr, None, "wagle", 1e-6, 0.0)
+        torch.testing.assert_close(s, rs, rtol=0, atol=0)
+        total += rh
+    assert torch.equal(hist, total)
+    assert int(hist.sum()) == sum(w.numel() for w in ws)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("attribution_score"))
+def test_out_buffers_and_in_place(backend, gen, use_backend):
+    use_backend(backend)
+    w, gf, gr, _ = _inputs((4099,), torch.float32, gen)
+    expect, _ = ref.attribution_score(w, gf, gr, None, "wagle", 1e-6, 0.0)
+    out = torch.full((4099,), float("nan"))
+    (s,) = wagle_ext.attribution_scores([w], [gf], [gr], out=[out])
+    assert s.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    # Scores may overwrite g_f in place (saves one fp32 buffer per tensor).
+    gf2 = gf.clone()
+    wagle_ext.attribution_scores([w], [gf2], [gr], out=[gf2])
+    torch.testing.assert_close(gf2, expect, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("attribution_score"))
+def test_nan_and_signed_zero_histogram(backend, use_backend):
+    use_backend(backend)
+    w = torch.tensor([0.0, -0.0, float("nan"), 1.0, -2.0, float("inf")])
+    (s,), hist = wagle_ext.attribution_scores([w], kind="magnitude", return_histogram=True)
+    assert int(hist[ref.HIST_BINS]) == 1
+    assert int(hist.sum()) == 6
+    assert torch.equal(hist, ref.score_histogram(s))
+
+
+def test_validation_errors():
+    w = torch.randn(10)
+    with pytest.raises(ValueError, match="kind"):
+        wagle_ext.attribution_scores([w], [w], [w], kind="nope")
+    with pytest.raises(ValueError, match="grads_retain"):
+        wagle_ext.attribution_scores([w], [w], kind="wagle")
+    with pytest.raises(ValueError, match="shape"):
+        wagle_ext.attribution_scores([w], [torch.randn(11)], [w])
+    with pytest.raises(ValueError, match="grads_forget has 2"):
+        wagle_ext.attribution_scores([w], [w, w], [w])
+    with pytest.raises(TypeError, match="float32"):
+        wagle_ext.attribution_scores([torch.ones(10, dtype=torch.int32)], kind="magnitude")
+    with pytest.raises(TypeError, match="grads_forget\\[0\\]"):
+        wagle_ext.attribution_scores([w], [w.long()], [w])
+    with pytest.raises(ValueError, match="gamma"):
+        wagle_ext.attribution_scores([w], [w], [w], gamma=0.0)
+    with pytest.raises(ValueError, match="gamma"):
+        wagle_ext.attribution_scores([w], [w], [w], gamma=float("nan"))
+    with pytest.raises(ValueError, match="hessian is only used"):
+        wagle_ext.attribution_scores([w], [w], [w], kind="snip", hessian=[w])
+    with pytest.raises(ValueError, match="out\\[0\\]"):
+        wagle_ext.attribution_scores([w], [w], [w], out=[torch.empty(10, dtype=torch.float64)])
+    with pytest.raises(TypeError, match="weights\\[1\\]"):
+        wagle_ext.attribution_scores([w, "x"], kind="magnitude")
+
+
+def test_direct_op_rejects_bad_input():
+    require_cpp()
+    w = torch.randn(8)
+    with pytest.raises(ValueError):
+        torch.ops.wagle.attribution_score(w, w, torch.randn(9), None, "wagle", 1e-6, 0.0)
+    with pytest.raises(ValueError):
+        torch.ops.wagle.attribution_score(w, None, None, None, "wagle", 1e-6, 0.0)
+    with pytest.raises(ValueError):
+        torch.ops.wagle.attribution_score(w, w, w, None, "bogus", 1e-6, 0.0)
+    with pytest.raises(TypeError):
+        torch.ops.wagle.attribution_score(w.int(), w, w, None, "wagle", 1e-6, 0.0)
+
+
+def test_opcheck():
+    require_cpp()
+    g = torch.Generator().manual_seed(0)
+    w, gf, gr = (torch.randn(37, 5, generator=g) for _ in range(3))
+    torch.library.opcheck(torch.ops.wagle.attribution_score.default, (w, gf, gr, None, "wagle", 1e-6, 0.0))
+    torch.library.opcheck(torch.ops.wagle.attribution_score.default, (w, gf, None, None, "snip", 1e-6, 0.0))
+    out = torch.empty(37 * 5)
+    hist = torch.zeros(ref.HIST_SIZE, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.wagle.attribution_score_out.default,
+                          (w, gf, gr, None, "wagle", 1e-6, 0.0, out, hist))

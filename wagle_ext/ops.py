@@ -1,0 +1,430 @@
+"""The one door to every wagle kernel: input validation, back-end choice, fake (meta) kernels.
+
+Back ends, in order of preference for a tensor's device (override with ``WAGLE_BACKEND``):
+
+* ``cuda``      -- ``torch.ops.wagle`` compiled for CUDA (CUDA tensors, CUDA builds only)
+* ``triton``    -- ``wagle_ext.kernels.triton`` (CUDA tensors; CPU tensors only when forced, under
+  ``TRITON_INTERPRET=1``)
+* ``cpp``       -- ``torch.ops.wagle`` CPU kernels from ``wagle_ext._C``
+* ``reference`` -- ``wagle_ext.kernels.reference`` (pure PyTorch, always available)
+
+A back end that lacks one op falls through to the next one for that op.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .kernels import reference
+from .packed_mask import PackedMask
+
+__all__ = [
+    "attribution_scores",
+    "select_topk_mask",
+    "score_histogram",
+    "pack_bits",
+    "unpack_bits",
+    "popcount_bits",
+    "backend_info",
+    "resolve_backend",
+    "HIST_SIZE",
+]
+
+HIST_SIZE = reference.HIST_SIZE
+BACKENDS = ("cuda", "triton", "cpp", "reference")
+SCORE_KINDS = ("wagle", "snip", "gradient", "magnitude")  # public kinds; + a hessian for "wagle"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# ----------------------------------------------------------------------------- extension loading
+try:
+    from . import _C  # noqa: F401  (runs the TORCH_LIBRARY static initialisers)
+
+    HAS_CPP = True
+    _CPP_ERROR: Optional[str] = None
+except ImportError as exc:  # pure-Python install (WAGLE_NO_EXT=1) or a failed build
+    HAS_CPP = False
+    _CPP_ERROR = str(exc)
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    if not HAS_CPP:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"wagle::{op}", dispatch_key)
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    try:
+        from .kernels import triton as triton_kernels
+
+        return triton_kernels if triton_kernels.AVAILABLE else None
+    except Exception:  # triton missing or broken: not an error, just not a back end
+        return None
+
+
+def _cpp_available(op: str, device: torch.device) -> bool:
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return _has_kernel(op, key)
+
+
+def _backend_has(backend: str, op: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cpp":
+        return device.type == "cpu" and _cpp_available(op, device)
+    if backend == "cuda":
+        return device.type == "cuda" and _cpp_available(op, device)
+    if backend == "triton":
+        mod = _triton_module()
+        if mod is None or not hasattr(mod, op):
+            return False
+        # On CPU tensors Triton only runs in the interpreter, which is for tests: forced only.
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    raise AssertionError(backend)
+
+
+_warned_fallback: set = set()
+
+
+def resolve_backend(op: str, device: Union[torch.device, str]) -> str:
+    """Name of the back end that runs ``op`` for tensors on ``device``.
+
+    ``WAGLE_BACKEND=reference|cpp|triton|cuda`` forces one (a ``RuntimeError`` says so when it
+    cannot run that op on that device).
+    """
+    device = torch.device(device)
+    forced = os.environ.get("WAGLE_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"WAGLE_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        if forced == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("WAGLE_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
+        if not _backend_has(forced, op, device):
+            raise RuntimeError(
+                f"WAGLE_BACKEND={forced} cannot run {op} on {device.type} tensors here "
+                f"({backend_info()})")
+        return forced
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
+    for name in order:
+        if _backend_has(name, op, device):
+            if name == "reference" and device.type == "cuda" and op not in _warned_fallback:
+                _warned_fallback.add(op)
+                warnings.warn(
+                    f"wagle_ext: no CUDA or Triton kernel for {op}; using the pure-PyTorch "
+                    "reference on the GPU (slow, memory-hungry).", RuntimeWarning, stacklevel=3)
+            return name
+    return "reference"
+
+
+def backend_info() -> dict:
+    """Which back ends are usable in this process, and what each device would use.
+
+    Keys: ``cpp`` (bool), ``cpp_error`` (why the extension did not load, or None), ``cuda`` (CUDA
+    kernels compiled in), ``triton`` (Triton importable), ``cpu_isa`` (SIMD path of the C++
+    kernels), ``cpu`` / ``cuda_default`` (back end used for attribution_score on that device),
+    ``forced`` (``WAGLE_BACKEND`` or None).
+    """
+    info = {
+        "cpp": HAS_CPP,
+        "cpp_error": _CPP_ERROR,
+        "cuda": _has_kernel("attribution_score", "CUDA"),
+        "triton": _triton_module() is not None,
+        "cpu_isa": torch.ops.wagle.cpu_isa() if HAS_CPP else None,
+        "forced": os.environ.get("WAGLE_BACKEND") or None,
+    }
+    cpu_order = ("cpp", "reference")
+    info["cpu"] = next(b for b in cpu_order if _backend_has(b, "attribution_score", torch.device("cpu")))
+    if info["cuda"]:
+        info["cuda_default"] = "cuda"
+    elif info["triton"]:
+        info["cuda_default"] = "triton"
+    else:
+        info["cuda_default"] = "reference"
+    return info
+
+
+def _impl(op: str, device: torch.device) -> Callable:
+    backend = resolve_backend(op, device)
+    if backend in ("cpp", "cuda"):
+        return getattr(torch.ops.wagle, op)
+    if backend == "triton":
+        return getattr(_triton_module(), op)
+    return getattr(reference, op)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+if HAS_CPP:
+
+    @torch.library.register_fake("wagle::attribution_score")
+    def _(weight, grad_forget, grad_retain, hessian, kind, gamma, eps):
+        return (torch.empty_like(weight, dtype=torch.float32, memory_format=torch.contiguous_format),
+                weight.new_empty(HIST_SIZE, dtype=torch.int64))
+
+    @torch.library.register_fake("wagle::attribution_score_out")
+    def _(weight, grad_forget, grad_retain, hessian, kind, gamma, eps, out, hist):
+        return None
+
+    @torch.library.register_fake("wagle::score_histogram_")
+    def _(scores, hist):
+        return None
+
+    @torch.library.register_fake("wagle::select_topk_bits")
+    def _(scores, k, largest, hist):
+        return [s.new_empty((s.numel() + 7) // 8, dtype=torch.uint8) for s in scores]
+
+    @torch.library.register_fake("wagle::pack_bits")
+    def _(mask):
+        return mask.new_empty((mask.numel() + 7) // 8, dtype=torch.uint8)
+
+    @torch.library.register_fake("wagle::unpack_bits")
+    def _(bits, numel):
+        return bits.new_empty(numel, dtype=torch.bool)
+
+    @torch.library.register_fake("wagle::popcount_bits")
+    def _(bits, numel):
+        return torch.library.get_ctx().new_dynamic_size()
+
+
+# ----------------------------------------------------------------------------- validation helpers
+def _as_list(x, name: str) -> list:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        raise TypeError(f"{name} must be a sequence of tensors; for a dict pass list(d.values())")
+    try:
+        out = list(x)
+    except TypeError:
+        raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(x).__name__}") from None
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    return out
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    _check_float(t, name)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+# ----------------------------------------------------------------------------- scores
+def attribution_scores(
+    weights: Sequence[torch.Tensor],
+    grads_forget: Optional[Sequence[torch.Tensor]] = None,
+    grads_retain: Optional[Sequence[torch.Tensor]] = None,
+    *,
+    kind: str = "wagle",
+    gamma: float = 1e-6,
+    hessian: Optional[Sequence[torch.Tensor]] = None,
+    eps: float = 1e-8,
+    out: Optional[Sequence[torch.Tensor]] = None,
+    return_histogram: bool = False,
+):
+    """Per-weight attribution scores, one fused pass per tensor.
+
+    Args:
+        weights: tensors ``w`` (float32/bfloat16/float16), any shapes.
+        grads_forget: accumulated forget-loss gradients ``g_f``, one per weight, same shapes.
+        grads_retain: accumulated retain-loss gradients ``g_r`` (needed by ``kind="wagle"``).
+        kind: ``"wagle"``: ``|(w - g_r / gamma) * g_f|`` (WAGLE, Jia et al. 2024), or with a
+            diagonal Hessian estimate ``hessian=h``: ``|(w - g_r / (h + eps)) * g_f|``;
+            ``"snip"``: ``|w * g_f|``; ``"gradient"``: ``|g_f|`` (SalUn); ``"magnitude"``: ``|w|``.
+        gamma: the constant Hessian diagonal of WAGLE (> 0); ignored when ``hessian`` is given.
+        hessian: optional per-weight diagonal Hessian estimates (e.g. a Fisher diagonal).
+        eps: added to ``hessian`` before dividing.
+        out: optional preallocated contiguous float32 outputs (one per weight, same numel); may
+            alias ``grads_forget`` when those are contiguous float32 (scores then overwrite them).
+        return_histogram: also return the int64[2049] key histogram of all scores, computed in
+            the same pass; pass it to :func:`select_topk_mask` to save one pass over the scores.
+
+    Returns:
+        ``list[Tensor]`` of float32 scores shaped like ``weights`` (and the histogram when
+        ``return_histogram``). Nothing is mutated except ``out``.
+    """
+    weights = _as_list(weights, "weights")
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"kind must be one of {SCORE_KINDS}, got {kind!r}")
+    gf = _as_list(grads_forget, "grads_forget") if grads_forget is not None else None
+    gr = _as_list(grads_retain, "grads_retain") if grads_retain is not None else None
+    hs = _as_list(hessian, "hessian") if hessian is not None else None
+    if kind != "magnitude" and gf is None:
+        raise ValueError(f"kind={kind!r} needs grads_forget")
+    if kind == "wagle" and gr is None:
+        raise ValueError("kind='wagle' needs grads_retain (use kind='snip' for |w * g_f|)")
+    if hs is not None and kind != "wagle":
+        raise ValueError(f"hessian is only used by kind='wagle', got kind={kind!r}")
+    if hs is None and kind == "wagle" and not (isinstance(gamma, (int, float)) and gamma > 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    for name, lst in (("grads_forget", gf), ("grads_retain", gr), ("hessian", hs), ("out", out)):
+        if lst is not None and len(lst) != len(weights):
+            raise ValueError(f"{name} has {len(lst)} tensors but weights has {len(weights)}")
+    if out is not None:
+        out = _as_list(out, "out")
+    internal_kind = "wagle_hessian" if hs is not None else kind
+
+    scores: list[torch.Tensor] = []
+    hist_total = None
+    for i, w in enumerate(weights):
+        _check_float(w, f"weights[{i}]")
+        g_f = gf[i] if gf is not None and kind != "magnitude" else None
+        g_r = gr[i] if gr is not None and kind == "wagle" else None
+        h = hs[i] if hs is not None else None
+        for t, name in ((g_f, "grads_forget"), (g_r, "grads_retain"), (h, "hessian")):
+            if t is not None:
+                _check_like(t, w, f"{name}[{i}]", f"weights[{i}]")
+        fn_device = w.device
+        backend = resolve_backend("attribution_score", fn_device)
+        if out is not None:
+            o = out[i]
+            if o.dtype != torch.float32 or not o.is_contiguous() or o.numel() != w.numel():
+                raise ValueError(f"out[{i}] must be a contiguous float32 tensor with {w.numel()} elements")
+            if o.device != w.device:
+                raise ValueError(f"out[{i}] is on {o.device} but weights[{i}] is on {w.device}")
+        hist = torch.zeros(HIST_SIZE, dtype=torch.int64, device=w.device) if hist_total is None else hist_total
+        if backend in ("cpp", "cuda") and out is not None:
+            torch.ops.wagle.attribution_score_out(w, g_f, g_r, h, internal_kind, float(gamma), float(eps), out[i], hist)
+            s = out[i].view(w.shape)
+        else:
+            s, hi = _impl("attribution_score", fn_device)(w, g_f, g_r, h, internal_kind, float(gamma), float(eps))
+            hist += hi.to(hist.device)
+            if out is not None:
+                out[i].view(w.shape).copy_(s)
+                s = out[i].view(w.shape)
+        hist_total = hist
+        scores.append(s)
+    if hist_total is None:
+        hist_total = torch.zeros(HIST_SIZE, dtype=torch.int64)
+    return (scores, hist_total) if return_histogram else scores
+
+
+def score_histogram(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64[2049] key histogram of all ``scores`` (entry 2048 counts NaNs); see kernels/reference.py."""
+    scores = _as_list(scores, "scores")
+    device = scores[0].device if scores else torch.device("cpu")
+    hist = torch.zeros(HIST_SIZE, dtype=torch.int64, device=device)
+    for i, s in enumerate(scores):
+        _check_float(s, f"scores[{i}]")
+        if resolve_backend("score_histogram_", s.device) in ("cpp", "cuda"):
+            torch.ops.wagle.score_histogram_(s.contiguous(), hist)
+        else:
+            hist += reference.score_histogram(s).to(device)
+    return hist
+
+
+# ----------------------------------------------------------------------------- bits
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8[ceil(numel/8)] (little-endian bit order)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_bits expects a bool tensor, got {mask.dtype}")
+    return _impl("pack_bits", mask.device)(mask.contiguous())
+
+
+def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """uint8 bit array -> bool[numel]."""
+    if bits.dtype != torch.uint8:
+        raise TypeError(f"unpack_bits expects uint8 bits, got {bits.dtype}")
+    if bits.numel() * 8 < numel or numel < 0:
+        raise ValueError(f"{bits.numel()} bytes cannot hold {numel} bits")
+    return _impl("unpack_bits", bits.device)(bits.contiguous(), int(numel))
+
+
+def popcount_bits(bits: torch.Tensor, numel: int) -> int:
+    """Number of set bits among the first ``numel`` bits of a uint8 bit array."""
+    if bits.dtype != torch.uint8:
+        raise TypeError(f"popcount_bits expects uint8 bits, got {bits.dtype}")
+    if bits.numel() * 8 < numel or numel < 0:
+        raise ValueError(f"{bits.numel()} bytes cannot hold {numel} bits")
+    return int(_impl("popcount_bits", bits.device)(bits.contiguous(), int(numel)))
+
+
+# ----------------------------------------------------------------------------- selection
+def select_topk_mask(
+    scores: Sequence[torch.Tensor],
+    *,
+    ratio: Optional[float] = None,
+    k: Optional[int] = None,
+    scope: str = "global",
+    largest: bool = True,
+    histogram: Optional[torch.Tensor] = None,
+) -> list[PackedMask]:
+    """Exact top-k selection as one :class:`PackedMask` per score tensor.
+
+    Args:
+        scores: float tensors (float32/bfloat16/float16), any shapes, one device.
+        ratio: fraction of elements to select, in (0, 1]; ``k = int(N * ratio)`` where N is the
+            total element count (``scope="global"``) or each tensor's count (``"per_tensor"``).
+        k: exact number of elements to select (instead of ``ratio``), in [0, N]; with
+            ``scope="per_tensor"`` each tensor selects ``min(k, numel)``.
+        scope: ``"global"`` (one threshold over all tensors, never concatenated or sorted) or
+            ``"per_tensor"``.
+        largest: select the largest scores (True) or the smallest.
+        histogram: the int64[2049] histogram of exactly these scores (``attribution_scores(...,
+            return_histogram=True)``), saving one pass. Global scope only.
+
+    Ties at the threshold go to the lowest global index (tensor order, then flat index), so the
+    result is deterministic and has exactly k selected bits. NaN scores raise ``ValueError``.
+    """
+    scores = _as_list(scores, "scores")
+    if (ratio is None) == (k is None):
+        raise ValueError("pass exactly one of ratio= or k=")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):
+            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if scope not in ("global", "per_tensor"):
+        raise ValueError(f"scope must be 'global' or 'per_tensor', got {scope!r}")
+    for i, s in enumerate(scores):
+        _check_float(s, f"scores[{i}]")
+        if s.device != scores[0].device:
+            raise ValueError(f"scores[{i}] is on {s.device} but scores[0] is on {scores[0].device}")
+    if histogram is not None:
+        if scope != "global":
+            raise ValueError("histogram= is only used with scope='global'")
+        if histogram.dtype != torch.int64 or histogram.numel() != HIST_SIZE:
+            raise ValueError(f"histogram must be int64[{HIST_SIZE}] (from attribution_scores(..., return_histogram=True))")
+    if not scores:
+        if k not in (None, 0):
+            raise ValueError(f"k must be in [0, 0] for empty scores, got {k}")
+        return []
+    n_total = sum(s.numel() for s in scores)
+
+    if scope == "global":
+        kk = int(n_total * ratio) if ratio is not None else k
+        if not 0 <= kk <= n_total:
+            raise ValueError(f"k must be in [0, {n_total}], got {kk}")
+        groups = [(list(range(len(scores))), kk)]
+    else:
+        groups = []
+        for i, s in enumerate(scores):
+            if k is not None and k < 0:
+                raise ValueError(f"k must be >= 0, got {k}")
+            kk = int(s.numel() * ratio) if ratio is not None else min(k, s.numel())
+            groups.append(([i], kk))
+
+    masks: list[Optional[PackedMask]] = [None] * len(scores)
+    device = scores[0].device
+    for idx, kk in groups:
+        group = [scores[i].contiguous() for i in idx]
+        hist = histogram.to(device) if histogram is not None else None
+        bits = _impl("select_topk_bits", device)(group, int(kk), bool(largest), hist)
+        for j, i in enumerate(idx):
+            masks[i] = PackedMask(bits[j], scores[i].shape, kk if len(idx) == 1 else None)
+    return masks  # type: ignore[return-value]
