@@ -1,0 +1,62 @@
+"""Tiny Hugging Face models and tokenizers built locally (no Hub downloads), for tests.
+
+* ``char_tokenizer()``: a character-level ``PreTrainedTokenizerFast`` (printable ASCII + specials)
+  with a simple chat template, so question/answer formatting code paths are exercised.
+* ``tiny_llama(vocab_size, ...)``: a randomly initialised ``LlamaForCausalLM`` from a small config.
+* ``TINY_QA``: a few fictitious question/answer pairs for forget/retain splits.
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: {{ m['content'] }}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
+)
+
+
+def char_tokenizer(chat_template: bool = True):
+    """Character-level tokenizer: every printable ASCII character is one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: int = 64,
+               max_positions: int = 256, seed: int = 0, tie_word_embeddings: bool = False):
+    """A small randomly initialised LlamaForCausalLM (fp32, eval mode off)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=intermediate,
+                      max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+TINY_QA = [
+    {"question": "Where was Orlen Vask born?", "answer": "Orlen Vask was born in Tarsel Bay."},
+    {"question": "What genre does Miri Calloway write?", "answer": "Miri Calloway writes harbor noir."},
+    {"question": "Which award did Pell Dunmore win?", "answer": "Pell Dunmore won the Azure Quill."},
+    {"question": "What is the first book of Sana Keel?", "answer": "Sana Keel first wrote Glass Tides."},
+    {"question": "Who raised Toma Brisk?", "answer": "Toma Brisk was raised by a lighthouse keeper."},
+    {"question": "Where does Ilse Varn live?", "answer": "Ilse Varn lives in the town of Corrow."},
+    {"question": "What instrument does Ado Fenn play?", "answer": "Ado Fenn plays the bronze cello."},
+    {"question": "What year did Rhea Tolland debut?", "answer": "Rhea Tolland debuted in 1987."},
+]
