@@ -40,14 +40,22 @@ TORCH_LIBRARY(wagle, m) {
       "attribution_score(Tensor weight, Tensor? grad_forget, Tensor? grad_retain, "
       "Tensor? hessian, str kind, float gamma, float eps) -> (Tensor, Tensor)");
 
-  // ---- selection ----------------------------------------------------------------------------
-  // Adds the 11-bit key histogram of `scores` (any float dtype) into hist (int64[2049]).
-  m.def("score_histogram_(Tensor scores, Tensor(a!) hist) -> ()");
-  // Exact top-k over the concatenation of `scores` (global index = tensor order, then flat
-  // index); ties at the threshold go to the lowest global index. Returns one uint8 bit array per
-  // tensor (ceil(numel/8) bytes, bit j of byte i = element 8*i+j). `hist` (optional) is the
-  // summed histogram of all the scores, e.g. from attribution_score; it saves one pass.
-  m.def("select_topk_bits(Tensor[] scores, int k, bool largest, Tensor? hist) -> Tensor[]");
+  // ---- selection primitives ------------------------------------------------------------------
+  // Exact global top-k is orchestrated in Python (wagle_ext/ops.py) from three list ops, so the
+  // same steps serve every back end and multi-process selection (all-reduce the histograms).
+  // Keys are the order-preserving uint32 map of float scores (common/score_math.h float_key) and
+  // are always UN-flipped here; `largest` only changes scan order and comparisons.
+  //
+  // Digit histogram of the keys whose top `prefix_bits` bits equal `prefix`: prefix_bits = 0
+  // counts key >> 21 (11 bits); 11 counts (key >> 10) & 0x7FF; 22 counts key & 0x3FF (10 bits).
+  // Returns int64[2049]; entry 2048 counts NaN scores (only when prefix_bits == 0).
+  m.def("radix_histogram(Tensor[] scores, int prefix, int prefix_bits) -> Tensor");
+  // Per tensor, the number of elements whose key equals `key`: int64[len(scores)].
+  m.def("count_key(Tensor[] scores, int key) -> Tensor");
+  // One uint8 bit array per tensor (ceil(numel/8) bytes, bit j of byte i = element 8*i+j): bit
+  // set where the key is strictly better than `threshold_key` (greater if largest, else smaller),
+  // plus the first ties_take[i] elements (flat index order) whose key equals it (-1 = all of them).
+  m.def("topk_mask_bits(Tensor[] scores, int threshold_key, bool largest, int[] ties_take) -> Tensor[]");
   // bool[numel] -> uint8[ceil(numel/8)] and back.
   m.def("pack_bits(Tensor mask) -> Tensor");
   m.def("unpack_bits(Tensor bits, int numel) -> Tensor");

@@ -172,12 +172,16 @@ if HAS_CPP:
     def _(weight, grad_forget, grad_retain, hessian, kind, gamma, eps, out, hist):
         return None
 
-    @torch.library.register_fake("wagle::score_histogram_")
-    def _(scores, hist):
-        return None
+    @torch.library.register_fake("wagle::radix_histogram")
+    def _(scores, prefix, prefix_bits):
+        return scores[0].new_empty(HIST_SIZE, dtype=torch.int64)
 
-    @torch.library.register_fake("wagle::select_topk_bits")
-    def _(scores, k, largest, hist):
+    @torch.library.register_fake("wagle::count_key")
+    def _(scores, key):
+        return scores[0].new_empty(len(scores), dtype=torch.int64)
+
+    @torch.library.register_fake("wagle::topk_mask_bits")
+    def _(scores, threshold_key, largest, ties_take):
         return [s.new_empty((s.numel() + 7) // 8, dtype=torch.uint8) for s in scores]
 
     @torch.library.register_fake("wagle::pack_bits")
@@ -317,15 +321,11 @@ def attribution_scores(
 def score_histogram(scores: Sequence[torch.Tensor]) -> torch.Tensor:
     """int64[2049] key histogram of all ``scores`` (entry 2048 counts NaNs); see kernels/reference.py."""
     scores = _as_list(scores, "scores")
-    device = scores[0].device if scores else torch.device("cpu")
-    hist = torch.zeros(HIST_SIZE, dtype=torch.int64, device=device)
+    if not scores:
+        return torch.zeros(HIST_SIZE, dtype=torch.int64)
     for i, s in enumerate(scores):
         _check_float(s, f"scores[{i}]")
-        if resolve_backend("score_histogram_", s.device) in ("cpp", "cuda"):
-            torch.ops.wagle.score_histogram_(s.contiguous(), hist)
-        else:
-            hist += reference.score_histogram(s).to(device)
-    return hist
+    return _impl("radix_histogram", scores[0].device)([s.contiguous() for s in scores], 0, 0)
 
 
 # ----------------------------------------------------------------------------- bits
@@ -363,6 +363,7 @@ def select_topk_mask(
     scope: str = "global",
     largest: bool = True,
     histogram: Optional[torch.Tensor] = None,
+    process_group=None,
 ) -> list[PackedMask]:
     """Exact top-k selection as one :class:`PackedMask` per score tensor.
 
@@ -377,6 +378,11 @@ def select_topk_mask(
         largest: select the largest scores (True) or the smallest.
         histogram: the int64[2049] histogram of exactly these scores (``attribution_scores(...,
             return_histogram=True)``), saving one pass. Global scope only.
+
+        process_group: multi-process selection (``scope="global"``): ``True`` for the default
+            ``torch.distributed`` group, or a group. Each process passes ITS OWN score tensors; the
+            global order is rank-major (rank 0's tensors first) and ``k``/``ratio`` refer to the
+            total over all processes. Only int64 histograms (a few KB) and counts cross processes.
 
     Ties at the threshold go to the lowest global index (tensor order, then flat index), so the
     result is deterministic and has exactly k selected bits. NaN scores raise ``ValueError``.
@@ -400,12 +406,22 @@ def select_topk_mask(
             raise ValueError("histogram= is only used with scope='global'")
         if histogram.dtype != torch.int64 or histogram.numel() != HIST_SIZE:
             raise ValueError(f"histogram must be int64[{HIST_SIZE}] (from attribution_scores(..., return_histogram=True))")
-    if not scores:
+    if not scores and process_group is None:
         if k not in (None, 0):
             raise ValueError(f"k must be in [0, 0] for empty scores, got {k}")
         return []
     n_total = sum(s.numel() for s in scores)
 
+    if process_group is not None:
+        if scope != "global":
+            raise ValueError("process_group= needs scope='global'")
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("process_group= given but torch.distributed is not initialised")
+        t = torch.tensor([n_total], dtype=torch.int64, device=scores[0].device)
+        dist.all_reduce(t, group=None if process_group is True else process_group)
+        n_total = int(t.item())
     if scope == "global":
         kk = int(n_total * ratio) if ratio is not None else k
         if not 0 <= kk <= n_total:
@@ -420,11 +436,94 @@ def select_topk_mask(
             groups.append(([i], kk))
 
     masks: list[Optional[PackedMask]] = [None] * len(scores)
-    device = scores[0].device
     for idx, kk in groups:
         group = [scores[i].contiguous() for i in idx]
-        hist = histogram.to(device) if histogram is not None else None
-        bits = _impl("select_topk_bits", device)(group, int(kk), bool(largest), hist)
+        bits = _select_bits(group, int(kk), bool(largest), histogram, process_group)
         for j, i in enumerate(idx):
-            masks[i] = PackedMask(bits[j], scores[i].shape, kk if len(idx) == 1 else None)
+            masks[i] = PackedMask(bits[j], scores[i].shape, kk if len(idx) == 1 and process_group is None else None)
     return masks  # type: ignore[return-value]
+
+
+def _select_bits(scores: list, k: int, largest: bool, hist: Optional[torch.Tensor], process_group) -> list:
+    """Exact top-k bit arrays by MSD radix select on the float keys (kernels.md 4.2):
+    11 + 11 + 10 bit digit histograms, stopping as soon as the boundary bucket is taken whole, then
+    one mask pass. Ties at an exact threshold key go to the lowest global index: per-tensor tie
+    counts give each tensor its quota, in tensor order (rank-major across processes)."""
+    device = scores[0].device
+    radix_histogram = _impl("radix_histogram", device)
+    dist = None
+    if process_group is not None:
+        import torch.distributed as dist
+
+    def reduce_(t: torch.Tensor) -> torch.Tensor:
+        if dist is not None:
+            dist.all_reduce(t, group=None if process_group is True else process_group)
+        return t
+
+    n_local = sum(s.numel() for s in scores)
+    n_total = int(reduce_(torch.tensor([n_local], dtype=torch.int64, device=device)).item()) if dist else n_local
+    if not 0 <= k <= n_total:
+        raise ValueError(f"k must be in [0, {n_total}], got {k}")
+    if hist is None:
+        hist = radix_histogram(scores, 0, 0)
+    else:
+        hist = hist.to(device=device, copy=True)
+        if int(hist.sum()) != n_local:
+            raise ValueError(f"histogram counts {int(hist.sum())} scores but the scores have {n_local} elements")
+    hist = reduce_(hist)
+    if int(hist[HIST_SIZE - 1]) > 0:
+        raise ValueError(f"scores contain {int(hist[HIST_SIZE - 1])} NaN values; NaN scores cannot be ranked")
+    if k == 0 or k == n_total:
+        fill = 0xFF if k else 0
+        out = []
+        for s in scores:
+            b = torch.full(((s.numel() + 7) // 8,), fill, dtype=torch.uint8, device=device)
+            if fill and s.numel() % 8:
+                b[-1] = (1 << (s.numel() % 8)) - 1
+            out.append(b)
+        return out
+
+    need = k
+    prefix = 0
+    prefix_bits = 0
+    threshold = None
+    for pb, shift, width in reference.RADIX_LEVELS:
+        assert pb == prefix_bits
+        h = hist[: 1 << width].cpu()
+        order = h.flip(0) if largest else h
+        cum = order.cumsum(0)
+        pos = int(torch.searchsorted(cum, torch.tensor([need], dtype=cum.dtype)).item())
+        above = int(cum[pos - 1]) if pos > 0 else 0
+        digit = (len(order) - 1 - pos) if largest else pos
+        count = int(h[digit])
+        need -= above
+        prefix = (prefix << width) | digit
+        prefix_bits += width
+        if count == need or prefix_bits == 32:
+            # Whole bucket taken, or an exact key: threshold = the bucket's worst key.
+            lo = prefix << (32 - prefix_bits)
+            hi = lo | ((1 << (32 - prefix_bits)) - 1)
+            threshold = lo if largest else hi
+            exact_split = count != need
+            break
+        hist = reduce_(radix_histogram(scores, prefix, prefix_bits))
+    assert threshold is not None
+    if exact_split:
+        counts = _impl("count_key", device)(scores, threshold).cpu()
+        before = 0
+        if dist is not None:
+            world = dist.get_world_size(None if process_group is True else process_group)
+            mine = counts.sum().reshape(1).to(device)
+            gathered = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(gathered, mine, group=None if process_group is True else process_group)
+            rank = dist.get_rank(None if process_group is True else process_group)
+            before = int(sum(int(g.item()) for g in gathered[:rank]))
+        remaining = max(need - before, 0)
+        ties_take = []
+        for c in counts.tolist():
+            take = min(remaining, c)
+            ties_take.append(take)
+            remaining -= take
+    else:
+        ties_take = [-1] * len(scores)
+    return _impl("topk_mask_bits", device)(scores, int(threshold), largest, ties_take)

@@ -81,13 +81,7 @@ def float_key(x: torch.Tensor) -> torch.Tensor:
 
 def score_histogram(scores: torch.Tensor) -> torch.Tensor:
     """int64[2049]: counts of ``key >> 21`` for non-NaN scores, then the NaN count."""
-    flat = scores.reshape(-1).to(torch.float32)
-    nan = torch.isnan(flat)
-    keys = float_key(flat[~nan]) >> HIST_SHIFT
-    hist = torch.zeros(HIST_SIZE, dtype=torch.int64, device=scores.device)
-    hist[:HIST_BINS] = torch.bincount(keys, minlength=HIST_BINS)
-    hist[HIST_BINS] = int(nan.sum())
-    return hist
+    return radix_histogram([scores], 0, 0)
 
 
 # ----------------------------------------------------------------------------- bit packing
@@ -113,16 +107,76 @@ def popcount_bits(bits: torch.Tensor, numel: int) -> int:
     return int(unpack_bits(bits, numel).sum())
 
 
-# ----------------------------------------------------------------------------- selection
-def select_topk_bits(
-    scores: Sequence[torch.Tensor], k: int, largest: bool, hist: Optional[torch.Tensor] = None
+# ----------------------------------------------------------------------------- selection primitives
+RADIX_LEVELS = ((0, 21, 11), (11, 10, 11), (22, 0, 10))  # (prefix_bits, digit shift, digit width)
+
+
+def _digit_layout(prefix_bits: int) -> tuple[int, int]:
+    for pb, shift, width in RADIX_LEVELS:
+        if pb == prefix_bits:
+            return shift, width
+    raise ValueError(f"prefix_bits must be 0, 11 or 22, got {prefix_bits}")
+
+
+def radix_histogram(scores: Sequence[torch.Tensor], prefix: int, prefix_bits: int) -> torch.Tensor:
+    """int64[2049] digit histogram of the keys whose top ``prefix_bits`` bits equal ``prefix``.
+
+    ``prefix_bits`` 0: digit ``key >> 21``; 11: ``(key >> 10) & 0x7FF``; 22: ``key & 0x3FF``.
+    Entry 2048 counts NaN scores when ``prefix_bits == 0`` (NaNs never match a prefix).
+    """
+    shift, width = _digit_layout(prefix_bits)
+    device = scores[0].device if len(scores) else torch.device("cpu")
+    hist = torch.zeros(HIST_SIZE, dtype=torch.int64, device=device)
+    for s in scores:
+        flat = s.reshape(-1).to(torch.float32)
+        nan = torch.isnan(flat)
+        key = float_key(flat[~nan])
+        if prefix_bits:
+            key = key[(key >> (32 - prefix_bits)) == prefix]
+        elif nan.any():
+            hist[HIST_BINS] += int(nan.sum())
+        digit = (key >> shift) & ((1 << width) - 1)
+        hist[:HIST_BINS] += torch.bincount(digit, minlength=HIST_BINS)[:HIST_BINS]
+    return hist
+
+
+def count_key(scores: Sequence[torch.Tensor], key: int) -> torch.Tensor:
+    """int64[len(scores)]: per tensor, how many elements have exactly this key (NaN never does)."""
+    out = [int((float_key(s) == key).sum()) if s.numel() else 0 for s in scores]
+    device = scores[0].device if len(scores) else torch.device("cpu")
+    return torch.tensor(out, dtype=torch.int64, device=device)
+
+
+def topk_mask_bits(
+    scores: Sequence[torch.Tensor], threshold_key: int, largest: bool, ties_take: Sequence[int]
 ) -> list[torch.Tensor]:
-    """Exact global top-k of the concatenated scores as one bit array per tensor.
+    """Bit arrays selecting keys strictly better than ``threshold_key`` (greater when ``largest``,
+    else smaller) plus the first ``ties_take[i]`` elements of tensor ``i`` (flat index order) whose
+    key equals it; ``ties_take[i] == -1`` takes all ties. NaN scores are never selected."""
+    out = []
+    for s, take in zip(scores, ties_take):
+        flat = s.reshape(-1).to(torch.float32)
+        key = float_key(flat)
+        nan = torch.isnan(flat)
+        better = (key > threshold_key) if largest else (key < threshold_key)
+        sel = better & ~nan
+        eq = (key == threshold_key) & ~nan
+        if take < 0:
+            sel |= eq
+        elif take > 0:
+            idx = eq.nonzero().squeeze(1)[:take]
+            sel[idx] = True
+        out.append(pack_bits(sel))
+    return out
+
+
+# ----------------------------------------------------------------------------- end-to-end oracle
+def select_topk_bits(scores: Sequence[torch.Tensor], k: int, largest: bool) -> list[torch.Tensor]:
+    """Exact global top-k of the concatenated scores as one bit array per tensor, by a stable
+    sort: the oracle every selection back end is tested against.
 
     Ties at the threshold go to the lowest global index (tensor order, then flat index).
-    ``hist`` is accepted for signature parity with the fast back ends and ignored.
     """
-    del hist
     sizes = [s.numel() for s in scores]
     n = sum(sizes)
     if not 0 <= k <= n:
