@@ -31,7 +31,7 @@ TORCH_LIBRARY(wagle, m) {
   // kind: "wagle" | "wagle_hessian" | "snip" | "gradient" | "magnitude".
   // Writes the fp32 score of every element of `weight` into `out` (same numel, contiguous fp32)
   // and ADDS the 11-bit key histogram of those scores into `hist` (int64[2049]; entry 2048 counts
-  // NaN scores) in the same pass.
+  // NaN scores) in the same pass; an empty `hist` skips the histogram (scores only).
   m.def(
       "attribution_score_out(Tensor weight, Tensor? grad_forget, Tensor? grad_retain, "
       "Tensor? hessian, str kind, float gamma, float eps, Tensor(a!) out, Tensor(b!) hist) -> ()");

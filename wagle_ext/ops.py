@@ -284,37 +284,42 @@ def attribution_scores(
     internal_kind = "wagle_hessian" if hs is not None else kind
 
     scores: list[torch.Tensor] = []
-    hist_total = None
+    device = weights[0].device if weights else torch.device("cpu")
+    # An empty histogram tells the fused kernel to skip the histogram work (scores only).
+    hist = torch.zeros(HIST_SIZE if return_histogram else 0, dtype=torch.int64, device=device)
+    backend = resolve_backend("attribution_score", device) if weights else "reference"
+    fused = backend in ("cpp", "cuda")
+    score_op = torch.ops.wagle.attribution_score_out if fused else _impl("attribution_score", device)
+    gamma, eps = float(gamma), float(eps)
     for i, w in enumerate(weights):
         _check_float(w, f"weights[{i}]")
+        if w.device != device:
+            raise ValueError(f"weights[{i}] is on {w.device} but weights[0] is on {device}")
         g_f = gf[i] if gf is not None and kind != "magnitude" else None
         g_r = gr[i] if gr is not None and kind == "wagle" else None
         h = hs[i] if hs is not None else None
         for t, name in ((g_f, "grads_forget"), (g_r, "grads_retain"), (h, "hessian")):
             if t is not None:
                 _check_like(t, w, f"{name}[{i}]", f"weights[{i}]")
-        fn_device = w.device
-        backend = resolve_backend("attribution_score", fn_device)
         if out is not None:
             o = out[i]
             if o.dtype != torch.float32 or not o.is_contiguous() or o.numel() != w.numel():
                 raise ValueError(f"out[{i}] must be a contiguous float32 tensor with {w.numel()} elements")
-            if o.device != w.device:
-                raise ValueError(f"out[{i}] is on {o.device} but weights[{i}] is on {w.device}")
-        hist = torch.zeros(HIST_SIZE, dtype=torch.int64, device=w.device) if hist_total is None else hist_total
-        if backend in ("cpp", "cuda") and out is not None:
-            torch.ops.wagle.attribution_score_out(w, g_f, g_r, h, internal_kind, float(gamma), float(eps), out[i], hist)
-            s = out[i].view(w.shape)
+            if o.device != device:
+                raise ValueError(f"out[{i}] is on {o.device} but weights[{i}] is on {device}")
+        if fused:
+            o = out[i] if out is not None else torch.empty(w.shape, dtype=torch.float32, device=device)
+            score_op(w, g_f, g_r, h, internal_kind, gamma, eps, o, hist)
+            s = o.view(w.shape)
         else:
-            s, hi = _impl("attribution_score", fn_device)(w, g_f, g_r, h, internal_kind, float(gamma), float(eps))
-            hist += hi.to(hist.device)
+            s, hi = score_op(w, g_f, g_r, h, internal_kind, gamma, eps)
+            if return_histogram:
+                hist += hi.to(device)
             if out is not None:
                 out[i].view(w.shape).copy_(s)
                 s = out[i].view(w.shape)
-        hist_total = hist
         scores.append(s)
-    if hist_total is None:
-        hist_total = torch.zeros(HIST_SIZE, dtype=torch.int64)
+    hist_total = hist
     return (scores, hist_total) if return_histogram else scores
 
 

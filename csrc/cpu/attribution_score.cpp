@@ -12,7 +12,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "common/score_math.h"
 #include "cpu/cpu_dispatch.h"
@@ -24,6 +29,10 @@ namespace {
 
 constexpr int64_t kBlock = 512;     // elements per inner block (scores + buckets stay in L1)
 constexpr int kSubHists = 4;
+// uint16 sub-histogram counters are flushed into int64 every kFlushEvery elements, so no counter
+// can exceed kFlushEvery / kSubHists = 32768 increments.
+constexpr int64_t kFlushEvery = int64_t(1) << 17;
+constexpr int64_t kStreamMinBytes = int64_t(1) << 20;  // outputs >= 1 MiB use streaming stores
 
 template <typename T>
 WAGLE_ALWAYS_INLINE float load_f(const T* p, int64_t i);
@@ -48,10 +57,43 @@ struct ScoreArgs {
   float* out;
 };
 
-// Scores and histogram of elements [begin, end). hist: kSubHists * kHistSize uint32 counters.
-template <int Kind, typename TW, typename TG>
+// Output stores. Scores of a large tensor are consumed later (by selection), long after they
+// left the cache, so they are written with non-temporal stores: no read-for-ownership of the
+// destination lines, i.e. 16 instead of 20 bytes of DRAM traffic per element (kind=wagle, fp32).
+struct PlainStore {
+  static void store(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+  static void fence() {}
+};
+#if WAGLE_X86
+struct StreamStoreAvx512 {
+  WAGLE_TARGET_AVX512 static void store(float* dst, const float* src, int64_t n) {
+    int64_t i = 0;
+    while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63)) { dst[i] = src[i]; ++i; }
+    for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+    for (; i < n; ++i) dst[i] = src[i];
+  }
+  static void fence() { _mm_sfence(); }
+};
+struct StreamStoreAvx2 {
+  WAGLE_TARGET_AVX2 static void store(float* dst, const float* src, int64_t n) {
+    int64_t i = 0;
+    while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31)) { dst[i] = src[i]; ++i; }
+    for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    for (; i < n; ++i) dst[i] = src[i];
+  }
+  static void fence() { _mm_sfence(); }
+};
+#else
+using StreamStoreAvx512 = PlainStore;
+using StreamStoreAvx2 = PlainStore;
+#endif
+
+// Scores and histogram of elements [begin, end), begin..end spanning at most kFlushEvery
+// elements. hist: kSubHists * kHistSize uint16 counters (16 KB: stays in L1 beside the data).
+// Scores go to an L1-resident block first (bucketed from there), then to `out` via Store.
+template <int Kind, typename TW, typename TG, typename Store, bool kHist>
 WAGLE_ALWAYS_INLINE void score_range_body(const ScoreArgs& a, int64_t begin, int64_t end,
-                                          uint32_t* __restrict__ hist) {
+                                          uint16_t* __restrict__ hist) {
   const TW* __restrict__ w = static_cast<const TW*>(a.w);
   const TG* __restrict__ gf = static_cast<const TG*>(a.gf);
   const TG* __restrict__ gr = static_cast<const TG*>(a.gr);
@@ -59,9 +101,10 @@ WAGLE_ALWAYS_INLINE void score_range_body(const ScoreArgs& a, int64_t begin, int
   float* __restrict__ out = a.out;
   const float gamma = a.gamma, eps = a.eps;
   alignas(64) uint32_t bucket[kBlock];
+  alignas(64) float sbuf[kBlock];
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int64_t n = std::min<int64_t>(kBlock, end - b0);
-    float* __restrict__ o = out + b0;
+    float* __restrict__ o = sbuf;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const int64_t j = b0 + i;
@@ -71,8 +114,10 @@ WAGLE_ALWAYS_INLINE void score_range_body(const ScoreArgs& a, int64_t begin, int
       const float hv = (Kind == kScoreWagleHessian) ? load_f<TG>(h, j) : 0.f;
       const float s = attribution_score<Kind>(wv, gfv, grv, hv, gamma, eps);
       o[i] = s;
-      bucket[i] = score_bucket(s);
+      if (kHist) bucket[i] = score_bucket(s);
     }
+    Store::store(out + b0, sbuf, n);
+    if (!kHist) continue;
     int64_t i = 0;
     for (; i + kSubHists <= n; i += kSubHists) {
       ++hist[0 * kHistSize + bucket[i + 0]];
@@ -82,57 +127,66 @@ WAGLE_ALWAYS_INLINE void score_range_body(const ScoreArgs& a, int64_t begin, int
     }
     for (; i < n; ++i) ++hist[bucket[i]];
   }
+  Store::fence();
 }
 
-template <int Kind, typename TW, typename TG>
-WAGLE_TARGET_AVX512 void score_range_avx512(const ScoreArgs& a, int64_t b, int64_t e, uint32_t* hist) {
-  score_range_body<Kind, TW, TG>(a, b, e, hist);
+// hist == nullptr: scores only (the caller asked for no histogram).
+template <int Kind, typename TW, typename TG, bool kStream>
+WAGLE_TARGET_AVX512 void score_range_avx512(const ScoreArgs& a, int64_t b, int64_t e, uint16_t* hist) {
+  using St = typename std::conditional<kStream, StreamStoreAvx512, PlainStore>::type;
+  if (hist) score_range_body<Kind, TW, TG, St, true>(a, b, e, hist);
+  else score_range_body<Kind, TW, TG, St, false>(a, b, e, hist);
 }
-template <int Kind, typename TW, typename TG>
-WAGLE_TARGET_AVX2 void score_range_avx2(const ScoreArgs& a, int64_t b, int64_t e, uint32_t* hist) {
-  score_range_body<Kind, TW, TG>(a, b, e, hist);
+template <int Kind, typename TW, typename TG, bool kStream>
+WAGLE_TARGET_AVX2 void score_range_avx2(const ScoreArgs& a, int64_t b, int64_t e, uint16_t* hist) {
+  using St = typename std::conditional<kStream, StreamStoreAvx2, PlainStore>::type;
+  if (hist) score_range_body<Kind, TW, TG, St, true>(a, b, e, hist);
+  else score_range_body<Kind, TW, TG, St, false>(a, b, e, hist);
 }
-template <int Kind, typename TW, typename TG>
-void score_range_default(const ScoreArgs& a, int64_t b, int64_t e, uint32_t* hist) {
-  score_range_body<Kind, TW, TG>(a, b, e, hist);
+template <int Kind, typename TW, typename TG, bool kStream>
+void score_range_default(const ScoreArgs& a, int64_t b, int64_t e, uint16_t* hist) {
+  if (hist) score_range_body<Kind, TW, TG, PlainStore, true>(a, b, e, hist);
+  else score_range_body<Kind, TW, TG, PlainStore, false>(a, b, e, hist);
 }
 
-using RangeFn = void (*)(const ScoreArgs&, int64_t, int64_t, uint32_t*);
+using RangeFn = void (*)(const ScoreArgs&, int64_t, int64_t, uint16_t*);
 
 template <int Kind, typename TW, typename TG>
-RangeFn pick_isa(Isa isa) {
+RangeFn pick_isa(Isa isa, bool stream) {
   switch (isa) {
-    case Isa::Avx512: return &score_range_avx512<Kind, TW, TG>;
-    case Isa::Avx2: return &score_range_avx2<Kind, TW, TG>;
-    default: return &score_range_default<Kind, TW, TG>;
+    case Isa::Avx512:
+      return stream ? &score_range_avx512<Kind, TW, TG, true> : &score_range_avx512<Kind, TW, TG, false>;
+    case Isa::Avx2:
+      return stream ? &score_range_avx2<Kind, TW, TG, true> : &score_range_avx2<Kind, TW, TG, false>;
+    default: return &score_range_default<Kind, TW, TG, false>;
   }
 }
 
 template <typename TW, typename TG>
-RangeFn pick_kind(int kind, Isa isa) {
+RangeFn pick_kind(int kind, Isa isa, bool stream) {
   switch (kind) {
-    case kScoreWagle: return pick_isa<kScoreWagle, TW, TG>(isa);
-    case kScoreWagleHessian: return pick_isa<kScoreWagleHessian, TW, TG>(isa);
-    case kScoreSnip: return pick_isa<kScoreSnip, TW, TG>(isa);
-    case kScoreGradient: return pick_isa<kScoreGradient, TW, TG>(isa);
-    default: return pick_isa<kScoreMagnitude, TW, TG>(isa);
+    case kScoreWagle: return pick_isa<kScoreWagle, TW, TG>(isa, stream);
+    case kScoreWagleHessian: return pick_isa<kScoreWagleHessian, TW, TG>(isa, stream);
+    case kScoreSnip: return pick_isa<kScoreSnip, TW, TG>(isa, stream);
+    case kScoreGradient: return pick_isa<kScoreGradient, TW, TG>(isa, stream);
+    default: return pick_isa<kScoreMagnitude, TW, TG>(isa, stream);
   }
 }
 
 template <typename TW>
-RangeFn pick_grad_dtype(at::ScalarType tg, int kind, Isa isa) {
+RangeFn pick_grad_dtype(at::ScalarType tg, int kind, Isa isa, bool stream) {
   switch (tg) {
-    case at::kBFloat16: return pick_kind<TW, c10::BFloat16>(kind, isa);
-    case at::kHalf: return pick_kind<TW, c10::Half>(kind, isa);
-    default: return pick_kind<TW, float>(kind, isa);
+    case at::kBFloat16: return pick_kind<TW, c10::BFloat16>(kind, isa, stream);
+    case at::kHalf: return pick_kind<TW, c10::Half>(kind, isa, stream);
+    default: return pick_kind<TW, float>(kind, isa, stream);
   }
 }
 
-RangeFn pick(at::ScalarType tw, at::ScalarType tg, int kind, Isa isa) {
+RangeFn pick(at::ScalarType tw, at::ScalarType tg, int kind, Isa isa, bool stream) {
   switch (tw) {
-    case at::kBFloat16: return pick_grad_dtype<c10::BFloat16>(tg, kind, isa);
-    case at::kHalf: return pick_grad_dtype<c10::Half>(tg, kind, isa);
-    default: return pick_grad_dtype<float>(tg, kind, isa);
+    case at::kBFloat16: return pick_grad_dtype<c10::BFloat16>(tg, kind, isa, stream);
+    case at::kHalf: return pick_grad_dtype<c10::Half>(tg, kind, isa, stream);
+    default: return pick_grad_dtype<float>(tg, kind, isa, stream);
   }
 }
 
@@ -157,7 +211,9 @@ void attribution_score_out_cpu(const at::Tensor& weight, const c10::optional<at:
   const bool need_h = kind == kScoreWagleHessian;
   const int64_t n = weight.numel();
   check_float_tensor(weight, "weight");
-  check_out_hist(hist);
+  // An empty `hist` means "scores only": the histogram work is skipped.
+  const bool want_hist = hist.numel() != 0;
+  if (want_hist) check_out_hist(hist);
   TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == n,
                     "attribution_score_out: out must be a contiguous float32 tensor with ", n,
                     " elements");
@@ -186,18 +242,23 @@ void attribution_score_out_cpu(const at::Tensor& weight, const c10::optional<at:
   ScoreArgs args{w.defined() ? w.data_ptr() : nullptr, gf.defined() ? gf.data_ptr() : nullptr,
                  gr.defined() ? gr.data_ptr() : nullptr, h.defined() ? h.data_ptr() : nullptr,
                  static_cast<float>(gamma), static_cast<float>(eps), out.data_ptr<float>()};
-  RangeFn fn = pick(weight.scalar_type(), tg, kind, cpu_isa());
+  // Stream (non-temporal) only when the output is far larger than the caches would keep anyway
+  // and does not alias an input (in place over g_f, the lines are already owned: plain stores).
+  const void* out_ptr = out.data_ptr();
+  const bool aliased = out_ptr == args.w || out_ptr == args.gf || out_ptr == args.gr || out_ptr == args.h;
+  const bool stream = !aliased && n * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
+  RangeFn fn = pick(weight.scalar_type(), tg, kind, cpu_isa(), stream);
 
   const int nthreads = at::get_num_threads();
   std::vector<int64_t> thread_hist(static_cast<size_t>(nthreads) * kHistSize, 0);
   // Grain: 64K elements (>= 256 KB of traffic) per task; small tensors run on the caller thread.
   at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> local(static_cast<size_t>(kSubHists) * kHistSize, 0);
+    std::vector<uint16_t> local(static_cast<size_t>(kSubHists) * kHistSize, 0);
     int64_t* th = thread_hist.data() + static_cast<size_t>(at::get_thread_num()) * kHistSize;
-    // Flush every 2^30 elements so the uint32 counters cannot overflow.
-    for (int64_t b = begin; b < end; b += (int64_t(1) << 30)) {
-      const int64_t e = std::min<int64_t>(end, b + (int64_t(1) << 30));
-      fn(args, b, e, local.data());
+    for (int64_t b = begin; b < end; b += kFlushEvery) {
+      const int64_t e = std::min<int64_t>(end, b + kFlushEvery);
+      fn(args, b, e, want_hist ? local.data() : nullptr);
+      if (!want_hist) continue;
       for (int s = 0; s < kSubHists; ++s)
         for (int i = 0; i < kHistSize; ++i) {
           th[i] += local[s * kHistSize + i];
@@ -205,6 +266,7 @@ void attribution_score_out_cpu(const at::Tensor& weight, const c10::optional<at:
         }
     }
   });
+  if (!want_hist) return;
   int64_t* hp = hist.data_ptr<int64_t>();
   for (int t = 0; t < nthreads; ++t)
     for (int i = 0; i < kHistSize; ++i) hp[i] += thread_hist[static_cast<size_t>(t) * kHistSize + i];
