@@ -434,7 +434,7 @@ def test_graddiff_and_ga_equal_hf_losses(tiny):
     nf, nr = _hf_loss(model, batch["forget"]), _hf_loss(model, batch["retain"])
     loss, logs = O.get_objective("GradDiff", gamma=0.7, alpha=1.9)(model, batch)
     torch.testing.assert_close(loss, 0.7 * -nf + 1.9 * nr, rtol=1e-5, atol=1e-5)
-    assert logs["retain_loss"] == pytest.approx(float(nr), rel=1e-5)
+    assert logs["retain_loss"] == pytest.approx(float(nr.detach()), rel=1e-5)
     loss, logs = O.get_objective("ga")(model, batch)
     torch.testing.assert_close(loss, -nf, rtol=1e-5, atol=1e-5)
     assert "retain_loss" not in logs
@@ -453,7 +453,7 @@ def test_npo_model_level_at_reference(reduction, beta, tiny):
     _, model, batch = tiny
     obj = O.get_objective("npo", beta=beta, reduction=reduction, retain="none")
     loss, logs = obj(model, batch, _frozen(model))
-    assert float(loss) == pytest.approx(2 / beta * math.log(2), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(2 / beta * math.log(2), rel=1e-6)
     assert logs["forget_log_ratio"] == 0.0
 
 
@@ -482,7 +482,7 @@ def test_dpo_model_level_at_reference(tiny):
     for win in ("refusal", "alternate"):
         obj = O.get_objective("dpo", beta=0.25, win=win, retain="none")
         loss, _ = obj(model, batch, _frozen(model))
-        assert float(loss) == pytest.approx(2 / 0.25 * math.log(2), rel=1e-6)
+        assert float(loss.detach()) == pytest.approx(2 / 0.25 * math.log(2), rel=1e-6)
 
 
 def test_retain_kl_model_level(tiny):
@@ -549,6 +549,30 @@ def test_rmu_control_vector_and_losses(tiny):
     assert logs["retain_loss"] > 0
     with pytest.raises(ValueError, match="decoder layers"):
         O.get_objective("rmu", layer=5)(model, batch, ref)
+
+
+def test_rmu_stop_early_same_loss_and_grads(tiny):
+    _, model, batch = tiny
+    ref = _frozen(model)
+    pert = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in pert.parameters():
+            p.add_(torch.randn_like(p) * 0.03)
+    grads = []
+    for stop in (True, False):
+        pert.zero_grad()
+        loss, logs = O.get_objective("rmu", layer=0, alpha=10.0, stop_early=stop)(pert, batch, ref)
+        loss.backward()
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in pert.parameters()])
+        if stop:
+            first = loss.detach()
+        else:
+            torch.testing.assert_close(loss.detach(), first)
+    assert logs["retain_loss"] > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # Later blocks and the LM head get no gradient from RMU (they do not affect layer 0's output).
+    assert pert.lm_head.weight.grad is None or float(pert.lm_head.weight.grad.abs().sum()) == 0
 
 
 def test_decoder_layers_generic():

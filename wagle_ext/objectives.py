@@ -458,8 +458,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "model.layers, transformer.h, gpt_neox.layers, model.decoder.layers")
 
 
-def _forward_with_layer_output(model: nn.Module, seq: Mapping[str, Tensor], layer: int) -> Tensor:
-    """Run ``model`` on ``seq`` and return the hidden states output by decoder block ``layer``."""
+class _StopForward(Exception):
+    """Raised by the RMU hook to skip the layers (and the LM head) after the one it reads."""
+
+
+def _forward_with_layer_output(model: nn.Module, seq: Mapping[str, Tensor], layer: int,
+                               stop_early: bool = True) -> Tensor:
+    """Run ``model`` on ``seq`` and return the hidden states output by decoder block ``layer``.
+
+    With ``stop_early`` the forward is aborted right after that block (the later blocks and the
+    ``[B, T, V]`` logits are never computed); the returned activations keep their autograd graph.
+    """
     layers = decoder_layers(model)
     if not -len(layers) <= layer < len(layers):
         raise ValueError(f"layer must index one of the model's {len(layers)} decoder layers, got {layer}")
@@ -467,10 +476,14 @@ def _forward_with_layer_output(model: nn.Module, seq: Mapping[str, Tensor], laye
 
     def hook(_module, _inputs, output):
         cache.append(output[0] if isinstance(output, (tuple, list)) else output)
+        if stop_early:
+            raise _StopForward
 
     handle = layers[layer].register_forward_hook(hook)
     try:
         model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"], use_cache=False)
+    except _StopForward:
+        pass
     finally:
         handle.remove()
     if len(cache) != 1:
@@ -805,6 +818,9 @@ class RMU(Objective):
     (open-unlearning ``EMBED_DIFF``); ``"nll"``/``"kl"``/``"none"`` also work.
     Defaults from the WMDP original for zephyr-7b: layer 7, steering_coeff 6.5, alpha 1200. The
     original trains only layers 5-7 ``mlp.down_proj``; restricting parameters is the trainer's job.
+    ``stop_early`` (default True) aborts each forward after block ``layer`` (saves the later blocks and
+    the LM head); set False for wrappers that must see a complete forward (e.g. DeepSpeed ZeRO-3
+    parameter prefetch).
     """
 
     name: ClassVar[str] = "rmu"
@@ -814,6 +830,7 @@ class RMU(Objective):
     layer: int = 7
     steering_coeff: float = 6.5
     seed: int = 0
+    stop_early: bool = True
     _control: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def validate(self):
@@ -830,16 +847,16 @@ class RMU(Objective):
 
     def forget_term(self, model, batch, ref_model):
         f = batch["forget"]
-        acts = _forward_with_layer_output(model, f, self.layer)
+        acts = _forward_with_layer_output(model, f, self.layer, self.stop_early)
         target = self.control_vector(acts.shape[-1], acts.device)
         return activation_mse(acts, target, f["labels"] != IGNORE_INDEX), {}
 
     def retain_term(self, model, retain, ref_model):
         if self.retain != "activation":
             return super().retain_term(model, retain, ref_model)
-        acts = _forward_with_layer_output(model, retain, self.layer)
+        acts = _forward_with_layer_output(model, retain, self.layer, self.stop_early)
         with torch.no_grad():
-            ref_acts = _forward_with_layer_output(ref_model, retain, self.layer)
+            ref_acts = _forward_with_layer_output(ref_model, retain, self.layer, self.stop_early)
         return activation_mse(acts, ref_acts, retain["labels"] != IGNORE_INDEX)
 
 
