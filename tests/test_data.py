@@ -15,7 +15,7 @@ def _decode(tok, ids):
     return tok.decode([int(i) for i in ids])
 
 
-def _items(n, prefix, gen=None):
+def _items(n, prefix):
     return [{"question": f"{prefix} question {i}?", "answer": f"{prefix} answer {i}.",
              "perturbed_answer": [f"wrong {i}a", f"wrong {i}b", f"wrong {i}c"]} for i in range(n)]
 

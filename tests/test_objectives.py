@@ -388,6 +388,41 @@ def test_activation_mse(gen):
         O.activation_mse(a, tgt, mask[:, :-1])
 
 
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd saves for backward while running fn()."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(sizes), out
+
+
+@pytest.mark.parametrize("which", ["token_logprobs", "ihl", "kl"])
+def test_fused_paths_keep_no_fp32_copy(which, gen):
+    """The fused paths save the bf16 logits (a reference, no copy) plus O(rows) state, never an fp32
+    [rows, V] log-softmax as F.cross_entropy(logits.float()) does."""
+    B, T, V = 2, 16, 4096
+    logits, labels = _logits_labels(B, T, V, torch.bfloat16, gen, p_ignore=0.0)
+    x = logits.requires_grad_(True)
+    ref = logits.detach().clone()
+    fns = {"token_logprobs": lambda: O.token_logprobs(x, labels)[0].sum(),
+           "ihl": lambda: O.ihl_loss(x, labels),
+           "kl": lambda: O.kl_retain_loss(x, ref, labels)}
+    nbytes, out = _saved_bytes(fns[which])
+    logits_bytes = x.numel() * x.element_size()
+    extra = nbytes - logits_bytes * (2 if which == "kl" else 1)
+    assert 0 <= extra < 64 * B * T  # a few per-row vectors (lse, rows, targets, mask)
+    naive, _ = _saved_bytes(lambda: F.cross_entropy(x[:, :-1].float().reshape(-1, V),
+                                                    labels[:, 1:].reshape(-1)))
+    assert naive >= B * (T - 1) * V * 4  # the discriminating baseline: an fp32 copy is saved there
+    out.backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------------------------
 # Model-level: objectives on a tiny Llama
 # ------------------------------------------------------------------------------------------------
