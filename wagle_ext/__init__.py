@@ -29,3 +29,10 @@ __all__ = [
     "unpack_bits",
     "__version__",
 ]
+
+# --- objectives + data (helper `objectives`) ---
+from .data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator  # noqa: E402
+from .objectives import OBJECTIVES, Objective, get_objective  # noqa: E402
+
+__all__ += ["REFUSAL_ANSWERS", "ForgetRetainDataset", "QACollator", "OBJECTIVES", "Objective", "get_objective"]
+# --- end objectives + data ---

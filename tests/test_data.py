@@ -1,0 +1,184 @@
+"""Data plumbing: ForgetRetainDataset pairing/seeding and QACollator tokenisation, masks and labels."""
+import random
+
+import pytest
+import torch
+
+from wagle_ext.data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
+
+from tiny_models import TINY_QA, char_tokenizer
+
+EOS, PAD = 2, 0
+
+
+def _decode(tok, ids):
+    return tok.decode([int(i) for i in ids])
+
+
+def _items(n, prefix):
+    return [{"question": f"{prefix} question {i}?", "answer": f"{prefix} answer {i}.",
+             "perturbed_answer": [f"wrong {i}a", f"wrong {i}b", f"wrong {i}c"]} for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+# QACollator
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_collator_labels_prompt_padding(chat):
+    tok = char_tokenizer(chat_template=chat)
+    col = QACollator(tok)
+    assert col.use_chat_template is chat
+    items = TINY_QA[:3] + [{"question": "Q?", "answer": "A"}]
+    out = col(items)
+    ids, am, lab = out["input_ids"], out["attention_mask"], out["labels"]
+    assert ids.dtype == am.dtype == lab.dtype == torch.int64
+    assert ids.shape == am.shape == lab.shape and ids.shape[0] == 4
+    for b, it in enumerate(items):
+        # Expected text, built independently: the char tokenizer maps each character to one token.
+        prompt = f"Q: {it['question']}\nA: " if chat else f"Question: {it['question']}\nAnswer: "
+        n_prompt, n = len(prompt), len(prompt) + len(it["answer"]) + 1
+        assert int(am[b].sum()) == n and (am[b, :n] == 1).all() and (am[b, n:] == 0).all()  # right padding
+        assert _decode(tok, ids[b, :n_prompt]) == prompt
+        assert _decode(tok, ids[b, n_prompt:n - 1]) == it["answer"]
+        assert ids[b, n - 1] == EOS and (ids[b, n:] == PAD).all()
+        assert (lab[b, :n_prompt] == -100).all() and (lab[b, n:] == -100).all()
+        assert torch.equal(lab[b, n_prompt:n], ids[b, n_prompt:n])  # answer tokens + eos are kept
+    assert ids.shape[1] == max(int(am[b].sum()) for b in range(4))
+
+
+def test_collator_chat_template_eos_not_doubled():
+    tok = char_tokenizer()  # its template already ends the assistant turn with </s>
+    ids, n_prompt = QACollator(tok).encode("Hi?", "Yo.")
+    assert ids.count(EOS) == 1 and ids[-1] == EOS
+    assert n_prompt == len("Q: Hi?\nA: ")
+    ids2, _ = QACollator(tok, add_eos=False, use_chat_template=False).encode("Hi?", "Yo.")
+    assert EOS not in ids2
+
+
+def test_collator_system_prompt_and_template_choice():
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}S: {{ m['content'] }}\n"
+                         "{% elif m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: {{ m['content'] }}"
+                         "</s>{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+    ids, n_prompt = QACollator(tok, system_prompt="be brief").encode("Hi?", "Yo.")
+    assert _decode(tok, ids[:n_prompt]) == "S: be brief\nQ: Hi?\nA: "
+    ids, n_prompt = QACollator(tok, use_chat_template=False, prompt_format="<<{question}>>").encode("Hi?", "Yo.")
+    assert _decode(tok, ids[:n_prompt]) == "<<Hi?>>"
+
+
+def test_collator_truncation():
+    tok = char_tokenizer()
+    out = QACollator(tok, max_length=20)(TINY_QA[:2])
+    assert out["input_ids"].shape[1] == 20
+    prompt0 = len(f"Q: {TINY_QA[0]['question']}\nA: ")
+    assert prompt0 > 20 and (out["labels"][0] == -100).all()  # prompt alone fills max_length
+    out = QACollator(tok, max_length=40)(TINY_QA[:1])
+    lab = out["labels"][0]
+    assert lab.shape[0] == 40 and (lab[:prompt0] == -100).all() and (lab[prompt0:] != -100).all()
+
+
+def test_collator_errors():
+    tok = char_tokenizer(chat_template=False)
+    with pytest.raises(ValueError, match="no chat_template"):
+        QACollator(tok, use_chat_template=True)
+    with pytest.raises(ValueError, match="max_length"):
+        QACollator(tok, max_length=0)
+    with pytest.raises(ValueError, match="prompt_format"):
+        QACollator(tok, prompt_format="Question:")
+    col = QACollator(tok)
+    with pytest.raises(ValueError, match="empty"):
+        col([])
+    with pytest.raises(ValueError, match="item 1"):
+        col([TINY_QA[0], {"question": "x"}])
+
+
+# ------------------------------------------------------------------------------------------------
+# ForgetRetainDataset
+# ------------------------------------------------------------------------------------------------
+
+def test_dataset_pairs_and_keys():
+    forget, retain = _items(5, "f"), _items(7, "r")
+    ds = ForgetRetainDataset(forget, retain, seed=1, refusal=True, alternate="perturbed_answer")
+    assert len(ds) == 5
+    for i in range(5):
+        ex = ds[i]
+        assert ex["forget"] is forget[i] and ex["index"] == i
+        assert any(ex["retain"] is r for r in retain)
+        assert ex["forget_refusal"]["question"] == forget[i]["question"]
+        assert ex["forget_refusal"]["answer"] in REFUSAL_ANSWERS
+        assert ex["forget_alternate"]["question"] == forget[i]["question"]
+        assert ex["forget_alternate"]["answer"] in forget[i]["perturbed_answer"]
+    assert ds[-1]["forget"] is forget[-1]
+    with pytest.raises(IndexError):
+        ds[5]
+    plain = ForgetRetainDataset(forget, None)[0]
+    assert set(plain) == {"forget", "index"}
+
+
+def _draws(ds):
+    return [(id(ex["retain"]), ex["forget_refusal"]["answer"], ex["forget_alternate"]["answer"])
+            for ex in (ds[i] for i in range(len(ds)))]
+
+
+def test_dataset_seeded_draws_reproducible_and_seed_dependent():
+    forget, retain = _items(60, "f"), _items(50, "r")
+    kw = dict(refusal=True, alternate="perturbed_answer")
+    random.seed(1)
+    torch.manual_seed(1)
+    a = _draws(ForgetRetainDataset(forget, retain, seed=7, **kw))
+    random.seed(2)  # global RNG state must not matter
+    torch.manual_seed(2)
+    b = _draws(ForgetRetainDataset(forget, retain, seed=7, **kw))
+    c = _draws(ForgetRetainDataset(forget, retain, seed=8, **kw))
+    assert a == b
+    assert a != c
+    assert len({x[0] for x in a}) > 20  # retain draws spread over the retain set
+    ds = ForgetRetainDataset(forget, retain, seed=7, **kw)
+    ds.set_epoch(1)
+    e1 = _draws(ds)
+    assert e1 != a
+    ds.set_epoch(0)
+    assert _draws(ds) == a
+
+
+def test_dataset_errors():
+    with pytest.raises(ValueError, match=r"forget\[1\] needs a str 'answer'"):
+        ForgetRetainDataset([TINY_QA[0], {"question": "q"}], TINY_QA)
+    with pytest.raises(ValueError, match="retain is empty"):
+        ForgetRetainDataset(TINY_QA, [])
+    with pytest.raises(ValueError, match="no usable alternate answer 'paraphrased_answer'"):
+        ForgetRetainDataset(TINY_QA, TINY_QA, alternate="paraphrased_answer")
+    with pytest.raises(TypeError, match="seed"):
+        ForgetRetainDataset(TINY_QA, TINY_QA, seed=1.5)
+
+
+def test_refusal_answers_builtin():
+    assert 15 <= len(REFUSAL_ANSWERS) <= 40
+    assert len(set(REFUSAL_ANSWERS)) == len(REFUSAL_ANSWERS)
+    assert all(isinstance(r, str) and r.strip() == r and r for r in REFUSAL_ANSWERS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset + collator (+ DataLoader)
+# ------------------------------------------------------------------------------------------------
+
+def test_nested_collation_refusal_has_own_mask():
+    tok = char_tokenizer()
+    ds = ForgetRetainDataset(TINY_QA[:4], TINY_QA[4:], seed=0, refusal=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False, collate_fn=QACollator(tok))
+    batch = next(iter(loader))
+    assert set(batch) == {"forget", "retain", "forget_refusal", "index"}
+    assert torch.equal(batch["index"], torch.arange(4))
+    f, r = batch["forget"], batch["forget_refusal"]
+    for b in range(4):
+        ex = ds[b]
+        prompt = f"Q: {ex['forget']['question']}\nA: "
+        n = len(prompt) + len(ex["forget_refusal"]["answer"]) + 1
+        # Own mask: exactly the refusal sequence's length (WAGLE reused the original answer's mask).
+        assert int(r["attention_mask"][b].sum()) == n
+        assert _decode(tok, r["input_ids"][b, len(prompt):n - 1]) == ex["forget_refusal"]["answer"]
+        lab = r["labels"][b]
+        assert (lab[:len(prompt)] == -100).all() and (lab[n:] == -100).all()
+        assert torch.equal(lab[len(prompt):n], r["input_ids"][b, len(prompt):n])
+        assert int(f["attention_mask"][b].sum()) == len(prompt) + len(ex["forget"]["answer"]) + 1
