@@ -60,3 +60,39 @@ TINY_QA = [
     {"question": "What instrument does Ado Fenn play?", "answer": "Ado Fenn plays the bronze cello."},
     {"question": "What year did Rhea Tolland debut?", "answer": "Rhea Tolland debuted in 1987."},
 ]
+
+
+def finetune_on_qa(model, tokenizer, items, *, steps: int = 300, batch_size: int = 8, lr: float = 3e-3,
+                   seed: int = 0):
+    """Fine-tune ``model`` on question/answer ``items`` (answer tokens only) with a plain AdamW loop,
+    so it memorises them: the 'target model' of unlearning tests. Returns the model in eval mode."""
+    from wagle_ext.data import QACollator
+
+    coll = QACollator(tokenizer, max_length=256)
+    batch = coll(list(items))
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    n = batch["input_ids"].shape[0]
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch_size,), generator=g)
+        out = model(input_ids=batch["input_ids"][idx], attention_mask=batch["attention_mask"][idx],
+                    labels=batch["labels"][idx])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def answer_ce(model, tokenizer, items) -> float:
+    """Token-mean cross-entropy of the answers of ``items`` (nats/token)."""
+    from wagle_ext.data import QACollator
+
+    batch = QACollator(tokenizer, max_length=256)(list(items))
+    was_training = model.training
+    model.eval()
+    loss = model(**batch).loss.item()
+    model.train(was_training)
+    return loss

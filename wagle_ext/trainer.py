@@ -1,0 +1,240 @@
+"""UnlearnTrainer: a ``transformers.Trainer`` that unlearns with any objective, updating only the
+weights a :class:`~wagle_ext.masks.MaskSet` selects (WAGLE), through :class:`~wagle_ext.optim.MaskedAdamW`.
+
+Follows open-unlearning's Trainer-subclass style: ``compute_loss`` dispatches the objective
+(``loss = gamma * forget_term + alpha * retain_term``), everything else (gradient accumulation,
+bf16 autocast, ``torch.compile``, checkpoints, ``resume_from_checkpoint``, DDP under
+``accelerate launch``) is the stock Trainer.
+
+    trainer = UnlearnTrainer(model=model, args=TrainingArguments(...), objective="graddiff",
+                             mask=mask_set, train_dataset=ForgetRetainDataset(forget, retain),
+                             data_collator=QACollator(tokenizer))
+    trainer.train()
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from collections import defaultdict
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import transformers
+from torch import nn
+
+from .masks import MaskSet
+from .objectives import Objective, get_objective
+
+__all__ = ["UnlearnTrainer", "MASK_FILE"]
+
+logger = logging.getLogger(__name__)
+
+MASK_FILE = "wagle_mask.safetensors"
+
+
+class _AdapterDisabledReference(nn.Module):
+    """The frozen reference of a PEFT model: the same module with its adapters disabled (no extra
+    copy of the base weights). Called only under ``torch.no_grad()``."""
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self._peft = [peft_model]  # a list: not registered as a submodule (no double parameters)
+
+    def forward(self, *args, **kwargs):
+        model = self._peft[0]
+        with torch.no_grad(), model.disable_adapter():
+            return model(*args, **kwargs)
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def frozen_reference(model: nn.Module) -> nn.Module:
+    """A frozen reference of ``model`` for NPO/DPO/TNPO/KL terms: ``eval()``, ``requires_grad_(False)``,
+    same device and dtype. PEFT models reuse their base with adapters disabled; others are deep-copied
+    (+1x model memory, as in every reference-based unlearning method)."""
+    if _is_peft_model(model):
+        return _AdapterDisabledReference(model)
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+class UnlearnTrainer(transformers.Trainer):
+    """Trainer for masked unlearning.
+
+    Args (beyond ``transformers.Trainer``'s):
+        objective: an :class:`Objective` or its registry name (``"graddiff"``, ``"npo"``, ...).
+        objective_kwargs: hyperparameters when ``objective`` is a name (``beta``, ``gamma``, ...).
+        mask: a :class:`MaskSet` (parameter name -> PackedMask) of the weights to update; None =
+            dense unlearning. Checked against the model before training (clear error otherwise).
+        ref_model: frozen reference model for objectives that need one; built automatically
+            (deep copy, or adapters disabled for PEFT models) when None and ``build_reference``.
+        build_reference: False = never copy the model; an objective that needs a reference then
+            requires ``ref_model`` (ValueError otherwise).
+        clip_before_mask: True reproduces WAGLE's order (clip the norm of the UNMASKED gradient,
+            then mask; WAGLE ``src/unlearn/base.py``); False (default) clips the masked gradient,
+            i.e. the norm counts only the weights that move.
+        weight_decay_mode: ``MaskedAdamW`` mode: ``"masked"`` (default; frozen weights bit-identical),
+            ``"all"`` (decay frozen weights too, as ``grad*=mask`` + torch AdamW does) or ``"none"``.
+
+    ``args.remove_unused_columns`` is forced to False (batches are dicts of sub-batches).
+    """
+
+    def __init__(self, model: Optional[nn.Module] = None, args: Optional[transformers.TrainingArguments] = None,
+                 *, objective: Union[str, Objective] = "graddiff", objective_kwargs: Optional[Mapping[str, Any]] = None,
+                 mask: Optional[MaskSet] = None, ref_model: Optional[nn.Module] = None,
+                 clip_before_mask: bool = False, weight_decay_mode: str = "masked",
+                 build_reference: bool = True, **kwargs):
+        if model is None:
+            raise ValueError("UnlearnTrainer needs a model")
+        # Fail fast, before any training: objective, mask/model fit, data fields, decay mode.
+        if isinstance(objective, str):
+            objective = get_objective(objective, **dict(objective_kwargs or {}))
+        elif objective_kwargs:
+            raise ValueError("objective_kwargs is only used when objective is given by name")
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be an Objective or a name, got {type(objective).__name__}")
+        if mask is not None:
+            if not isinstance(mask, MaskSet):
+                raise TypeError(f"mask must be a wagle_ext.MaskSet, got {type(mask).__name__}")
+            mask.check_compatible(model)
+        if weight_decay_mode not in ("masked", "all", "none"):
+            raise ValueError(f"weight_decay_mode must be 'masked', 'all' or 'none', got {weight_decay_mode!r}")
+        train_dataset = kwargs.get("train_dataset")
+        if train_dataset is not None and len(train_dataset) > 0:
+            first = train_dataset[0]
+            missing = [k for k in objective.batch_keys if k not in first]
+            if missing:
+                raise ValueError(
+                    f"objective {objective.name!r} needs {list(objective.batch_keys)} in every example, the "
+                    f"dataset lacks {missing} (e.g. ForgetRetainDataset(..., refusal=True) for PO)")
+        if args is None:
+            raise ValueError("UnlearnTrainer needs TrainingArguments (args=...)")
+        args.remove_unused_columns = False
+
+        self.objective = objective
+        self.mask = mask
+        self.clip_before_mask = bool(clip_before_mask)
+        self.weight_decay_mode = weight_decay_mode
+        if objective.needs_reference and ref_model is None:
+            if not build_reference:
+                raise ValueError(f"objective {objective.name!r} needs a reference model: pass ref_model=... "
+                                 "or build_reference=True")
+            ref_model = frozen_reference(model)
+        self.ref_model = ref_model if objective.needs_reference else None
+        super().__init__(model=model, args=args, **kwargs)
+        # Objectives return per-micro-batch means: let Trainer divide by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self._objective_logs: dict = defaultdict(float)
+        self._objective_log_count = 0
+        self._param_masks: Optional[dict] = None
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        inputs.pop("index", None)
+        ref = self.ref_model
+        if ref is not None and not isinstance(ref, _AdapterDisabledReference):
+            dev = next(model.parameters()).device
+            if next(ref.parameters()).device != dev:
+                ref.to(dev)
+        loss, logs = self.objective(model, inputs, ref_model=ref)
+        for k, v in logs.items():
+            self._objective_logs[k] += float(v)
+        self._objective_log_count += 1
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._objective_log_count and "loss" in logs:
+            for k, v in self._objective_logs.items():
+                logs[f"objective/{k}"] = v / self._objective_log_count
+            self._objective_logs.clear()
+            self._objective_log_count = 0
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        if self.mask is None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        from .optim import MaskedAdamW
+
+        opt_model = self.model if model is None else model
+        self._check_masks_identical_across_ranks()
+        self.optimizer = MaskedAdamW.from_model(
+            opt_model, self.mask, lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+            weight_decay=self.args.weight_decay, weight_decay_mode=self.weight_decay_mode,
+            no_decay=set(n for n, _ in opt_model.named_parameters()) - set(self.get_decay_parameter_names(opt_model)))
+        return self.optimizer
+
+    def _check_masks_identical_across_ranks(self) -> None:
+        """Under DDP every rank must update the same weights: compare a digest of the mask bits."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        h = hashlib.sha256()
+        for name in self.mask.names():
+            h.update(name.encode())
+            h.update(self.mask[name].bits.cpu().numpy().tobytes())
+        digest = torch.tensor(list(h.digest()[:8]), dtype=torch.int64)
+        gathered = [torch.zeros_like(digest) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, digest)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise ValueError("the mask differs across ranks: every process must load the same MaskSet")
+
+    # ------------------------------------------------------------------ clipping
+    def _model_masks(self, model) -> dict:
+        """{model parameter name: PackedMask}, resolved once."""
+        if self._param_masks is None:
+            self._param_masks = dict(self.mask.for_model(model))
+        return self._param_masks
+
+    def _clip_grad_norm(self, model):
+        if self.mask is None or self.clip_before_mask:
+            return super()._clip_grad_norm(model)
+        # Norm of the gradient restricted to the selected weights (frozen entries never move, so
+        # they should not shrink the step), then the usual clip_grad_norm_ scaling.
+        unwrapped = self.accelerator.unwrap_model(model)
+        masks = self._model_masks(unwrapped)
+        sq = None
+        grads = []
+        for name, p in unwrapped.named_parameters():
+            if p.grad is None:
+                continue
+            g = p.grad
+            grads.append(g)
+            m = masks.get(name)
+            if m is None:
+                part = g.detach().float().pow(2).sum()
+            elif m.nnz == 0:
+                continue
+            else:
+                part = g.detach().reshape(-1)[m.to_bool().reshape(-1)].float().pow(2).sum()
+            sq = part if sq is None else sq + part
+        if sq is None:
+            return torch.tensor(0.0)
+        total = sq.sqrt()
+        coef = torch.clamp(self.args.max_grad_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.mask is not None and self.args.should_save:
+            self.mask.save(os.path.join(output_dir, MASK_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        if checkpoint is not None and self.mask is not None:
+            path = os.path.join(checkpoint, MASK_FILE)
+            if os.path.exists(path) and MaskSet.load(path) != self.mask:
+                raise ValueError(f"resuming from {checkpoint} with a different mask than the one it was trained "
+                                 "with; load that checkpoint's mask (MaskSet.load) to continue exactly")
+        super()._load_optimizer_and_scheduler(checkpoint)
