@@ -29,3 +29,26 @@ __all__ = [
     "unpack_bits",
     "__version__",
 ]
+
+# ---- attribution + masks (issue 5, branch `attribution`) ----
+from .attribution import (  # noqa: E402
+    accumulate_gradients,
+    collect_input_norms,
+    compute_scores,
+    estimate_hessian_diagonal,
+    score_model,
+)
+from .masks import MaskSet, build_mask, model_fingerprint, partition_names  # noqa: E402
+
+__all__ += [
+    "MaskSet",
+    "accumulate_gradients",
+    "build_mask",
+    "collect_input_norms",
+    "compute_scores",
+    "estimate_hessian_diagonal",
+    "model_fingerprint",
+    "partition_names",
+    "score_model",
+]
+# ---- end attribution + masks ----
