@@ -105,6 +105,19 @@ def test_accumulate_bf16_model_upcasts_per_step(tok, gen):
     assert all(t.dtype == torch.bfloat16 for t in half.values())
 
 
+def test_accumulate_tied_embeddings(tok, gen):
+    # lm_head shares embed_tokens' weight: one parameter, one hook call per backward with the sum
+    # of both uses' gradients.
+    model = _model(tok, gen, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    forget, _ = _data(tok, gen)
+    got = accumulate_gradients(model, forget, progress=False)
+    assert "lm_head.weight" not in got
+    want = manual_grads(model, forget)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-12)
+
+
 def test_accumulate_ema_and_hessian_estimates(tok, gen):
     model = _model(tok, gen)
     _, retain = _data(tok, gen, bs=1)
@@ -222,6 +235,9 @@ def test_scores_bf16_model(tok, gen):
     s = compute_scores(model, g_f, g_r, kind="wagle", gamma=1e-3)
     for n, p in model.named_parameters():
         torch.testing.assert_close(s[n], _direct("wagle", p, g_f[n], g_r[n], 1e-3), rtol=2e-6, atol=1e-30)
+    streamed = score_model(model, forget, retain, gamma=1e-3, stream=True, progress=False)
+    for n in s:
+        assert torch.equal(streamed[n], s[n])
 
 
 def test_random_scores_seeded(grads):

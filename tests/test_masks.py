@@ -1,6 +1,5 @@
 """build_mask / MaskSet: exact counts, determinism, oracles, include/exclude, artifacts."""
 import json
-import os
 from collections import OrderedDict
 
 import pytest
@@ -12,8 +11,8 @@ from wagle_ext.kernels import reference as ref
 from wagle_ext.masks import (MaskSet, build_mask, model_fingerprint, normalize_param_name, partition_names,
                              select_per_row)
 
-from test_attribution import _data, _model, qa_batches  # noqa: F401  (shared tiny-model helpers)
-from tiny_models import TINY_QA, char_tokenizer, tiny_llama
+from test_attribution import _data, _model  # shared tiny-model helpers
+from tiny_models import char_tokenizer, tiny_llama
 
 RATIOS = [1e-4, 0.1, 0.37, 0.5, 0.8, 0.95, 0.99, 1.0]
 SHAPES = [(33, 17), (7,), (0,), (1,), (64, 5), (3, 5, 9), (101, 32)]

@@ -462,20 +462,26 @@ def wagle_term_norms(
     warning"): ``weight_norm`` = ||w||_2, ``retain_term_norm`` = ||g_r / gamma||_2 (or
     ``||g_r / (h + eps)||``), their ratio, ``frac_weight_dominant`` = fraction of elements with
     ``|w| > |g_r / gamma|``, and ``dominant`` (``"weight"`` or ``"retain_gradient"``). Reads only."""
-    w2 = torch.zeros((), dtype=torch.float64)
-    r2 = torch.zeros((), dtype=torch.float64)
+    w2 = 0.0
+    r2 = 0.0
     n_w = 0
     n = 0
+    chunk = 1 << 20  # bounded temporaries (~12 MB): this runs next to full-model accumulators
     for i, (w, g) in enumerate(zip(weights, grads_retain)):
-        wf = w.detach().to(torch.float32)
-        if hessian is not None:
-            r = g.to(torch.float32) / (hessian[i].to(torch.float32) + eps)
-        else:
-            r = g.to(torch.float32) / gamma
-        w2 += wf.double().square().sum().cpu()
-        r2 += r.double().square().sum().cpu()
-        n_w += int((wf.abs() > r.abs()).sum())
-        n += wf.numel()
+        wflat = w.detach().reshape(-1)
+        gflat = g.reshape(-1)
+        hflat = hessian[i].reshape(-1) if hessian is not None else None
+        for lo in range(0, wflat.numel(), chunk):
+            wf = wflat[lo:lo + chunk].to(torch.float32)
+            gf = gflat[lo:lo + chunk].to(torch.float32)
+            if hflat is not None:
+                r = gf / (hflat[lo:lo + chunk].to(torch.float32) + eps)
+            else:
+                r = gf / gamma
+            w2 += float(wf.double().square().sum())
+            r2 += float(r.double().square().sum())
+            n_w += int((wf.abs() > r.abs()).sum())
+        n += wflat.numel()
     wn, rn = math.sqrt(float(w2)), math.sqrt(float(r2))
     return {
         "weight_norm": wn,

@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
