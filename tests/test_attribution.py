@@ -118,6 +118,19 @@ def test_accumulate_tied_embeddings(tok, gen):
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-12)
 
 
+def test_accumulate_gradient_checkpointing_train_mode(tok, gen):
+    model = _model(tok, gen)
+    forget, _ = _data(tok, gen)
+    want = accumulate_gradients(model, forget, progress=False)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    got = accumulate_gradients(model, forget, eval_mode=False, progress=False)
+    assert model.training
+    for n in want:  # Llama has no dropout: checkpointed train-mode gradients equal eval-mode ones
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-9)
+
+
 def test_accumulate_ema_and_hessian_estimates(tok, gen):
     model = _model(tok, gen)
     _, retain = _data(tok, gen, bs=1)
@@ -319,6 +332,23 @@ def test_score_errors(grads):
         compute_scores(model, g_f, partial, kind="wagle")
     with pytest.raises(ValueError, match="not a parameter"):
         compute_scores(model, kind="magnitude", names=["x.weight"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_scores_and_masks_match_cpu(grads):
+    from wagle_ext.masks import build_mask
+
+    model, forget, retain, g_f, g_r = grads
+    cpu = compute_scores(model, g_f, g_r, kind="wagle")
+    model_cuda = model.to("cuda")
+    gpu = compute_scores(model_cuda, {n: t.cuda() for n, t in g_f.items()}, {n: t.cuda() for n, t in g_r.items()},
+                         kind="wagle")
+    for n in cpu:
+        torch.testing.assert_close(gpu[n].cpu(), cpu[n], rtol=2e-6, atol=1e-30)
+    assert build_mask(gpu, 0.3).to("cpu") == build_mask(cpu, 0.3)
+    g = accumulate_gradients(model_cuda, forget, progress=False)
+    assert all(t.is_cuda and t.dtype == torch.float32 for t in g.values())
 
 
 # ----------------------------------------------------------------------------- wanda

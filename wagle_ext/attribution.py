@@ -145,6 +145,7 @@ def accumulate_gradients(
     batch_key: Optional[str] = None,
     names: Optional[Sequence[str]] = None,
     max_batches: Optional[int] = None,
+    eval_mode: bool = True,
     progress: bool = True,
     desc: str = "gradients",
 ) -> GradientDict:
@@ -169,6 +170,10 @@ def accumulate_gradients(
         batch_key: when given, the loss sees ``batch[batch_key]`` (paired loaders).
         names: restrict to these parameter names (default: every parameter with ``requires_grad``).
         max_batches: stop after this many batches.
+        eval_mode: put the model in eval mode for the pass (WAGLE; pitfall 19). ``False`` keeps
+            its current mode: HF gradient checkpointing only runs in train mode, so a model with
+            activation (gradient) checkpointing enabled and left in train mode scores with less activation
+            memory (Llama-family models have no dropout, so the gradients are the same).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -239,7 +244,8 @@ def accumulate_gradients(
     frozen_state = [p.requires_grad for p in frozen]
     n_batches = 0
     try:
-        model.eval()
+        if eval_mode:
+            model.eval()
         model.zero_grad(set_to_none=True)
         for p in frozen:
             p.requires_grad_(False)
