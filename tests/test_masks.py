@@ -1,5 +1,6 @@
 """build_mask / MaskSet: exact counts, determinism, oracles, include/exclude, artifacts."""
 import json
+import math
 from collections import OrderedDict
 
 import pytest
@@ -15,7 +16,7 @@ from test_attribution import _data, _model  # shared tiny-model helpers
 from tiny_models import char_tokenizer, tiny_llama
 
 RATIOS = [1e-4, 0.1, 0.37, 0.5, 0.8, 0.95, 0.99, 1.0]
-SHAPES = [(33, 17), (7,), (0,), (1,), (64, 5), (3, 5, 9), (101, 32)]
+SHAPES = [(33, 17), (7,), (0,), (1,), (64, 5), (3, 5, 9), (0, 4), (4, 0), (101, 32)]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,13 @@ def _oracle_global(scores, ratio):
     return {n: PackedMask(b, t.shape) for (n, t), b in zip(scores.items(), bits)}
 
 
+def _rows(t):
+    """[rows, cols] view: a 1-D tensor is one row; N-D is [shape[0], prod(shape[1:])]."""
+    return t.reshape(1, t.numel()) if t.dim() <= 1 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 def _oracle_row(t, ratio):
-    rows = t.reshape(1, -1) if t.dim() <= 1 else t.reshape(t.shape[0], -1)
+    rows = _rows(t)
     k = int(rows.shape[1] * ratio)
     sel = torch.zeros_like(rows, dtype=torch.bool)
     for r in range(rows.shape[0]):
@@ -72,7 +78,7 @@ def test_exact_count_and_oracle(gen, scope, tie_heavy):
                 assert m[name] == PackedMask(ref.select_topk_bits([t + 0.0], k, True)[0], t.shape)
         else:
             for name, t in scores.items():
-                rows = m[name].to_bool().reshape(1, -1) if t.dim() <= 1 else m[name].to_bool().reshape(t.shape[0], -1)
+                rows = _rows(m[name].to_bool())
                 assert (rows.sum(1) == int(rows.shape[1] * ratio)).all()
                 assert torch.equal(m[name].to_bool(), _oracle_row(t, ratio)), (ratio, name)
         # Bit-packed counts agree with the unpacked masks.
@@ -124,6 +130,8 @@ def test_select_per_row_chunks_and_ties(gen):
     t = torch.floor(torch.rand(37, 23, generator=gen) * 3)
     for chunk in (1, 23, 50, 1 << 20):
         assert torch.equal(select_per_row(t, 0.4, chunk_elements=chunk).to_bool(), _oracle_row(t, 0.4))
+    assert select_per_row(torch.zeros(0, 3), 0.5).nnz == 0
+    assert select_per_row(torch.zeros(3, 0), 0.5).shape == (3, 0)
     t = torch.zeros(4, 10)  # all ties: the lowest columns win
     sel = select_per_row(t, 0.3).to_bool()
     assert sel[:, :3].all() and not sel[:, 3:].any()
@@ -156,6 +164,9 @@ def test_include_exclude(tok, gen, excluded):
     both = build_mask(s, 0.5, include=r"layers\.0\.", exclude=["down_proj"], excluded="absent")
     assert set(both) == {n for n in s if "layers.0." in n and "down_proj" not in n}
     assert m.metadata["exclude"] == ["embed_tokens", "norm", "lm_head"]
+    assert m.missing == "dense"
+    fr = build_mask(s, 0.5, exclude="lm_head", excluded="absent", missing="frozen")
+    assert fr.missing == "frozen" and "lm_head.weight" not in fr
 
 
 def _s(gen):
@@ -183,6 +194,8 @@ def test_build_mask_errors(gen):
         build_mask(nan, 0.5)
     with pytest.raises(ValueError, match="excluded"):
         build_mask(scores, 0.5, excluded="zero")
+    with pytest.raises(ValueError, match="missing"):
+        build_mask(scores, 0.5, missing="zero")
     with pytest.raises(TypeError, match="JSON"):
         build_mask(scores, 0.5, metadata={"x": object()})
 
@@ -335,6 +348,10 @@ def test_stats_and_plot(tok, gen, tmp_path):
     m.plot(path)
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    # No decoder layers at all (names without a layer index) still plots.
+    flat = MaskSet({"encoder.weight": PackedMask.full((5, 3)), "head.weight": PackedMask.full((4,), False)})
+    flat.plot(tmp_path / "flat.png")
+    assert flat.stats()["per_layer"]["other"]["density"] == 15 / 19
 
 
 def test_partition_names(gen):

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .masks import _LAYER_RE, model_fingerprint
+from .masks import _LAYER_RE, model_fingerprint, normalize_param_name
 
 __all__ = [
     "SCORE_KINDS",
@@ -445,7 +445,8 @@ def collect_input_norms(
 
 # ----------------------------------------------------------------------------- scores
 def _stable_seed(seed: int, name: str) -> int:
-    h = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    # Normalised name: a DDP/PEFT-wrapped model draws the same values as the bare one.
+    h = hashlib.sha256(f"{int(seed)}:{normalize_param_name(name)}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
@@ -520,7 +521,7 @@ def compute_scores(
     * ``wagle``: ``|(w - g_r / gamma) * g_f|`` (WAGLE ``snip_advanced``); with ``hessian=h`` (a
       diagonal estimate, :func:`estimate_hessian_diagonal`) ``|(w - g_r / (h + eps)) * g_f|``.
     * ``snip``: ``|w * g_f|``;  ``gradient``: ``|g_f|`` (SalUn);  ``magnitude``: ``|w|``.
-    * ``random``: U(0, 1), from a CPU generator seeded by ``(seed, parameter name)``.
+    * ``random``: U(0, 1), from a CPU generator seeded by ``(seed, normalised parameter name)``.
     * ``wanda``: ``|W_ij| * ||X_j||_2`` with ``input_norms`` from :func:`collect_input_norms`;
       scores only the Linear weights in ``input_norms`` (select per row:
       ``build_mask(scores, ratio, scope="per_row")``).

@@ -170,6 +170,8 @@ def select_per_row(scores: torch.Tensor, ratio: float, *, chunk_elements: int = 
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError("scores must be a floating-point tensor")
     shape = scores.shape
+    if scores.numel() == 0:
+        return PackedMask.full(shape, False, device=scores.device)
     rows2d = scores.reshape(1, -1) if scores.dim() <= 1 else scores.reshape(shape[0], -1)
     n_rows, n_cols = rows2d.shape
     k = int(n_cols * ratio)
@@ -200,6 +202,7 @@ def build_mask(
     include: PatternArg = None,
     exclude: PatternArg = None,
     excluded: str = "frozen",
+    missing: str = "dense",
     model: Optional[torch.nn.Module] = None,
     metadata: Optional[Mapping[str, Any]] = None,
     process_group=None,
@@ -225,6 +228,9 @@ def build_mask(
             ``"frozen"`` (all-False entry: never updated), ``"dense"`` (all-True entry: updated
             densely, WAGLE's Wanda convention), or ``"absent"`` (no entry; consumers apply
             :attr:`MaskSet.missing`).
+        missing: how consumers treat model parameters with no entry at all (not in ``scores``, or
+            ``excluded="absent"``): ``"dense"`` (default; e.g. embeddings/norms/lm_head under the
+            Wanda baseline) or ``"frozen"``. Stored as :attr:`MaskSet.missing`.
         model: when given, its :func:`model_fingerprint` is recorded (otherwise one from
             ``scores.info``, else none) and the names are checked against it.
         metadata: extra JSON-serialisable provenance stored with the mask.
@@ -250,6 +256,8 @@ def build_mask(
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if excluded not in ("frozen", "dense", "absent"):
         raise ValueError(f"excluded must be 'frozen', 'dense' or 'absent', got {excluded!r}")
+    if missing not in ("dense", "frozen"):
+        raise ValueError(f"missing must be 'dense' or 'frozen', got {missing!r}")
     inc = _compile_patterns(include, "include")
     exc = _compile_patterns(exclude, "exclude")
     for name, s in scores.items():
@@ -316,7 +324,7 @@ def build_mask(
         meta["world_size"] = _world_size(process_group)
         if gather:
             ordered = _all_gather_masks(ordered, process_group)
-    result = MaskSet(ordered, metadata=meta, fingerprint=fingerprint)
+    result = MaskSet(ordered, metadata=meta, fingerprint=fingerprint, missing=missing)
     if model is not None and (process_group is None or gather):
         result.check_compatible(model, strict=False)
     return result
