@@ -210,7 +210,7 @@ def test_save_load_round_trip(tok, gen, tmp_path):
     m.save(path)
     back = MaskSet.load(path, model=model)
     assert back == m and back.names() == m.names()
-    assert back.fingerprint == m.fingerprint == model_fingerprint(model)
+    assert back.fingerprint == m.fingerprint == model_fingerprint(model) and back.missing == m.missing
     assert back.metadata["score_kind"] == "wagle" and back.metadata["gamma"] == 1e-5
     assert back.metadata["ratio"] == 0.37 and back.metadata["scope"] == "global"
     assert back.metadata["run"] == "unit-test" and back.metadata["library_version"]
