@@ -184,8 +184,13 @@ def accumulate_gradients(
     Raises:
         ValueError: a non-finite loss (e.g. a batch with no label tokens gives NaN), no batches.
 
-    Memory: the accumulators (one per parameter) plus, transiently, one parameter's gradient; the
-    model's full ``.grad`` set is never materialised next to them (post-accumulate-grad hooks).
+    Memory: the accumulators (one per parameter) plus the step's activations and, transiently, one
+    parameter's gradient; the model's full ``.grad`` set is never materialised next to them
+    (post-accumulate-grad hooks).
+
+    Data parallelism is not handled here: pass the unwrapped module (not a DDP/FSDP wrapper, whose
+    own gradient hooks expect ``.grad`` to stay), give each process its data shard, and sum the
+    accumulators across processes yourself (``dist.all_reduce`` per tensor) if needed.
     """
     if reduction not in ("sum", "mean", "ema"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'ema', got {reduction!r}")
