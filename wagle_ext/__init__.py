@@ -1,8 +1,11 @@
 """wagle-ext: weight-attribution-guided LLM unlearning with fused kernels.
 
-Public API (kernels): :func:`attribution_scores`, :func:`select_topk_mask`, :class:`PackedMask`,
-:func:`backend_info`.
+Pipeline (data flows one way): model + data -> gradients (:func:`accumulate_gradients`) -> scores
+(:func:`compute_scores` / :func:`attribution_scores`) -> mask (:func:`build_mask` /
+:func:`select_topk_mask` -> :class:`MaskSet` of :class:`PackedMask`) -> optimizer
+(:class:`MaskedAdamW`) -> trainer (:class:`UnlearnTrainer` with an :class:`Objective`).
 """
+# kernels
 from .ops import (
     attribution_scores,
     backend_info,
@@ -15,9 +18,24 @@ from .ops import (
 )
 from .packed_mask import PackedMask
 
+# attribution and masks
+from .attribution import (
+    accumulate_gradients,
+    collect_input_norms,
+    compute_scores,
+    estimate_hessian_diagonal,
+    score_model,
+)
+from .masks import MaskSet, build_mask, model_fingerprint, partition_names
+
+# objectives and data
+from .data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
+from .objectives import OBJECTIVES, Objective, get_objective
+
 __version__ = "0.1.0"
 
 __all__ = [
+    # kernels
     "PackedMask",
     "attribution_scores",
     "backend_info",
@@ -27,12 +45,22 @@ __all__ = [
     "score_histogram",
     "select_topk_mask",
     "unpack_bits",
+    # attribution and masks
+    "MaskSet",
+    "accumulate_gradients",
+    "build_mask",
+    "collect_input_norms",
+    "compute_scores",
+    "estimate_hessian_diagonal",
+    "model_fingerprint",
+    "partition_names",
+    "score_model",
+    # objectives and data
+    "OBJECTIVES",
+    "Objective",
+    "REFUSAL_ANSWERS",
+    "ForgetRetainDataset",
+    "QACollator",
+    "get_objective",
     "__version__",
 ]
-
-# --- objectives + data (helper `objectives`) ---
-from .data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator  # noqa: E402
-from .objectives import OBJECTIVES, Objective, get_objective  # noqa: E402
-
-__all__ += ["REFUSAL_ANSWERS", "ForgetRetainDataset", "QACollator", "OBJECTIVES", "Objective", "get_objective"]
-# --- end objectives + data ---
