@@ -249,3 +249,38 @@ def test_triton_ops_registered_and_opcheck(gen):
                           test_utils=("test_schema",))
     torch.library.opcheck(torch.ops.wagle_triton.topk_mask_bits.default, ([w.abs(), gf.abs()], 2**31, True, [-1, 3]),
                           test_utils=("test_schema",))
+
+
+# ----------------------------------------------------------------------------- GPU launch geometry
+def test_gpu_geometry_in_the_interpreter(monkeypatch, gen):
+    # On a GPU the kernels use small blocks, many programs and several blocks per histogram
+    # program; the interpreter defaults to one large block. Force a GPU-like geometry here so the
+    # multi-block loops, partial last programs and cross-program tie ranks are exercised too.
+    from wagle_ext.kernels.triton import _launch
+
+    monkeypatch.setattr(_launch, "FORCED_GEOMETRY", (256, 3))
+    n = 20001
+    w, gf, gr = (torch.randn(n, generator=gen) for _ in range(3))
+    w[::101] = float("nan")
+    (s,), hist = wagle_ext.attribution_scores([w], [gf], [gr], gamma=1e-2, return_histogram=True)
+    rs, rh = ref.attribution_score(w, gf, gr, None, "wagle", 1e-2, 0.0)
+    assert _same_floats(s, rs) and torch.equal(hist, rh)
+    scores = [_scores_with_specials(m, gen) for m in (n, 777)]
+    keys = ref.float_key(scores[0])
+    for pb in (0, 11, 22):
+        prefix = int(torch.mode(keys >> (32 - pb)).values) if pb else 0
+        want = ref.radix_histogram(scores, prefix, pb)
+        assert int(want.sum()) > 0 and torch.equal(tk.radix_histogram(scores, prefix, pb), want)
+    thr = int(ref.float_key(torch.tensor([0.25]))[0])
+    c = ref.count_key(scores, thr).tolist()
+    assert torch.equal(tk.count_key(scores, thr), ref.count_key(scores, thr))
+    for take in ([c[0] // 2 + 1, 3], [-1, 0]):
+        for a, b in zip(tk.topk_mask_bits(scores, thr, True, take), ref.topk_mask_bits(scores, thr, True, take)):
+            assert _bits_equal(a, b)
+    mask = torch.rand(n, generator=gen) < 0.5
+    bits = wagle_ext.pack_bits(mask)
+    assert _bits_equal(bits, ref.pack_bits(mask)) and torch.equal(wagle_ext.unpack_bits(bits, n), mask)
+    assert wagle_ext.popcount_bits(bits, n) == int(mask.sum())
+    masks = wagle_ext.select_topk_mask(scores, k=5000)
+    for m, o in zip(masks, ref.select_topk_bits(scores, 5000, True)):
+        assert _bits_equal(m.bits, o)

@@ -36,7 +36,23 @@ def lazy_jit(fn: Callable) -> _LazyKernel:
     return _LazyKernel(fn)
 
 
+# Tests set this to (block, blocks_per_program) to run the GPU launch geometry (small blocks, many
+# programs, multi-block histogram loops) in the interpreter. None: the defaults below.
+FORCED_GEOMETRY = None
+
+
 def block(gpu_block: int) -> int:
     """Elements per program: ``gpu_block`` on a GPU; 16384 in the interpreter, which costs about
     0.5 ms per program whatever its size (environment.md), so fewer, larger programs are faster."""
+    if FORCED_GEOMETRY is not None:
+        return FORCED_GEOMETRY[0]
     return 16384 if interpreting() else gpu_block
+
+
+def blocks_per_program(gpu_blocks: int) -> int:
+    """Blocks each histogram program walks before flushing its 2048-bin histogram with one vector
+    atomic: ``gpu_blocks`` on a GPU (one flush per 16 x 4096 elements instead of per 4096), 1 in
+    the interpreter (whose blocks are already large)."""
+    if FORCED_GEOMETRY is not None:
+        return FORCED_GEOMETRY[1]
+    return 1 if interpreting() else gpu_blocks

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._launch import block, lazy_jit
+from ._launch import block, blocks_per_program, lazy_jit
 
 HIST_SIZE = 2049
 KINDS = {"wagle": 0, "wagle_hessian": 1, "snip": 2, "gradient": 3, "magnitude": 4}
@@ -25,56 +25,59 @@ KINDS = {"wagle": 0, "wagle_hessian": 1, "snip": 2, "gradient": 3, "magnitude": 
 def _score_kernel(w_ptr, gf_ptr, gr_ptr, h_ptr, out_ptr, hist_ptr, n, gamma, eps,
                   KIND: tl.constexpr, W_BF16: tl.constexpr, GF_BF16: tl.constexpr,
                   GR_BF16: tl.constexpr, H_BF16: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors beyond 2^31 elements
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    # bf16 -> fp32 by shifting the bits (exact, as in common/score_math.h; the interpreter's own
-    # conversion mangles bf16 denormals). Inputs a kind does not read are never loaded.
-    w = tl.zeros((BLOCK,), tl.float32)
-    gf = tl.zeros((BLOCK,), tl.float32)
-    gr = tl.zeros((BLOCK,), tl.float32)
-    h = tl.zeros((BLOCK,), tl.float32)
-    if KIND != 3:
-        if W_BF16:
-            w = (tl.load(w_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        else:
-            w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if KIND != 4:
-        if GF_BF16:
-            gf = (tl.load(gf_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        else:
-            gf = tl.load(gf_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if KIND == 0 or KIND == 1:
-        if GR_BF16:
-            gr = (tl.load(gr_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        else:
-            gr = tl.load(gr_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if KIND == 1:
-        if H_BF16:
-            h = (tl.load(h_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        else:
-            h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if KIND == 0:  # wagle: |(w - g_r / gamma) * g_f|
-        s = tl.abs((w - tl.math.div_rn(gr, tl.zeros_like(gr) + gamma)) * gf)
-    elif KIND == 1:  # wagle_hessian: |(w - g_r / (h + eps)) * g_f|
-        s = tl.abs((w - tl.math.div_rn(gr, h + eps)) * gf)
-    elif KIND == 2:  # snip: |w * g_f|
-        s = tl.abs(w * gf)
-    elif KIND == 3:  # gradient: |g_f|
-        s = tl.abs(gf)
-    else:  # magnitude: |w|
-        s = tl.abs(w)
-    tl.store(out_ptr + offs, s, mask=m)
-    # Order-preserving key as a signed int32 (ks = key - 2^31), so key >> 21 == (ks >> 21) + 1024.
-    x = tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0
-    b = x.to(tl.int32, bitcast=True)
-    ks = b ^ ((b >> 31) & 0x7FFFFFFF)
-    is_nan = s != s
-    bucket = (ks >> 21) + 1024
-    hist = tl.histogram(bucket, 2048, mask=m & ~is_nan)
+    hist = tl.zeros((2048,), dtype=tl.int32)
+    nans = tl.zeros((BLOCK,), dtype=tl.int32)
+    for it in range(ITERS):  # ITERS consecutive blocks, one histogram flush
+        offs = (pid * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        # bf16 -> fp32 by shifting the bits (exact, as in common/score_math.h; the interpreter's own
+        # conversion mangles bf16 denormals). Inputs a kind does not read are never loaded.
+        w = tl.zeros((BLOCK,), tl.float32)
+        gf = tl.zeros((BLOCK,), tl.float32)
+        gr = tl.zeros((BLOCK,), tl.float32)
+        h = tl.zeros((BLOCK,), tl.float32)
+        if KIND != 3:
+            if W_BF16:
+                w = (tl.load(w_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            else:
+                w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if KIND != 4:
+            if GF_BF16:
+                gf = (tl.load(gf_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            else:
+                gf = tl.load(gf_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if KIND == 0 or KIND == 1:
+            if GR_BF16:
+                gr = (tl.load(gr_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            else:
+                gr = tl.load(gr_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if KIND == 1:
+            if H_BF16:
+                h = (tl.load(h_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            else:
+                h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if KIND == 0:  # wagle: |(w - g_r / gamma) * g_f|
+            s = tl.abs((w - tl.math.div_rn(gr, tl.zeros_like(gr) + gamma)) * gf)
+        elif KIND == 1:  # wagle_hessian: |(w - g_r / (h + eps)) * g_f|
+            s = tl.abs((w - tl.math.div_rn(gr, h + eps)) * gf)
+        elif KIND == 2:  # snip: |w * g_f|
+            s = tl.abs(w * gf)
+        elif KIND == 3:  # gradient: |g_f|
+            s = tl.abs(gf)
+        else:  # magnitude: |w|
+            s = tl.abs(w)
+        tl.store(out_ptr + offs, s, mask=m)
+        # Order-preserving key as a signed int32 (ks = key - 2^31): key >> 21 == (ks >> 21) + 1024.
+        x = tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0
+        b = x.to(tl.int32, bitcast=True)
+        ks = b ^ ((b >> 31) & 0x7FFFFFFF)
+        is_nan = s != s
+        hist += tl.histogram((ks >> 21) + 1024, 2048, mask=m & ~is_nan)
+        nans += (m & is_nan).to(tl.int32)
     tl.atomic_add(hist_ptr + tl.arange(0, 2048), hist.to(tl.int64))
-    tl.atomic_add(hist_ptr + 2048, tl.sum((m & is_nan).to(tl.int64), axis=0))
+    tl.atomic_add(hist_ptr + 2048, tl.sum(nans.to(tl.int64), axis=0))
 
 
 @triton_op("wagle_triton::attribution_score", mutates_args=())
@@ -104,10 +107,10 @@ def _attribution_score_op(
         return (t.view(torch.int16), True) if t.dtype == torch.bfloat16 else (t, False)
 
     (w_, w16), (gf_, gf16), (gr_, gr16), (h_, h16) = arg(weight), arg(grad_forget), arg(grad_retain), arg(hessian)
-    bl = block(4096)
-    wrap_triton(_score_kernel.kernel())[(triton.cdiv(n, bl),)](
+    bl, iters = block(4096), blocks_per_program(16)
+    wrap_triton(_score_kernel.kernel())[(triton.cdiv(n, bl * iters),)](
         w_, gf_, gr_, h_, out, hist, n, float(gamma), float(eps),
-        KIND=code, W_BF16=w16, GF_BF16=gf16, GR_BF16=gr16, H_BF16=h16, BLOCK=bl)
+        KIND=code, W_BF16=w16, GF_BF16=gf16, GR_BF16=gr16, H_BF16=h16, BLOCK=bl, ITERS=iters)
     return out, hist
 
 

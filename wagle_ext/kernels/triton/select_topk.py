@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._launch import block, lazy_jit
+from ._launch import block, blocks_per_program, lazy_jit
 
 HIST_SIZE = 2049
 _LEVELS = {0: (21, 11), 11: (10, 11), 22: (0, 10)}  # prefix_bits -> (digit shift, digit width)
@@ -25,30 +25,35 @@ _LEVELS = {0: (21, 11), 11: (10, 11), 22: (0, 10)}  # prefix_bits -> (digit shif
 
 @lazy_jit
 def _radix_histogram_kernel(s_ptr, hist_ptr, n, prefix_s, PREFIX_BITS: tl.constexpr,
-                            BF16: tl.constexpr, BLOCK: tl.constexpr):
+                            BF16: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    if BF16:  # exact bf16 -> fp32 by shifting the bits (the interpreter mangles bf16 denormals)
-        x = (tl.load(s_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    is_nan = x != x
-    x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0
-    b = x.to(tl.int32, bitcast=True)
-    ks = b ^ ((b >> 31) & 0x7FFFFFFF)
-    valid = m & ~is_nan
-    if PREFIX_BITS == 0:
-        digit = (ks >> 21) + 1024
-        tl.atomic_add(hist_ptr + 2048, tl.sum((m & is_nan).to(tl.int64), axis=0))
-    elif PREFIX_BITS == 11:
-        valid = valid & ((ks >> 21) == prefix_s)
-        digit = (ks >> 10) & 0x7FF
-    else:
-        valid = valid & ((ks >> 10) == prefix_s)
-        digit = ks & 0x3FF
-    hist = tl.histogram(digit, 2048, mask=valid)
+    hist = tl.zeros((2048,), dtype=tl.int32)
+    nans = tl.zeros((BLOCK,), dtype=tl.int32)
+    for it in range(ITERS):  # ITERS consecutive blocks, one histogram flush
+        offs = (pid * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        if BF16:  # exact bf16 -> fp32 by shifting the bits (the interpreter mangles bf16 denormals)
+            x = (tl.load(s_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            x = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        is_nan = x != x
+        x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0
+        b = x.to(tl.int32, bitcast=True)
+        ks = b ^ ((b >> 31) & 0x7FFFFFFF)
+        valid = m & ~is_nan
+        if PREFIX_BITS == 0:
+            digit = (ks >> 21) + 1024
+            nans += (m & is_nan).to(tl.int32)
+        elif PREFIX_BITS == 11:
+            valid = valid & ((ks >> 21) == prefix_s)
+            digit = (ks >> 10) & 0x7FF
+        else:
+            valid = valid & ((ks >> 10) == prefix_s)
+            digit = ks & 0x3FF
+        hist += tl.histogram(digit, 2048, mask=valid)
     tl.atomic_add(hist_ptr + tl.arange(0, 2048), hist.to(tl.int64))
+    if PREFIX_BITS == 0:
+        tl.atomic_add(hist_ptr + 2048, tl.sum(nans.to(tl.int64), axis=0))
 
 
 @lazy_jit
@@ -138,13 +143,13 @@ def _radix_histogram_op(scores: list[torch.Tensor], prefix: int, prefix_bits: in
     hist = torch.zeros(HIST_SIZE, dtype=torch.int64, device=scores[0].device)
     # Prefix of the unsigned key's top bits, shifted into the signed form: key >> s - 2^(31-s).
     prefix_s = prefix - (1 << (prefix_bits - 1)) if prefix_bits else 0
-    bl = block(4096)
+    bl, iters = block(4096), blocks_per_program(16)
     for t in scores:  # one launch per tensor
         n = t.numel()
         if n:
             s, bf16 = _as_loadable(t)
-            wrap_triton(_radix_histogram_kernel.kernel())[(triton.cdiv(n, bl),)](
-                s, hist, n, prefix_s, PREFIX_BITS=prefix_bits, BF16=bf16, BLOCK=bl)
+            wrap_triton(_radix_histogram_kernel.kernel())[(triton.cdiv(n, bl * iters),)](
+                s, hist, n, prefix_s, PREFIX_BITS=prefix_bits, BF16=bf16, BLOCK=bl, ITERS=iters)
     return hist
 
 
