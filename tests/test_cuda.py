@@ -81,15 +81,16 @@ def test_scores(gpu_backend, kind, dtype, gen):
 def test_scores_misaligned_noncontiguous_out_and_stream(gpu_backend, gen):
     n = 100003
     base = torch.randn(n + 1, generator=gen)
-    w = base[1:]  # storage offset 1: not 16-byte aligned -> scalar path of the CUDA kernel
+    w = base[1:]
     gf = torch.randn(n, 2, generator=gen)[:, 0]  # non-contiguous
     gr = torch.randn(n, generator=gen) * 1e-6
     ref_s, ref_h = _cpu(wagle_ext.attribution_scores, [w], [gf], [gr], return_histogram=True)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):  # launches must follow the current stream
         out = [torch.empty(n, device=CUDA)]
-        s, h = wagle_ext.attribution_scores([w.to(CUDA)], [gf.to(CUDA)], [gr.to(CUDA)], out=out,
-                                            return_histogram=True)
+        w_gpu = base.to(CUDA)[1:]  # storage offset 1: not 16-byte aligned -> scalar path of the CUDA kernel
+        gf_gpu = torch.stack([gf, gf], 1).to(CUDA)[:, 0]  # non-contiguous on the GPU too
+        s, h = wagle_ext.attribution_scores([w_gpu], [gf_gpu], [gr.to(CUDA)], out=out, return_histogram=True)
     stream.synchronize()
     assert _same_floats(s[0], ref_s[0]) and torch.equal(h.cpu(), ref_h)
 
