@@ -32,5 +32,8 @@ bench: build
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_select.py
 
+cuda-check:
+	bash tools/check_cuda_compile.sh
+
 clean:
 	rm -rf build *.egg-info wagle_ext/*.so

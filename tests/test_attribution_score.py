@@ -200,3 +200,15 @@ def test_pure_python_fallback_without_extension():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("backend", cpu_backends("attribution_score"))
+def test_mixed_gradient_dtypes_are_widened_exactly(backend, gen, use_backend):
+    use_backend(backend)
+    w = torch.randn(999, generator=gen).to(torch.bfloat16)
+    gf = torch.randn(999, generator=gen).to(torch.float16)
+    gr = torch.randn(999, generator=gen) * 1e-7  # fp32: must not be rounded to fp16
+    h = torch.rand(999, generator=gen).to(torch.bfloat16)
+    (s,) = wagle_ext.attribution_scores([w], [gf], [gr], hessian=[h])
+    rs, _ = ref.attribution_score(w, gf, gr, h, "wagle_hessian", 1e-6, 1e-8)
+    torch.testing.assert_close(s, rs, rtol=0, atol=0)

@@ -231,12 +231,17 @@ void attribution_score_out_cpu(const at::Tensor& weight, const c10::optional<at:
   at::Tensor gf = grad_like(grad_forget, "grad_forget", need_gf);
   at::Tensor gr = grad_like(grad_retain, "grad_retain", need_gr);
   at::Tensor h = grad_like(hessian, "hessian", need_h);
-  // g_f, g_r and h share one dtype in the kernel; convert the odd one out (rare: accumulators are
-  // normally all fp32).
+  // g_f, g_r and h share one dtype in the kernel. Mixed dtypes (rare: accumulators are normally
+  // all fp32) are widened to fp32, which is exact, so results still equal the reference.
   if (gf.defined()) tg = gf.scalar_type();
   else if (gr.defined()) tg = gr.scalar_type();
-  if (gr.defined() && gr.scalar_type() != tg) gr = gr.to(tg);
-  if (h.defined() && h.scalar_type() != tg) h = h.to(tg);
+  const bool mixed = (gr.defined() && gr.scalar_type() != tg) || (h.defined() && h.scalar_type() != tg);
+  if (mixed) {
+    tg = at::kFloat;
+    if (gf.defined()) gf = gf.to(at::kFloat);
+    if (gr.defined()) gr = gr.to(at::kFloat);
+    if (h.defined()) h = h.to(at::kFloat);
+  }
   if (n == 0) return;
 
   ScoreArgs args{w.defined() ? w.data_ptr() : nullptr, gf.defined() ? gf.data_ptr() : nullptr,
