@@ -122,6 +122,8 @@ def test_answer_log_probs_bad_inputs():
         answer_log_probs(model, tok, ["a long question indeed?"], ["x"], collator=QACollator(tok, max_length=5))
     with pytest.raises(ValueError, match="num_tokens"):
         answer_probability([0.0], [0])
+    empty = answer_log_probs(model, tok, [], [])
+    assert empty.sum_log_prob.shape == (0,) and empty.num_tokens.shape == (0,)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,7 +279,8 @@ def test_greedy_generate_reproduces_memorised_answers():
 # ------------------------------------------------------------------------------------------------
 
 def test_load_retain_eval_formats(tmp_path):
-    ou = {"forget_truth_ratio": {"agg_value": 0.5, "value_by_index": {"0": {"score": 0.5}, "3": {"score": 2.0}}},
+    ou = {"forget_truth_ratio": {"agg_value": 0.5, "value_by_index": {"0": {"score": 0.5}, "3": {"score": 2.0},
+                                                                      "4": {"score": None}}},
           "mia_min_k": {"agg_value": 0.42}}
     got = load_retain_eval(ou)
     np.testing.assert_array_equal(got["forget_truth_ratios"], [0.5, 2.0])

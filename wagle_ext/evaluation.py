@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -453,7 +452,11 @@ def load_retain_eval(source: Union[Mapping[str, Any], PathLike]) -> dict[str, An
         vbi = logs["forget_truth_ratio"].get("value_by_index")
         if not vbi:
             raise ValueError(f"{where}: 'forget_truth_ratio' has no 'value_by_index'")
-        tr = np.array([v["score"] if isinstance(v, Mapping) else v for v in vbi.values()], dtype=np.float64)
+        scores = [v.get("score") if isinstance(v, Mapping) else v for v in vbi.values()]
+        # OU marks items without valid target tokens as None; they carry no truth ratio.
+        tr = np.array([x for x in scores if x is not None], dtype=np.float64)
+        if tr.size == 0:
+            raise ValueError(f"{where}: 'forget_truth_ratio' holds no scores")
     elif "avg_paraphrased_loss" in logs and "average_perturb_loss" in logs:
         # Legacy TOFU stores avg losses (= -mean log-prob): R = exp(para_loss - mean_k pert_loss_k). (TOFU's
         # get_forget_quality computes 1/R; the KS p-value is invariant to R -> 1/R.)

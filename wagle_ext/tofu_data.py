@@ -203,7 +203,7 @@ def load_qa_split(source: Union[PathLike, str], *, split: Optional[str] = None, 
     return validate_qa_items(rows, where, require)
 
 
-#: TOFU Hub configs used by the evaluation (``locuslab/TOFU``), by the set names of ``evaluate_tofu``.
+# TOFU Hub configs (``locuslab/TOFU``) behind the set names ``evaluate_tofu`` uses.
 def _tofu_eval_configs(forget_split: str, holdout_split: Optional[str],
                        include: Iterable[str]) -> dict[str, str]:
     cfg = {forget_split: f"{forget_split}_perturbed", "retain": "retain_perturbed",
