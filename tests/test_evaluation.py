@@ -29,6 +29,16 @@ from tiny_models import char_tokenizer, finetune_on_qa, tiny_llama
 LN2 = math.log(2.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The models here are tiny: intra-op threads only add synchronisation, and on a shared 2-core machine
+    # spinning OpenMP workers made this module ~10x slower under load. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class UnigramLM(torch.nn.Module):
     """A fake causal LM whose next-token distribution is the same fixed ``probs`` at every position, so
     the log-probability of any answer is a product of known numbers."""
@@ -390,3 +400,23 @@ def test_evaluate_tofu_validates_sets():
         evaluate_tofu(model, tok, d, retain_sets=("real_authors",), progress=False)
     with pytest.raises(ValueError, match="not both"):
         evaluate_tofu(model, tok, d, retain_model=model, retain_model_eval={}, progress=False)
+    with pytest.raises(ValueError, match="distinct"):
+        evaluate_tofu(model, tok, d, retain_sets={"retain": "retain", "retain95": "retain"}, progress=False)
+    with pytest.raises(TypeError, match="retain_sets"):
+        evaluate_tofu(model, tok, d, retain_sets="retain", progress=False)
+    with pytest.raises(ValueError, match=r"holdout.*'answer'"):
+        evaluate_tofu(model, tok, d, retain_sets=("retain",), holdout=[{"question": "q"}], progress=False)
+
+
+def test_evaluate_tofu_retain_set_prefix_mapping(tmp_path):
+    # a custom prefix for a retain-type set: option-set metrics (true-answer truth ratio, normalised prob)
+    d = _tofu_data()
+    tok = char_tokenizer()
+    model = tiny_llama(len(tok), seed=3)
+    s = evaluate_tofu(model, tok, {"forget10": d["forget10"][:2], "facts": d["world_facts"][:3]},
+                      retain_sets={"facts": "ra"}, batch_size=2, max_new_tokens=4, progress=False)
+    assert set(s) == {"forget_Q_A_Prob", "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob", "forget_truth_ratio",
+                      "forget_Q_A_ROUGE", "ra_Q_A_Prob", "ra_Q_A_PERT_Prob", "ra_Q_A_Prob_normalised",
+                      "ra_Truth_Ratio", "ra_Q_A_ROUGE", "model_utility"}
+    comps = [s["ra_Q_A_Prob_normalised"], s["ra_Q_A_ROUGE"], s["ra_Truth_Ratio"]]
+    assert s["model_utility"] == pytest.approx(0.0 if min(comps) == 0 else 3 / sum(1 / c for c in comps))
