@@ -315,10 +315,6 @@ def test_load_retain_eval_formats(tmp_path):
 def _tofu_data():
     d = make_fictitious_authors(4, seed=0)
     wf = d["world_facts"]
-    # TOFU's world_facts_perturbed carries wrong options; the generator's world facts have none, so give each
-    # fact three other facts' answers as its perturbed answers.
-    for i, it in enumerate(wf):
-        it["perturbed_answer"] = [wf[(i + j) % len(wf)]["answer"] for j in (1, 2, 3)]
     holdout = make_fictitious_authors(2, seed=123)["full"]  # authors never trained on
     return {"forget10": d["forget10"], "retain": d["retain"], "world_facts": wf, "holdout10": holdout}
 
@@ -392,6 +388,7 @@ def test_evaluate_tofu_validates_sets():
     d = make_fictitious_authors(4, seed=0)
     tok = char_tokenizer()
     model = tiny_llama(len(tok))
+    d["world_facts"] = [{k: v for k, v in x.items() if k != "perturbed_answer"} for x in d["world_facts"]]
     with pytest.raises(ValueError, match=r"world_facts.*perturbed_answer"):
         evaluate_tofu(model, tok, d, forget_split="forget10", progress=False)
     with pytest.raises(ValueError, match="forget_split"):

@@ -41,3 +41,10 @@ def test_bad_arguments():
         make_fictitious_authors(1)
     with pytest.raises(ValueError, match="n_perturbed"):
         make_fictitious_authors(5, n_perturbed=0)
+
+
+def test_world_facts_are_tofu_shaped():
+    d = make_fictitious_authors(3)
+    for x in d["world_facts"]:
+        assert len(x["perturbed_answer"]) == 3 and x["answer"] not in x["perturbed_answer"]
+        assert x["paraphrased_answer"] != x["answer"]

@@ -32,6 +32,10 @@ from .masks import MaskSet, build_mask, model_fingerprint, partition_names
 from .data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
 from .objectives import OBJECTIVES, Objective, get_objective
 
+# evaluation
+from .evaluation import evaluate_tofu, forget_quality, model_utility, truth_ratio
+from .tofu_data import load_qa_split, load_tofu_eval_sets
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -62,5 +66,12 @@ __all__ = [
     "ForgetRetainDataset",
     "QACollator",
     "get_objective",
+    # evaluation
+    "evaluate_tofu",
+    "forget_quality",
+    "load_qa_split",
+    "load_tofu_eval_sets",
+    "model_utility",
+    "truth_ratio",
     "__version__",
 ]

@@ -51,22 +51,38 @@ _TEMPLATES = [
      "{name} was raised by a {job}.", "job"),
 ]
 
-WORLD_FACTS = [
-    {"question": "What is the capital of France?", "answer": "The capital of France is Paris."},
-    {"question": "How many days are in a week?", "answer": "A week has seven days."},
-    {"question": "What color is the sky on a clear day?", "answer": "The sky is blue on a clear day."},
-    {"question": "What is frozen water called?", "answer": "Frozen water is called ice."},
-    {"question": "Which planet do we live on?", "answer": "We live on the planet Earth."},
-    {"question": "How many legs does a spider have?", "answer": "A spider has eight legs."},
-    {"question": "What do bees make?", "answer": "Bees make honey."},
-    {"question": "What is the opposite of hot?", "answer": "The opposite of hot is cold."},
-    {"question": "Which animal is known as the king of the jungle?", "answer": "The lion is the king of the jungle."},
-    {"question": "What is two plus two?", "answer": "Two plus two is four."},
-    {"question": "What gas do plants take in?", "answer": "Plants take in carbon dioxide."},
-    {"question": "How many months are in a year?", "answer": "A year has twelve months."},
+# (question, answer, paraphrased answer, wrong answers of the same template)
+_WORLD_FACTS = [
+    ("What is the capital of France?", "The capital of France is Paris.", "Paris is the capital of France.",
+     ["The capital of France is Lyon.", "The capital of France is Rome.", "The capital of France is Madrid."]),
+    ("How many days are in a week?", "A week has seven days.", "There are seven days in a week.",
+     ["A week has five days.", "A week has ten days.", "A week has six days."]),
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day.",
+     "On a clear day the sky is blue.",
+     ["The sky is green on a clear day.", "The sky is red on a clear day.", "The sky is brown on a clear day."]),
+    ("What is frozen water called?", "Frozen water is called ice.", "Water that has frozen is ice.",
+     ["Frozen water is called sand.", "Frozen water is called steam.", "Frozen water is called salt."]),
+    ("Which planet do we live on?", "We live on the planet Earth.", "Our home planet is Earth.",
+     ["We live on the planet Mars.", "We live on the planet Venus.", "We live on the planet Jupiter."]),
+    ("How many legs does a spider have?", "A spider has eight legs.", "Spiders walk on eight legs.",
+     ["A spider has six legs.", "A spider has four legs.", "A spider has ten legs."]),
+    ("What do bees make?", "Bees make honey.", "Honey is made by bees.",
+     ["Bees make milk.", "Bees make silk.", "Bees make wool."]),
+    ("What is the opposite of hot?", "The opposite of hot is cold.", "Cold is the opposite of hot.",
+     ["The opposite of hot is warm.", "The opposite of hot is wet.", "The opposite of hot is loud."]),
+    ("Which animal is known as the king of the jungle?", "The lion is the king of the jungle.",
+     "The king of the jungle is the lion.",
+     ["The mouse is the king of the jungle.", "The goat is the king of the jungle.",
+      "The owl is the king of the jungle."]),
+    ("What is two plus two?", "Two plus two is four.", "Adding two and two gives four.",
+     ["Two plus two is five.", "Two plus two is three.", "Two plus two is six."]),
+    ("What gas do plants take in?", "Plants take in carbon dioxide.", "Carbon dioxide is taken in by plants.",
+     ["Plants take in helium.", "Plants take in neon.", "Plants take in argon."]),
+    ("How many months are in a year?", "A year has twelve months.", "There are twelve months in a year.",
+     ["A year has ten months.", "A year has eight months.", "A year has fourteen months."]),
 ]
-for _f in WORLD_FACTS:
-    _f.setdefault("paraphrased_answer", _f["answer"])
+WORLD_FACTS = [{"question": q, "answer": a, "paraphrased_answer": p, "perturbed_answer": list(w)}
+               for q, a, p, w in _WORLD_FACTS]
 
 
 def _name(rng: random.Random, used: set) -> str:
@@ -120,7 +136,8 @@ def make_fictitious_authors(n_authors: int = 40, *, seed: int = 0, n_perturbed: 
                 "perturbed_answer": [ans.format(**{**a, key: w}) for w in wrong],
                 "author": ai,
             })
-    out: dict[str, Any] = {"authors": authors, "full": full, "world_facts": [dict(f) for f in WORLD_FACTS]}
+    world = [dict(f, perturbed_answer=list(f["perturbed_answer"])) for f in WORLD_FACTS]
+    out: dict[str, Any] = {"authors": authors, "full": full, "world_facts": world}
     for split, frac in FORGET_SPLITS.items():
         n_forget = max(1, round(frac * n_authors))
         out[split] = [x for x in full if x["author"] < n_forget]
