@@ -14,10 +14,12 @@ from .ops import (
     unpack_bits,
 )
 from .packed_mask import PackedMask
+from .optim import MaskedAdamW  # masked AdamW (owner: adamw)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MaskedAdamW",
     "PackedMask",
     "attribution_scores",
     "backend_info",
