@@ -61,4 +61,25 @@ TORCH_LIBRARY(wagle, m) {
   m.def("unpack_bits(Tensor bits, int numel) -> Tensor");
   // Number of set bits among the first `numel` bits.
   m.def("popcount_bits(Tensor bits, int numel) -> int");
+
+  // ---- masked AdamW (owner: adamw) ----------------------------------------------------------
+  // AdamW on the elements selected by mask_bits[i] (uint8 PackedMask bits; an empty tensor = dense
+  // param), with compact fp32 state: exp_avgs/exp_avg_sqs/max_exp_avg_sqs[i] hold one entry per
+  // selected element, addressed through chunk_offsets[i] (int64[ceil(n/4096)+1]: compact index of
+  // the first selected element of each 4096-element chunk; last entry = nnz; empty when dense).
+  // Arithmetic identical to torch._fused_adamw_ on CPU (csrc/common/adamw_math.h); state_steps are
+  // float32 scalars already incremented by the caller (torch convention); step_offsets[i] (int32,
+  // one per selected element, or empty) gives elements their own step count `step - offset` after a
+  // mask change. weight_decay_mode: "masked" (frozen weights never read or written) | "all"
+  // (frozen weights also get p *= 1 - lr*wd) | "none". grad_scale: grads are divided by it and the
+  // unscaled values written back (selected elements only); found_inf == 1 skips the whole call.
+  // torch_tail: the last numel % torch_tail elements of each tensor use torch's scalar-tail
+  // contraction (0 = none).
+  m.def(
+      "masked_adamw_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, "
+      "Tensor[] mask_bits, Tensor[] chunk_offsets, Tensor[] step_offsets, *, float lr, float beta1, "
+      "float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
+      "str weight_decay_mode, Tensor? grad_scale=None, Tensor? found_inf=None, int torch_tail=8) -> ()");
+  // ---- end masked AdamW -----------------------------------------------------------------------
 }

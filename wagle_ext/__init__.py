@@ -28,7 +28,8 @@ from .attribution import (
 )
 from .masks import MaskSet, build_mask, model_fingerprint, partition_names
 
-# objectives and data
+# optimizer, objectives and data
+from .optim import MaskedAdamW
 from .data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
 from .objectives import OBJECTIVES, Objective, get_objective
 
@@ -59,7 +60,8 @@ __all__ = [
     "model_fingerprint",
     "partition_names",
     "score_model",
-    # objectives and data
+    # optimizer, objectives and data
+    "MaskedAdamW",
     "OBJECTIVES",
     "Objective",
     "REFUSAL_ANSWERS",

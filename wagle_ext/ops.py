@@ -532,3 +532,205 @@ def _select_bits(scores: list, k: int, largest: bool, hist: Optional[torch.Tenso
     else:
         ties_take = [-1] * len(scores)
     return _impl("topk_mask_bits", device)(scores, int(threshold), largest, ties_take)
+
+
+# ----------------------------------------------------------------------------- masked AdamW (owner: adamw)
+MASKED_ADAMW_CHUNK = reference.MASKED_ADAMW_CHUNK
+WEIGHT_DECAY_MODES = reference.WEIGHT_DECAY_MODES
+
+if HAS_CPP:
+
+    @torch.library.register_fake("wagle::masked_adamw_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits, chunk_offsets,
+          step_offsets, *, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, weight_decay_mode,
+          grad_scale=None, found_inf=None, torch_tail=8):
+        return None
+
+
+def torch_fused_adamw_tail() -> int:
+    """How many trailing elements of each tensor torch's fused CPU AdamW updates in its scalar
+    loop, whose FMA contraction of ``exp_avg_sq`` differs from the vector loop (probed on the
+    x86-64 wheels: AVX2 and AVX512 builds both use ``numel % 8``). 0 when the build does not use
+    FMA (``DEFAULT`` capability): exact parity with torch is then not claimed."""
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return 8 if cap in ("AVX2", "AVX512") else 0
+
+
+def masked_adamw_chunk_offsets(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """Directory of a bit array for :func:`masked_adamw_`: int64[ceil(numel/4096) + 1], entry ``c``
+    = number of set bits before element ``4096*c``, the last entry = nnz. O(numel/8) bytes read,
+    in slices (bounded temporary memory)."""
+    if bits.dtype != torch.uint8 or bits.dim() != 1:
+        raise TypeError("bits must be a 1-D uint8 tensor")
+    if bits.numel() != (numel + 7) // 8:
+        raise ValueError(f"bits has {bits.numel()} bytes, a mask of {numel} elements needs {(numel + 7) // 8}")
+    per_chunk = MASKED_ADAMW_CHUNK // 8  # bytes per chunk
+    nchunks = (numel + MASKED_ADAMW_CHUNK - 1) // MASKED_ADAMW_CHUNK
+    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32, device=bits.device)
+    counts = torch.empty(nchunks, dtype=torch.int64, device=bits.device)
+    slab = 1024  # chunks per slice: 512 KB of bits, 2 MB of int32 temporaries
+    for c0 in range(0, nchunks, slab):
+        c1 = min(nchunks, c0 + slab)
+        part = bits[c0 * per_chunk: c1 * per_chunk]
+        pad = (c1 - c0) * per_chunk - part.numel()
+        pc = table[part.long()]
+        if pad:
+            pc = torch.cat([pc, pc.new_zeros(pad)])
+        counts[c0:c1] = pc.view(c1 - c0, per_chunk).sum(1)
+    if numel % 8 and bits.numel():
+        # Padding bits beyond numel are zero by the PackedMask contract; do not trust it.
+        last = int(bits[-1])
+        extra = bin(last >> (numel % 8)).count("1")
+        if extra:
+            raise ValueError("bits has set padding bits beyond numel")
+    out = torch.zeros(nchunks + 1, dtype=torch.int64, device=bits.device)
+    torch.cumsum(counts, 0, out=out[1:])
+    return out
+
+
+def _check_hyper(name: str, value, lo=None, lo_open=False, hi=None, hi_open=False) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor")
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
+    return value
+
+
+def masked_adamw_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    mask_bits: Sequence[Optional[torch.Tensor]],
+    chunk_offsets: Sequence[Optional[torch.Tensor]],
+    step_offsets: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    weight_decay: float = 1e-2,
+    eps: float = 1e-8,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    weight_decay_mode: str = "masked",
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> None:
+    """One masked AdamW step over a list of parameters (one dtype per call), in place.
+
+    Args:
+        params: parameters (float32/bfloat16/float16, any shapes; non-contiguous ones are updated
+            through a contiguous copy).
+        grads: gradients, same dtypes and shapes as ``params``.
+        exp_avgs, exp_avg_sqs: compact float32 state, ``nnz`` entries per param (``numel`` for a
+            dense param), in flat element order of the selected elements.
+        max_exp_avg_sqs: compact float32 state per param with ``amsgrad``; empty list otherwise.
+        state_steps: float32 scalar step counts, ALREADY incremented for this step (torch's
+            convention; the caller subtracts ``found_inf`` afterwards).
+        mask_bits: PackedMask bits (uint8[ceil(numel/8)]) per param, or None for a dense param.
+        chunk_offsets: :func:`masked_adamw_chunk_offsets` of each mask (None for dense params).
+        step_offsets: optional int32[nnz] per param: element ``j`` uses step ``step - offset[j]``
+            (elements introduced by a mask change); None = every element uses ``step``.
+        weight_decay_mode: ``"masked"`` (decay selected weights only; the rest are never read or
+            written), ``"all"`` (also ``p *= 1 - lr*wd`` on unselected weights, i.e. ``grad *= mask``
+            followed by torch AdamW), ``"none"``.
+        grad_scale, found_inf: GradScaler tensors (torch fused semantics: grads of selected
+            elements are divided by ``grad_scale`` and written back; ``found_inf == 1`` skips).
+
+    Mutates params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and, with ``grad_scale``, grads.
+    Arithmetic: identical to ``torch._fused_adamw_`` on CPU (see csrc/common/adamw_math.h).
+    """
+    params = _as_list(params, "params")
+    grads = _as_list(grads, "grads")
+    n = len(params)
+    exp_avgs = _as_list(exp_avgs, "exp_avgs")
+    exp_avg_sqs = _as_list(exp_avg_sqs, "exp_avg_sqs")
+    max_exp_avg_sqs = _as_list(max_exp_avg_sqs, "max_exp_avg_sqs")
+    state_steps = _as_list(state_steps, "state_steps")
+    mask_bits = list(mask_bits)
+    chunk_offsets = list(chunk_offsets)
+    step_offsets = [None] * n if step_offsets is None else list(step_offsets)
+    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                      ("state_steps", state_steps), ("mask_bits", mask_bits),
+                      ("chunk_offsets", chunk_offsets), ("step_offsets", step_offsets)):
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} entries but params has {n}")
+    if amsgrad and len(max_exp_avg_sqs) != n:
+        raise ValueError(f"amsgrad=True needs {n} max_exp_avg_sqs, got {len(max_exp_avg_sqs)}")
+    if not amsgrad:
+        max_exp_avg_sqs = []
+    lr = _check_hyper("lr", lr, lo=0.0)
+    beta1 = _check_hyper("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
+    beta2 = _check_hyper("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
+    weight_decay = _check_hyper("weight_decay", weight_decay, lo=0.0)
+    eps = _check_hyper("eps", eps, lo=0.0)
+    if weight_decay_mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
+    if n == 0:
+        return
+    dtype, device = params[0].dtype, params[0].device
+    empty_u8 = torch.empty(0, dtype=torch.uint8, device=device)
+    empty_i64 = torch.empty(0, dtype=torch.int64, device=device)
+    empty_i32 = torch.empty(0, dtype=torch.int32, device=device)
+    work_p, work_g, copy_back = [], [], []
+    bits_l, dir_l, offs_l = [], [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        _check_float(p, f"params[{i}]")
+        if p.dtype != dtype:
+            raise TypeError(f"params[{i}] is {p.dtype} but params[0] is {dtype}; call once per dtype")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{i}] is {g.dtype} but params[{i}] is {p.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        if p.device != device or g.device != device:
+            raise ValueError(f"params[{i}] and grads[{i}] must be on {device}")
+        numel = p.numel()
+        b, d = mask_bits[i], chunk_offsets[i]
+        if (b is None) != (d is None):
+            raise ValueError(f"mask_bits[{i}] and chunk_offsets[{i}] must both be given or both be None")
+        nnz = numel
+        if b is not None:
+            if b.dtype != torch.uint8 or b.dim() != 1 or b.numel() != (numel + 7) // 8:
+                raise ValueError(f"mask_bits[{i}] must be uint8[{(numel + 7) // 8}] for params[{i}] of shape "
+                                 f"{tuple(p.shape)}, got {b.dtype}[{b.numel()}]")
+            nch = (numel + MASKED_ADAMW_CHUNK - 1) // MASKED_ADAMW_CHUNK
+            if d.dtype != torch.int64 or d.numel() != nch + 1:
+                raise ValueError(f"chunk_offsets[{i}] must be int64[{nch + 1}] (masked_adamw_chunk_offsets)")
+            nnz = int(d[-1])
+        for name, st in (("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])) + (
+                (("max_exp_avg_sqs", max_exp_avg_sqs[i]),) if amsgrad else ()):
+            if st.dtype != torch.float32 or st.numel() != nnz or not st.is_contiguous():
+                raise ValueError(f"{name}[{i}] must be a contiguous float32 tensor with {nnz} entries "
+                                 f"(one per selected element), got {st.dtype}[{st.numel()}]")
+        o = step_offsets[i]
+        if o is not None and (o.dtype != torch.int32 or o.numel() != nnz):
+            raise ValueError(f"step_offsets[{i}] must be int32[{nnz}] or None")
+        pc = p if p.is_contiguous() else p.contiguous()
+        gc = g if g.is_contiguous() else g.contiguous()
+        work_p.append(pc)
+        work_g.append(gc)
+        copy_back.append((pc is not p, gc is not g))
+        bits_l.append(empty_u8 if b is None else b.contiguous())
+        dir_l.append(empty_i64 if d is None else d.contiguous())
+        offs_l.append(empty_i32 if o is None else o.contiguous())
+    fn = _impl("masked_adamw_", device)
+    fn(work_p, work_g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, list(state_steps), bits_l, dir_l, offs_l,
+       lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=bool(amsgrad),
+       maximize=bool(maximize), weight_decay_mode=weight_decay_mode, grad_scale=grad_scale,
+       found_inf=found_inf, torch_tail=torch_fused_adamw_tail())
+    for (cp, cg), p, g, pc, gc in zip(copy_back, params, grads, work_p, work_g):
+        if cp:
+            p.copy_(pc)
+        if cg:
+            g.copy_(gc)
+# ----------------------------------------------------------------------------- end masked AdamW
+__all__ += ["masked_adamw_", "masked_adamw_chunk_offsets", "torch_fused_adamw_tail"]

@@ -193,3 +193,138 @@ def select_topk_bits(scores: Sequence[torch.Tensor], k: int, largest: bool) -> l
     sel = torch.zeros(n, dtype=torch.bool, device=device)
     sel[order] = True
     return [pack_bits(part) for part in torch.split(sel, sizes)]
+
+
+# ----------------------------------------------------------------------------- masked AdamW (owner: adamw)
+import math  # noqa: E402
+
+MASKED_ADAMW_CHUNK = 4096  # elements per chunk_offsets entry
+WEIGHT_DECAY_MODES = ("masked", "all", "none")
+
+
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 fma(a, b, c): the float64 product is exact, the float64 sum is
+    rounded to odd (TwoSum error + sticky bit), so the final rounding to float32 is exact."""
+    a, b, c = a.double(), b.double(), c.double()
+    prod = a * b
+    s = prod + c
+    bb = s - prod
+    err = (prod - (s - bb)) + (c - bb)
+    even = (s.view(torch.int64) & 1) == 0
+    fix = (err != 0) & even & torch.isfinite(s)
+    if bool(fix.any()):
+        toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+        s = torch.where(fix, torch.nextafter(s, toward), s)
+    return s.float()
+
+
+def _adamw_coeffs(lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, step: float) -> dict:
+    """The float32 coefficients torch's fused CPU AdamW derives (in double) from one step count."""
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  (double -> float rounding)
+    return {"neg_step_size": f(-(lr / bc1)), "bc2_sqrt": f(math.sqrt(bc2)), "eps": f(eps),
+            "decay": f(1.0 - lr * weight_decay), "w1": f(1.0 - beta1), "c2": f(1.0 - beta2), "b2": f(beta2)}
+
+
+def masked_adamw_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    mask_bits: Sequence[torch.Tensor],
+    chunk_offsets: Sequence[torch.Tensor],
+    step_offsets: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    weight_decay_mode: str,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+    torch_tail: int = 8,
+) -> None:
+    """Spec of the ``wagle::masked_adamw_`` op (schema and layout: csrc/ops.cpp). Mutates params,
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs and (with grad_scale) the selected entries of grads.
+
+    Per selected element, in float32, exactly as torch._fused_adamw_ on CPU:
+    ``g = grad / scale``; ``g = -g`` if maximize; ``p = p * float(1 - lr*wd)``;
+    ``m = fma(w1, g - m, m)`` (lerp, ``w1 = 1 - beta1``); ``v = fma(c2*g, g, v*b2)`` (the last
+    ``numel % torch_tail`` elements: ``fma(v, b2, (c2*g)*g)``); ``den = sqrt(max(vmax, v) or v) /
+    float(sqrt(bc2)) + eps``; ``p = p + (float(-lr/bc1) * m) / den``.
+    """
+    if weight_decay_mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
+    if found_inf is not None and float(found_inf) == 1.0:
+        return
+    scale = grad_scale.float().reshape(()) if grad_scale is not None else None
+    wd = 0.0 if weight_decay_mode == "none" else weight_decay
+    for i, p in enumerate(params):
+        n = p.numel()
+        pf = p.view(-1)
+        gf = grads[i].view(-1)
+        dense = mask_bits[i].numel() == 0
+        sel = torch.ones(n, dtype=torch.bool) if dense else unpack_bits(mask_bits[i], n)
+        idx = sel.nonzero().squeeze(1)
+        step = float(state_steps[i].float())
+        base = _adamw_coeffs(lr, beta1, beta2, wd, eps, step)
+        if weight_decay_mode == "all" and wd != 0 and not dense:
+            rest = (~sel).nonzero().squeeze(1)
+            pf[rest] = (pf[rest].float() * base["decay"]).to(p.dtype)
+        if idx.numel() == 0:
+            continue
+        if step_offsets[i].numel():
+            steps = step - step_offsets[i].double()
+            uniq, inv = torch.unique(steps, return_inverse=True)
+            per = [_adamw_coeffs(lr, beta1, beta2, wd, eps, float(s)) for s in uniq.tolist()]
+            co = {k: torch.stack([c[k] for c in per])[inv] for k in base}
+        else:
+            co = base
+        g = gf[idx].float()
+        if scale is not None:
+            g = g / scale.expand_as(g).contiguous()  # true division (a 0-d divisor is a reciprocal multiply)
+            gf[idx] = g.to(grads[i].dtype)
+        if maximize:
+            g = -g
+        p1 = pf[idx].float() * co["decay"]
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        w1 = co["w1"]
+        if float(base["w1"].abs()) < 0.5:
+            m_new = _fma32(w1, g - m, m)
+        else:
+            m_new = _fma32(w1 - 1.0, g - m, g)
+        tail = torch.zeros(idx.numel(), dtype=torch.bool)
+        if torch_tail > 0:
+            tail = idx >= n - n % torch_tail
+        v_vec = _fma32(co["c2"] * g, g, v * co["b2"])
+        v_tail = _fma32(v, co["b2"], (co["c2"] * g) * g)
+        v_new = torch.where(tail, v_tail, v_vec)
+        vd = v_new
+        if amsgrad:
+            vd = torch.maximum(max_exp_avg_sqs[i], v_new)
+            max_exp_avg_sqs[i].copy_(vd)
+        # Correctly rounded float32 sqrt (via float64, exact for sqrt); torch.sqrt on CPU float32
+        # is not always correctly rounded, the fused kernel's _mm512_sqrt_ps is.
+        den = torch.sqrt(vd.double()).float() / co["bc2_sqrt"].expand_as(vd).contiguous() + co["eps"]
+        p_new = p1 + (co["neg_step_size"] * m_new) / den
+        m.copy_(m_new)
+        v.copy_(v_new)
+        pf[idx] = p_new.to(p.dtype)
+
+
+def masked_adamw_chunk_offsets(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    """int64[ceil(numel/4096)+1] directory of a bit array: entry c = number of set bits before
+    element 4096*c; the last entry is nnz."""
+    sel = unpack_bits(bits, numel)
+    nchunks = (numel + MASKED_ADAMW_CHUNK - 1) // MASKED_ADAMW_CHUNK
+    counts = torch.zeros(nchunks * MASKED_ADAMW_CHUNK, dtype=torch.int64)
+    counts[:numel] = sel.long()
+    out = torch.zeros(nchunks + 1, dtype=torch.int64)
+    out[1:] = counts.view(nchunks, MASKED_ADAMW_CHUNK).sum(1).cumsum(0)
+    return out

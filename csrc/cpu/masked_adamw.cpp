@@ -1,0 +1,438 @@
+// CPU kernel of wagle::masked_adamw_: AdamW on the elements selected by a bit mask, with compact
+// optimizer state (kernels.md 4.3) and the exact arithmetic of torch's fused CPU AdamW
+// (common/adamw_math.h).
+//
+// Layout per tensor of n elements:
+//   bits     uint8[ceil(n/8)]       bit j of byte i = element 8i+j (PackedMask)
+//   dir      int64[ceil(n/4096)+1]  compact index of the first selected element of each 4096-element
+//                                   chunk (dir[last] = nnz), built once per mask
+//   m, v     fp32[nnz]              (vmax too with amsgrad), in element order
+//   offsets  int32[nnz] or empty    per-element step offset after a mask change (step_i = step - off)
+// A tensor without bits is dense (the state has n entries).
+//
+// Work: at::parallel_for over all chunks of all tensors. Within a chunk, 64-bit mask words are
+// read one at a time: an all-zero word is skipped (masked mode never touches p/g there), an
+// all-ones word runs a vectorised dense block, a mixed word walks its set bits (ctz loop).
+// Bytes per element at density d (fp32, random mask): 0.125 for the bits, ~12 on the cache lines
+// that hold a selected element (read p, g; write p), 16*d for the compact m, v.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/adamw_math.h"
+#include "common/score_math.h"
+#include "cpu/cpu_dispatch.h"
+
+namespace wagle {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 4096;  // elements per directory entry (64 words of 64 bits)
+constexpr int64_t kWord = 64;
+
+template <typename T>
+WAGLE_ALWAYS_INLINE float to_f(T x);
+template <>
+WAGLE_ALWAYS_INLINE float to_f<float>(float x) { return x; }
+template <>
+WAGLE_ALWAYS_INLINE float to_f<c10::BFloat16>(c10::BFloat16 x) {
+  uint16_t b;
+  std::memcpy(&b, &x, 2);
+  return bf16_bits_to_float(b);
+}
+template <>
+WAGLE_ALWAYS_INLINE float to_f<c10::Half>(c10::Half x) {
+  uint16_t b;
+  std::memcpy(&b, &x, 2);
+  return fp16_bits_to_float(b);
+}
+template <typename T>
+WAGLE_ALWAYS_INLINE T from_f(float x) { return static_cast<T>(x); }  // round to nearest even
+
+// One tensor of the list.
+struct TensorArgs {
+  void* p;
+  void* g;
+  float* m;
+  float* v;
+  float* vmax;
+  const uint8_t* bits;     // nullptr: dense
+  const int64_t* dir;      // nullptr: dense
+  const int32_t* offsets;  // nullptr: every element uses the tensor's step
+  int64_t n;
+  int64_t tail_start;  // elements >= tail_start use torch's scalar-tail contraction of v
+  double step;
+  AdamwCoeffs c;
+};
+
+struct StepArgs {
+  double lr, beta1, beta2, weight_decay, eps;
+  int mode;
+  bool maximize;
+  bool has_scale;
+  float scale;
+};
+
+WAGLE_ALWAYS_INLINE uint64_t load_word(const uint8_t* bits, int64_t e, int64_t cnt) {
+  uint64_t w = 0;
+  if (cnt == kWord) {
+    std::memcpy(&w, bits + e / 8, 8);
+  } else {
+    std::memcpy(&w, bits + e / 8, static_cast<size_t>((cnt + 7) / 8));
+    w &= (uint64_t(1) << cnt) - 1;
+  }
+  return w;
+}
+
+// Gradient as used by the update: unscaled (and written back, as torch does), then negated for
+// maximize.
+template <typename T>
+WAGLE_ALWAYS_INLINE float grad_in(T* g, int64_t i, const StepArgs& s) {
+  float gv = to_f<T>(g[i]);
+  if (s.has_scale) {
+    gv = gv / s.scale;
+    g[i] = from_f<T>(gv);
+  }
+  return s.maximize ? -gv : gv;
+}
+
+// Scalar update of element i with compact slot k.
+template <typename T, bool Amsgrad>
+WAGLE_ALWAYS_INLINE void update_one(const TensorArgs& t, const StepArgs& s, const AdamwCoeffs& c,
+                                    int64_t i, int64_t k) {
+  T* p = static_cast<T*>(t.p);
+  T* g = static_cast<T*>(t.g);
+  const float gv = grad_in<T>(g, i, s);
+  const float pv = adamw_no_contract(to_f<T>(p[i]) * c.decay);
+  float dummy = 0.f;
+  float& vm = Amsgrad ? t.vmax[k] : dummy;
+  p[i] = from_f<T>(adamw_element<Amsgrad>(pv, gv, t.m[k], t.v[k], vm, c, i >= t.tail_start));
+}
+
+// 64 consecutive selected elements [e, e+64) with slots [k, k+64), all before tail_start.
+// Two loops so that p*decay is rounded before the final add (no contraction), both vectorised.
+template <typename T, bool Amsgrad>
+WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& s, int64_t e, int64_t k) {
+  T* __restrict__ p = static_cast<T*>(t.p) + e;
+  T* __restrict__ g = static_cast<T*>(t.g) + e;
+  float* __restrict__ m = t.m + k;
+  float* __restrict__ v = t.v + k;
+  float* __restrict__ vmax = Amsgrad ? t.vmax + k : nullptr;
+  const AdamwCoeffs c = t.c;
+  alignas(64) float pf[kWord];
+  alignas(64) float gf[kWord];
+  const float scale = s.scale;
+  const float sign = s.maximize ? -1.0f : 1.0f;
+  if (s.has_scale) {
+#pragma omp simd
+    for (int i = 0; i < kWord; ++i) {
+      const float gv = to_f<T>(g[i]) / scale;
+      g[i] = from_f<T>(gv);
+      gf[i] = gv * sign;
+    }
+  } else {
+#pragma omp simd
+    for (int i = 0; i < kWord; ++i) gf[i] = to_f<T>(g[i]) * sign;
+  }
+#pragma omp simd
+  for (int i = 0; i < kWord; ++i) pf[i] = to_f<T>(p[i]) * c.decay;
+#pragma omp simd
+  for (int i = 0; i < kWord; ++i) {
+    const float gv = gf[i];
+    const float d = gv - m[i];
+    const float mn = c.lerp_small ? adamw_fma(c.w1, d, m[i]) : adamw_fma(c.w1m1, d, gv);
+    const float vn = adamw_fma(c.c2 * gv, gv, v[i] * c.b2);
+    m[i] = mn;
+    v[i] = vn;
+    float vd = vn;
+    if (Amsgrad) {
+      const float vx = vmax[i] > vn ? vmax[i] : vn;
+      vmax[i] = vx;
+      vd = vx;
+    }
+    const float den = sqrtf(vd) / c.bc2_sqrt + c.eps;
+    p[i] = from_f<T>(pf[i] + (c.neg_step_size * mn) / den);
+  }
+}
+
+// weight_decay_mode="all": p *= decay on unselected elements (what grad*=mask + torch AdamW does to
+// a weight whose moments are zero).
+template <typename T>
+WAGLE_ALWAYS_INLINE void decay_word(const TensorArgs& t, int64_t e, uint64_t unselected) {
+  T* p = static_cast<T*>(t.p);
+  const float decay = t.c.decay;
+  if (unselected == ~uint64_t(0)) {
+    T* __restrict__ q = p + e;
+#pragma omp simd
+    for (int i = 0; i < kWord; ++i) q[i] = from_f<T>(to_f<T>(q[i]) * decay);
+    return;
+  }
+  while (unselected) {
+    const int b = __builtin_ctzll(unselected);
+    unselected &= unselected - 1;
+    p[e + b] = from_f<T>(to_f<T>(p[e + b]) * decay);
+  }
+}
+
+// Per-element coefficients for tensors whose elements carry their own step (after set_masks);
+// consecutive elements nearly always share a step, so the last one is cached.
+struct CoeffCache {
+  double step = -1.0;
+  AdamwCoeffs c;
+};
+
+WAGLE_ALWAYS_INLINE const AdamwCoeffs& coeffs_for(const TensorArgs& t, const StepArgs& s, int64_t k,
+                                                  CoeffCache& cache) {
+  if (!t.offsets) return t.c;
+  const double step = t.step - static_cast<double>(t.offsets[k]);
+  if (step != cache.step) {
+    cache.step = step;
+    cache.c = adamw_coeffs(s.lr, s.beta1, s.beta2, s.mode == kDecayNone ? 0.0 : s.weight_decay, s.eps, step);
+  }
+  return cache.c;
+}
+
+// Chunk `chunk` of tensor t. Returns false if the directory disagrees with the bits.
+template <typename T, bool Amsgrad>
+WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int64_t chunk) {
+  const int64_t e0 = chunk * kChunk;
+  const int64_t e1 = std::min(t.n, e0 + kChunk);
+  const bool dense = t.bits == nullptr;
+  int64_t k = dense ? e0 : t.dir[chunk];
+  const int64_t k_end = dense ? e1 : t.dir[chunk + 1];
+  const bool decay_all = s.mode == kDecayAll && t.c.decay != 1.0f;
+  CoeffCache cache;
+  for (int64_t e = e0; e < e1; e += kWord) {
+    const int64_t cnt = std::min<int64_t>(kWord, e1 - e);
+    const uint64_t valid = cnt == kWord ? ~uint64_t(0) : ((uint64_t(1) << cnt) - 1);
+    const uint64_t w = dense ? valid : load_word(t.bits, e, cnt);
+    if (w == 0) {
+      if (decay_all) decay_word<T>(t, e, valid);
+      continue;
+    }
+    const int64_t pc = __builtin_popcountll(w);
+    if (k + pc > k_end) return false;
+    if (w == ~uint64_t(0) && e + kWord <= t.tail_start && !t.offsets) {
+      update_dense_word<T, Amsgrad>(t, s, e, k);
+      k += kWord;
+      continue;
+    }
+    if (decay_all && (w != valid)) decay_word<T>(t, e, valid & ~w);
+    uint64_t bitsleft = w;
+    while (bitsleft) {
+      const int b = __builtin_ctzll(bitsleft);
+      bitsleft &= bitsleft - 1;
+      update_one<T, Amsgrad>(t, s, coeffs_for(t, s, k, cache), e + b, k);
+      ++k;
+    }
+  }
+  return k == k_end;
+}
+
+struct ListArgs {
+  const std::vector<TensorArgs>* tensors;
+  const std::vector<int64_t>* chunk_start;  // prefix sums of chunk counts, size tensors+1
+  const StepArgs* s;
+};
+
+// Chunks [begin, end) of the flattened chunk list. Returns false on a directory mismatch.
+template <typename T, bool Amsgrad>
+WAGLE_ALWAYS_INLINE bool range_body(const ListArgs& a, int64_t begin, int64_t end) {
+  const auto& cs = *a.chunk_start;
+  int64_t ti = std::upper_bound(cs.begin(), cs.end(), begin) - cs.begin() - 1;
+  bool ok = true;
+  for (int64_t gc = begin; gc < end; ++gc) {
+    while (gc >= cs[ti + 1]) ++ti;
+    ok &= chunk_body<T, Amsgrad>((*a.tensors)[ti], *a.s, gc - cs[ti]);
+  }
+  return ok;
+}
+
+template <typename T, bool Amsgrad>
+WAGLE_TARGET_AVX512 bool range_avx512(const ListArgs& a, int64_t b, int64_t e) {
+  return range_body<T, Amsgrad>(a, b, e);
+}
+template <typename T, bool Amsgrad>
+WAGLE_TARGET_AVX2 bool range_avx2(const ListArgs& a, int64_t b, int64_t e) {
+  return range_body<T, Amsgrad>(a, b, e);
+}
+template <typename T, bool Amsgrad>
+bool range_default(const ListArgs& a, int64_t b, int64_t e) {
+  return range_body<T, Amsgrad>(a, b, e);
+}
+
+using RangeFn = bool (*)(const ListArgs&, int64_t, int64_t);
+
+template <typename T, bool Amsgrad>
+RangeFn pick_isa(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return &range_avx512<T, Amsgrad>;
+    case Isa::Avx2: return &range_avx2<T, Amsgrad>;
+    default: return &range_default<T, Amsgrad>;
+  }
+}
+
+template <typename T>
+RangeFn pick_ams(bool amsgrad, Isa isa) {
+  return amsgrad ? pick_isa<T, true>(isa) : pick_isa<T, false>(isa);
+}
+
+RangeFn pick(at::ScalarType dt, bool amsgrad, Isa isa) {
+  switch (dt) {
+    case at::kBFloat16: return pick_ams<c10::BFloat16>(amsgrad, isa);
+    case at::kHalf: return pick_ams<c10::Half>(amsgrad, isa);
+    default: return pick_ams<float>(amsgrad, isa);
+  }
+}
+
+int parse_mode(c10::string_view mode) {
+  if (mode == "masked") return kDecayMasked;
+  if (mode == "all") return kDecayAll;
+  if (mode == "none") return kDecayNone;
+  TORCH_CHECK_VALUE(false, "masked_adamw_: weight_decay_mode must be 'masked', 'all' or 'none', got '",
+                    std::string(mode), "'");
+}
+
+void check_f32_state(const at::Tensor& t, int64_t want, const char* name, size_t i) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() &&
+                        t.numel() == want,
+                    "masked_adamw_: ", name, "[", i, "] must be a contiguous float32 CPU tensor with ",
+                    want, " elements (one per selected element), got ", t.scalar_type(), " with ",
+                    t.numel());
+}
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                      at::TensorList state_steps, at::TensorList mask_bits, at::TensorList chunk_offsets,
+                      at::TensorList step_offsets, double lr, double beta1, double beta2,
+                      double weight_decay, double eps, bool amsgrad, bool maximize,
+                      c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
+                      const c10::optional<at::Tensor>& found_inf, int64_t torch_tail) {
+  const size_t nt = params.size();
+  const int mode = parse_mode(weight_decay_mode);
+  TORCH_CHECK_VALUE(grads.size() == nt && exp_avgs.size() == nt && exp_avg_sqs.size() == nt &&
+                        state_steps.size() == nt && mask_bits.size() == nt &&
+                        chunk_offsets.size() == nt && step_offsets.size() == nt,
+                    "masked_adamw_: every tensor list must have ", nt, " entries (one per param)");
+  TORCH_CHECK_VALUE(amsgrad ? max_exp_avg_sqs.size() == nt : max_exp_avg_sqs.empty(),
+                    "masked_adamw_: max_exp_avg_sqs must have one tensor per param with amsgrad and be "
+                    "empty without");
+  TORCH_CHECK_VALUE(torch_tail >= 0, "masked_adamw_: torch_tail must be >= 0");
+  if (found_inf.has_value() && found_inf->defined()) {
+    TORCH_CHECK_VALUE(found_inf->numel() == 1 && found_inf->device().is_cpu(),
+                      "masked_adamw_: found_inf must be a one-element CPU tensor");
+    // torch's fused kernels: `if (found_inf_ptr && *found_inf_ptr == 1) return;`
+    if (found_inf->to(at::kFloat).item<float>() == 1.0f) return;
+  }
+  StepArgs s{lr, beta1, beta2, weight_decay, eps, mode, maximize, false, 1.0f};
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && grad_scale->device().is_cpu(),
+                      "masked_adamw_: grad_scale must be a one-element CPU tensor");
+    s.has_scale = true;
+    s.scale = grad_scale->to(at::kFloat).item<float>();
+  }
+  const double wd_eff = mode == kDecayNone ? 0.0 : weight_decay;
+  if (nt == 0) return;
+  const at::ScalarType dt = params[0].scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                   "masked_adamw_: params must be float32, bfloat16 or float16, got ", dt);
+
+  std::vector<TensorArgs> ts;
+  std::vector<int64_t> chunk_start{0};
+  ts.reserve(nt);
+  for (size_t i = 0; i < nt; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_TYPE(p.scalar_type() == dt && g.scalar_type() == dt,
+                     "masked_adamw_: params[", i, "] and grads[", i, "] must both be ", dt, ", got ",
+                     p.scalar_type(), " and ", g.scalar_type(), " (one call per dtype)");
+    TORCH_CHECK_VALUE(p.device().is_cpu() && g.device().is_cpu(), "masked_adamw_: params[", i,
+                      "] and grads[", i, "] must be CPU tensors for the CPU kernel");
+    TORCH_CHECK_VALUE(p.is_contiguous() && g.is_contiguous(), "masked_adamw_: params[", i,
+                      "] and grads[", i, "] must be contiguous");
+    const int64_t n = p.numel();
+    TORCH_CHECK_VALUE(g.numel() == n, "masked_adamw_: grads[", i, "] has ", g.numel(),
+                      " elements, params[", i, "] has ", n);
+    const at::Tensor& st = state_steps[i];
+    TORCH_CHECK_VALUE(st.numel() == 1 && st.device().is_cpu(), "masked_adamw_: state_steps[", i,
+                      "] must be a one-element CPU tensor");
+    TensorArgs a{};
+    a.p = p.data_ptr();
+    a.g = g.data_ptr();
+    a.n = n;
+    a.tail_start = torch_tail > 0 ? n - n % torch_tail : n;
+    // torch: `double step = state_step.item<float>()`
+    a.step = static_cast<double>(st.to(at::kFloat).item<float>());
+    a.c = adamw_coeffs(lr, beta1, beta2, wd_eff, eps, a.step);
+    int64_t nnz = n;
+    const at::Tensor& bits = mask_bits[i];
+    const at::Tensor& dir = chunk_offsets[i];
+    const int64_t nchunks = (n + kChunk - 1) / kChunk;
+    if (bits.numel() > 0 || dir.numel() > 0) {
+      TORCH_CHECK_VALUE(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.device().is_cpu() &&
+                            bits.numel() == (n + 7) / 8,
+                        "masked_adamw_: mask_bits[", i, "] must be a contiguous uint8 CPU tensor with ",
+                        (n + 7) / 8, " bytes (an empty tensor for a dense param), got ", bits.numel());
+      TORCH_CHECK_VALUE(dir.scalar_type() == at::kLong && dir.is_contiguous() && dir.device().is_cpu() &&
+                            dir.numel() == nchunks + 1,
+                        "masked_adamw_: chunk_offsets[", i, "] must be a contiguous int64 CPU tensor with ",
+                        nchunks + 1, " entries (one per ", kChunk, " elements, plus the total)");
+      const int64_t* d = dir.data_ptr<int64_t>();
+      TORCH_CHECK_VALUE(d[0] == 0, "masked_adamw_: chunk_offsets[", i, "][0] must be 0");
+      for (int64_t c = 0; c < nchunks; ++c)
+        TORCH_CHECK_VALUE(d[c + 1] >= d[c] && d[c + 1] - d[c] <= kChunk, "masked_adamw_: chunk_offsets[",
+                          i, "] is not a valid directory (entry ", c + 1, ")");
+      nnz = d[nchunks];
+      a.bits = bits.data_ptr<uint8_t>();
+      a.dir = d;
+    }
+    check_f32_state(exp_avgs[i], nnz, "exp_avgs", i);
+    check_f32_state(exp_avg_sqs[i], nnz, "exp_avg_sqs", i);
+    a.m = exp_avgs[i].data_ptr<float>();
+    a.v = exp_avg_sqs[i].data_ptr<float>();
+    if (amsgrad) {
+      check_f32_state(max_exp_avg_sqs[i], nnz, "max_exp_avg_sqs", i);
+      a.vmax = max_exp_avg_sqs[i].data_ptr<float>();
+    }
+    const at::Tensor& offs = step_offsets[i];
+    if (offs.numel() > 0) {
+      TORCH_CHECK_VALUE(offs.scalar_type() == at::kInt && offs.is_contiguous() && offs.device().is_cpu() &&
+                            offs.numel() == nnz,
+                        "masked_adamw_: step_offsets[", i, "] must be a contiguous int32 CPU tensor with ",
+                        nnz, " entries, or empty");
+      a.offsets = offs.data_ptr<int32_t>();
+    }
+    if (nnz == 0 && !(mode == kDecayAll && a.c.decay != 1.0f)) {
+      chunk_start.push_back(chunk_start.back());  // nothing to read or write
+    } else {
+      chunk_start.push_back(chunk_start.back() + nchunks);
+    }
+    ts.push_back(a);
+  }
+  // Tensors skipped above keep their chunk count at 0 in chunk_start; nchunks for the rest.
+  const int64_t total = chunk_start.back();
+  if (total == 0) return;
+  ListArgs la{&ts, &chunk_start, &s};
+  RangeFn fn = pick(dt, amsgrad, cpu_isa());
+  std::atomic<bool> ok{true};
+  // Grain: 8 chunks (32K elements) per task; small lists run on the calling thread.
+  at::parallel_for(0, total, 8, [&](int64_t b, int64_t e) {
+    if (!fn(la, b, e)) ok.store(false);
+  });
+  TORCH_CHECK_VALUE(ok.load(), "masked_adamw_: chunk_offsets do not match mask_bits (rebuild the "
+                               "directory from the mask); the state may be partially updated");
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace wagle
+
+TORCH_LIBRARY_IMPL(wagle, CPU, m) { m.impl("masked_adamw_", &wagle::cpu::masked_adamw_cpu); }
