@@ -6,11 +6,19 @@ module before the kernels are imported).
 """
 import os
 
-import pytest
 import torch
 
-import wagle_ext
-from wagle_ext import ops
+# Without a GPU, Triton only runs in its CPU interpreter. triton.jit picks interpreted vs compiled
+# at decoration time -- including Triton's own standard library (tl.zeros, ...) when triton is
+# first imported -- so the mode must be set before anything imports triton (transformers,
+# accelerate or torch may, during collection). CPU back ends never pick Triton unless forced.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import wagle_ext  # noqa: E402
+from wagle_ext import ops  # noqa: E402
 
 
 def cpu_backends(op: str) -> list:
