@@ -72,6 +72,10 @@ class MaskedAdamW(torch.optim.Optimizer):
     parameter that had already stepped: element ``j`` uses step ``step - step_offsets[j]``).
     Gradients of unselected elements are ignored (and, with GradScaler, left scaled).
 
+    Parameters added later with ``add_param_group`` are dense until :meth:`set_masks` gives
+    them a mask. Elements with their own step count (after :meth:`set_masks`) take the kernel's
+    bit-by-bit path (slower than the vectorised one for dense-ish masks).
+
     Works with ``torch.amp.GradScaler`` (fused semantics: grads unscaled in the kernel, a step
     with inf/NaN gradients is skipped), ``torch.optim.lr_scheduler`` and ``transformers.Trainer``
     (``optimizers=(opt, scheduler)``).
@@ -187,7 +191,6 @@ class MaskedAdamW(torch.optim.Optimizer):
             old_sel = old.to_bool().view(-1) if old is not None else torch.ones(n, dtype=torch.bool, device=p.device)
             new_sel = new.to_bool().view(-1) if new is not None else torch.ones(n, dtype=torch.bool, device=p.device)
             step = float(state["step"])
-            kept_in_new = old_sel[new_sel]  # for each new entry: was it selected before?
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in state:
                     full = torch.zeros(n, dtype=torch.float32, device=p.device)
@@ -204,7 +207,6 @@ class MaskedAdamW(torch.optim.Optimizer):
                 state.pop("step_offsets", None)
             else:
                 state["step_offsets"] = offs
-            del kept_in_new
 
     # ------------------------------------------------------------------ accounting
     def state_bytes(self) -> dict:
