@@ -42,6 +42,7 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per directory entry (64 words of 64 bits)
 constexpr int64_t kWord = 64;
+constexpr int64_t kPrefetchAhead = 4 * kWord;  // sparse masks: prefetch p/g lines this far ahead
 
 template <typename T>
 WAGLE_ALWAYS_INLINE float to_f(T x);
@@ -272,6 +273,22 @@ WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int6
     const int64_t cnt = std::min<int64_t>(kWord, e1 - e);
     const uint64_t valid = cnt == kWord ? ~uint64_t(0) : ((uint64_t(1) << cnt) - 1);
     const uint64_t w = dense ? valid : load_word(t.bits, e, cnt);
+    if (!dense && e + kPrefetchAhead + kWord <= e1) {
+      // Sparse random masks touch scattered cache lines of p and g; fetch the lines that hold
+      // selected elements a few words ahead so the misses overlap.
+      uint64_t wa = load_word(t.bits, e + kPrefetchAhead, kWord);
+      // Only very sparse words: denser ones keep the hardware prefetcher streaming anyway.
+      if (__builtin_popcountll(wa) > 2) wa = 0;
+      constexpr int kLine = 64 / static_cast<int>(sizeof(T));  // elements per cache line
+      const T* pa = static_cast<const T*>(t.p) + e + kPrefetchAhead;
+      const T* ga = static_cast<const T*>(t.g) + e + kPrefetchAhead;
+      while (wa) {
+        const int b = __builtin_ctzll(wa) & ~(kLine - 1);
+        __builtin_prefetch(pa + b, 1);
+        __builtin_prefetch(ga + b, 0);
+        wa &= (b + kLine >= 64) ? 0 : (~uint64_t(0) << (b + kLine));
+      }
+    }
     if (w == 0) {
       if (decay_all) decay_word<T>(t, e, valid);
       continue;
