@@ -72,6 +72,10 @@ class MaskedAdamW(torch.optim.Optimizer):
     parameter that had already stepped: element ``j`` uses step ``step - step_offsets[j]``).
     Gradients of unselected elements are ignored (and, with GradScaler, left scaled).
 
+    Parameters added later with ``add_param_group`` are dense until :meth:`set_masks` gives
+    them a mask. Elements with their own step count (after :meth:`set_masks`) take the kernel's
+    bit-by-bit path (slower than the vectorised one for dense-ish masks).
+
     Works with ``torch.amp.GradScaler`` (fused semantics: grads unscaled in the kernel, a step
     with inf/NaN gradients is skipped), ``torch.optim.lr_scheduler`` and ``transformers.Trainer``
     (``optimizers=(opt, scheduler)``).
@@ -108,6 +112,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._step_supports_amp_scaling = True
         self._masks: dict = {}
         self._dirs: dict = {}
+        self._nnzs: dict = {}
         self._assign_masks(masks)
 
     # ------------------------------------------------------------------ construction helpers
@@ -127,6 +132,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         for i, (p, m) in enumerate(zip(plist, masks)):
             self._masks[p] = _to_packed(m, p, f"parameter {i}")
             self._dirs.pop(p, None)
+            self._nnzs.pop(p, None)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, masks: Mapping[str, MaskLike], **kwargs: Any) -> "MaskedAdamW":
@@ -163,7 +169,12 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def _nnz(self, p: torch.Tensor) -> int:
         d = self._directory(p)
-        return p.numel() if d is None else int(d[-1])
+        if d is None:
+            return p.numel()
+        nnz = self._nnzs.get(p)
+        if nnz is None:
+            nnz = self._nnzs[p] = int(d[-1])
+        return nnz
 
     @torch.no_grad()
     def set_masks(self, masks: Sequence[MaskLike]) -> None:
@@ -181,13 +192,13 @@ class MaskedAdamW(torch.optim.Optimizer):
             state = self.state.get(p)
             self._masks[p] = new
             self._dirs.pop(p, None)
+            self._nnzs.pop(p, None)
             if not state:
                 continue
             n = p.numel()
             old_sel = old.to_bool().view(-1) if old is not None else torch.ones(n, dtype=torch.bool, device=p.device)
             new_sel = new.to_bool().view(-1) if new is not None else torch.ones(n, dtype=torch.bool, device=p.device)
             step = float(state["step"])
-            kept_in_new = old_sel[new_sel]  # for each new entry: was it selected before?
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in state:
                     full = torch.zeros(n, dtype=torch.float32, device=p.device)
@@ -204,7 +215,6 @@ class MaskedAdamW(torch.optim.Optimizer):
                 state.pop("step_offsets", None)
             else:
                 state["step_offsets"] = offs
-            del kept_in_new
 
     # ------------------------------------------------------------------ accounting
     def state_bytes(self) -> dict:
@@ -251,7 +261,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise TypeError("MaskedAdamW does not support sparse gradients")
                 d = self._directory(p)
-                nnz = p.numel() if d is None else int(d[-1])
+                nnz = self._nnz(p)
                 if nnz == 0 and not (mode == "all" and group["weight_decay"] != 0):
                     continue  # an all-zero mask costs nothing
                 state = self.state[p]
@@ -281,11 +291,26 @@ class MaskedAdamW(torch.optim.Optimizer):
                 torch._foreach_add_(steps, 1)
                 gs = grad_scale.to(device) if grad_scale is not None else None
                 fi = found_inf.to(device) if found_inf is not None else None
-                ops.masked_adamw_(
-                    lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps, lst["bits"], lst["dir"],
-                    lst["offs"], lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                    eps=group["eps"], amsgrad=amsgrad, maximize=group["maximize"], weight_decay_mode=mode,
-                    grad_scale=gs, found_inf=fi)
+                hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+                             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                             amsgrad=amsgrad, maximize=group["maximize"], weight_decay_mode=mode,
+                             grad_scale=gs, found_inf=fi)
+                if (ops.resolve_backend("masked_adamw_", device) == "cpp"
+                        and all(p.is_contiguous() and g.is_contiguous() for p, g in zip(lst["p"], lst["g"]))):
+                    # The lists were built here from validated masks and state: skip the Python
+                    # checks of ops.masked_adamw_ (the C++ op still checks sizes and dtypes), which
+                    # matter at low density where the kernel itself takes a few ms.
+                    e8 = torch.empty(0, dtype=torch.uint8, device=device)
+                    e64 = torch.empty(0, dtype=torch.int64, device=device)
+                    e32 = torch.empty(0, dtype=torch.int32, device=device)
+                    torch.ops.wagle.masked_adamw_(
+                        lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps,
+                        [e8 if b is None else b for b in lst["bits"]], [e64 if d is None else d for d in lst["dir"]],
+                        [e32 if o is None else o for o in lst["offs"]], torch_tail=ops.torch_fused_adamw_tail(),
+                        **hyper)
+                else:
+                    ops.masked_adamw_(lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps, lst["bits"],
+                                      lst["dir"], lst["offs"], **hyper)
                 if fi is not None:
                     # torch's fused path: undo the step increment of a skipped step.
                     torch._foreach_sub_(steps, [fi.to(steps[0].device, torch.float32)] * len(steps))
@@ -325,6 +350,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 self._masks[p] = _to_packed(PackedMask(entry["bits"].to(p.device), entry["shape"]), p,
                                             f"parameter {i}")
             self._dirs.pop(p, None)
+            self._nnzs.pop(p, None)
         self.state.clear()
         for key, st in raw_state.items():
             i = int(key)

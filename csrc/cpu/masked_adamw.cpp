@@ -25,11 +25,16 @@
 #include <atomic>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/adamw_math.h"
 #include "common/score_math.h"
 #include "cpu/cpu_dispatch.h"
+
+#if WAGLE_X86
+#include <immintrin.h>
+#endif
 
 namespace wagle {
 namespace cpu {
@@ -37,6 +42,7 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per directory entry (64 words of 64 bits)
 constexpr int64_t kWord = 64;
+constexpr int64_t kPrefetchAhead = 4 * kWord;  // sparse masks: prefetch p/g lines this far ahead
 
 template <typename T>
 WAGLE_ALWAYS_INLINE float to_f(T x);
@@ -163,6 +169,59 @@ WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& 
   }
 }
 
+#if WAGLE_X86
+// A mixed 64-bit word of a float32 tensor (before tail_start, tensor-wide step), AVX-512:
+// 16 lanes at a time, compact m/v gathered with expand-loads and written back with
+// compress + masked stores, p written with a masked store. Same operations, same rounding as
+// update_one (common/adamw_math.h vector-region form). Returns the next compact slot.
+template <bool Amsgrad>
+WAGLE_TARGET_AVX512 int64_t mixed_word_f32_avx512(const TensorArgs& t, const StepArgs& s, int64_t e,
+                                                  uint64_t w, int64_t k) {
+  float* p = static_cast<float*>(t.p) + e;
+  float* g = static_cast<float*>(t.g) + e;
+  const AdamwCoeffs& c = t.c;
+  const __m512 decay = _mm512_set1_ps(c.decay), w1 = _mm512_set1_ps(c.w1), w1m1 = _mm512_set1_ps(c.w1m1);
+  const __m512 c2 = _mm512_set1_ps(c.c2), b2 = _mm512_set1_ps(c.b2), bcs = _mm512_set1_ps(c.bc2_sqrt);
+  const __m512 eps = _mm512_set1_ps(c.eps), nss = _mm512_set1_ps(c.neg_step_size);
+  const __m512 scale = _mm512_set1_ps(s.scale);
+  for (int j = 0; j < 4; ++j, w >>= 16) {
+    const __mmask16 km = static_cast<__mmask16>(w & 0xFFFF);
+    if (!km) continue;
+    // compress in a register + masked store of the first pc lanes: a compress-store to memory is
+    // microcoded (slow) on several x86 cores
+    const int pc = __builtin_popcount(static_cast<unsigned>(km));
+    const __mmask16 kc = static_cast<__mmask16>((1u << pc) - 1u);
+    __m512 gv = _mm512_maskz_loadu_ps(km, g + 16 * j);
+    if (s.has_scale) {
+      gv = _mm512_div_ps(gv, scale);
+      _mm512_mask_storeu_ps(g + 16 * j, km, gv);
+    }
+    if (s.maximize) gv = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gv), _mm512_set1_epi32(INT32_MIN)));
+    __m512 p1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(km, p + 16 * j), decay);
+    __asm__("" : "+v"(p1));  // round p*decay before the final add (no contraction)
+    const __m512 m = _mm512_maskz_expand_ps(km, _mm512_maskz_loadu_ps(kc, t.m + k));
+    const __m512 v = _mm512_maskz_expand_ps(km, _mm512_maskz_loadu_ps(kc, t.v + k));
+    const __m512 d = _mm512_sub_ps(gv, m);
+    const __m512 mn = c.lerp_small ? _mm512_fmadd_ps(w1, d, m) : _mm512_fmadd_ps(w1m1, d, gv);
+    const __m512 vn = _mm512_fmadd_ps(_mm512_mul_ps(c2, gv), gv, _mm512_mul_ps(v, b2));
+    __m512 vd = vn;
+    if (Amsgrad) {
+      const __m512 vx0 = _mm512_maskz_expand_ps(km, _mm512_maskz_loadu_ps(kc, t.vmax + k));
+      // vmax > vn ? vmax : vn
+      vd = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(vx0, vn, _CMP_GT_OQ), vn, vx0);
+      _mm512_mask_storeu_ps(t.vmax + k, kc, _mm512_maskz_compress_ps(km, vd));
+    }
+    const __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vd), bcs), eps);
+    const __m512 pn = _mm512_add_ps(p1, _mm512_div_ps(_mm512_mul_ps(nss, mn), den));
+    _mm512_mask_storeu_ps(p + 16 * j, km, pn);
+    _mm512_mask_storeu_ps(t.m + k, kc, _mm512_maskz_compress_ps(km, mn));
+    _mm512_mask_storeu_ps(t.v + k, kc, _mm512_maskz_compress_ps(km, vn));
+    k += pc;
+  }
+  return k;
+}
+#endif
+
 // weight_decay_mode="all": p *= decay on unselected elements (what grad*=mask + torch AdamW does to
 // a weight whose moments are zero).
 template <typename T>
@@ -201,7 +260,7 @@ WAGLE_ALWAYS_INLINE const AdamwCoeffs& coeffs_for(const TensorArgs& t, const Ste
 }
 
 // Chunk `chunk` of tensor t. Returns false if the directory disagrees with the bits.
-template <typename T, bool Amsgrad>
+template <typename T, bool Amsgrad, bool Avx512>
 WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int64_t chunk) {
   const int64_t e0 = chunk * kChunk;
   const int64_t e1 = std::min(t.n, e0 + kChunk);
@@ -214,6 +273,22 @@ WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int6
     const int64_t cnt = std::min<int64_t>(kWord, e1 - e);
     const uint64_t valid = cnt == kWord ? ~uint64_t(0) : ((uint64_t(1) << cnt) - 1);
     const uint64_t w = dense ? valid : load_word(t.bits, e, cnt);
+    if (!dense && e + kPrefetchAhead + kWord <= e1) {
+      // Sparse random masks touch scattered cache lines of p and g; fetch the lines that hold
+      // selected elements a few words ahead so the misses overlap.
+      uint64_t wa = load_word(t.bits, e + kPrefetchAhead, kWord);
+      // Only very sparse words: denser ones keep the hardware prefetcher streaming anyway.
+      if (__builtin_popcountll(wa) > 2) wa = 0;
+      constexpr int kLine = 64 / static_cast<int>(sizeof(T));  // elements per cache line
+      const T* pa = static_cast<const T*>(t.p) + e + kPrefetchAhead;
+      const T* ga = static_cast<const T*>(t.g) + e + kPrefetchAhead;
+      while (wa) {
+        const int b = __builtin_ctzll(wa) & ~(kLine - 1);
+        __builtin_prefetch(pa + b, 1);
+        __builtin_prefetch(ga + b, 0);
+        wa &= (b + kLine >= 64) ? 0 : (~uint64_t(0) << (b + kLine));
+      }
+    }
     if (w == 0) {
       if (decay_all) decay_word<T>(t, e, valid);
       continue;
@@ -226,6 +301,14 @@ WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int6
       continue;
     }
     if (decay_all && (w != valid)) decay_word<T>(t, e, valid & ~w);
+#if WAGLE_X86
+    // Only for well-filled words: a vector lane costs its sqrt/div whether selected or not, so
+    // sparse words (below ~3/8 filled) are cheaper bit by bit.
+    if (Avx512 && std::is_same<T, float>::value && pc >= 24 && cnt == kWord && e + kWord <= t.tail_start && !t.offsets) {
+      k = mixed_word_f32_avx512<Amsgrad>(t, s, e, w, k);
+      continue;
+    }
+#endif
     uint64_t bitsleft = w;
     while (bitsleft) {
       const int b = __builtin_ctzll(bitsleft);
@@ -244,29 +327,29 @@ struct ListArgs {
 };
 
 // Chunks [begin, end) of the flattened chunk list. Returns false on a directory mismatch.
-template <typename T, bool Amsgrad>
+template <typename T, bool Amsgrad, bool Avx512>
 WAGLE_ALWAYS_INLINE bool range_body(const ListArgs& a, int64_t begin, int64_t end) {
   const auto& cs = *a.chunk_start;
   int64_t ti = std::upper_bound(cs.begin(), cs.end(), begin) - cs.begin() - 1;
   bool ok = true;
   for (int64_t gc = begin; gc < end; ++gc) {
     while (gc >= cs[ti + 1]) ++ti;
-    ok &= chunk_body<T, Amsgrad>((*a.tensors)[ti], *a.s, gc - cs[ti]);
+    ok &= chunk_body<T, Amsgrad, Avx512>((*a.tensors)[ti], *a.s, gc - cs[ti]);
   }
   return ok;
 }
 
 template <typename T, bool Amsgrad>
 WAGLE_TARGET_AVX512 bool range_avx512(const ListArgs& a, int64_t b, int64_t e) {
-  return range_body<T, Amsgrad>(a, b, e);
+  return range_body<T, Amsgrad, WAGLE_X86 != 0>(a, b, e);
 }
 template <typename T, bool Amsgrad>
 WAGLE_TARGET_AVX2 bool range_avx2(const ListArgs& a, int64_t b, int64_t e) {
-  return range_body<T, Amsgrad>(a, b, e);
+  return range_body<T, Amsgrad, false>(a, b, e);
 }
 template <typename T, bool Amsgrad>
 bool range_default(const ListArgs& a, int64_t b, int64_t e) {
-  return range_body<T, Amsgrad>(a, b, e);
+  return range_body<T, Amsgrad, false>(a, b, e);
 }
 
 using RangeFn = bool (*)(const ListArgs&, int64_t, int64_t);

@@ -1,0 +1,126 @@
+"""MaskedAdamW step time and state size vs torch AdamW (fused / foreach) with ``grad *= mask``.
+
+Model-like tensor shapes (~200 tensors), fp32 params and grads; densities 1.0 .. 0.01; random masks
+(independent bits) and clustered masks (contiguous 256-element runs, like attribution masks).
+Baselines are timed on the plain step (the ``grad *= mask`` multiply is NOT included, which favours
+them). Every MaskedAdamW configuration is timed right next to a fresh torch-fused timing on the same
+tensors and the ratio uses that pair (min over reps, robust to a shared, noisy machine).
+Bandwidth: dense-equivalent 28 B/param/step divided by time, as a fraction of a copy probe
+measured in the same run.
+
+    python bench/bench_adamw.py [--sizes 5e7 1e8] [--densities 1 0.5 0.2 0.1 0.01] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import copy_bandwidth, model_like_shapes, numel, print_table, timeit, write_json  # noqa: E402
+
+import wagle_ext  # noqa: E402
+from wagle_ext import MaskedAdamW, PackedMask  # noqa: E402
+
+DENSE_STATE_BYTES = 8  # fp32 exp_avg + exp_avg_sq per param
+DENSE_TRAFFIC = 28     # B/param/step of fused AdamW (kernels.md 2.3)
+
+
+def make_masks(params, density: float, kind: str, gen: torch.Generator) -> list:
+    masks = []
+    for p in params:
+        n = p.numel()
+        if density >= 1.0:
+            sel = torch.ones(n, dtype=torch.bool)
+        elif kind == "random":
+            sel = torch.rand(n, generator=gen) < density
+        else:  # clustered: 256-element runs
+            blocks = (n + 255) // 256
+            sel = (torch.rand(blocks, generator=gen) < density).repeat_interleave(256)[:n]
+        masks.append(PackedMask.from_bool(sel.view(p.shape)))
+        del sel
+    return masks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", type=float, nargs="+", default=[5e7, 1e8])
+    ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1, 0.01])
+    ap.add_argument("--kinds", nargs="+", default=["random", "clustered"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-foreach", action="store_true", help="skip the (slow) foreach baseline")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (1 gives steadier ratios on a shared machine)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    copy_bps = copy_bandwidth()
+    print(f"copy probe: {copy_bps / 1e9:.1f} GB/s (read + write); backends: {wagle_ext.backend_info()}")
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for size in args.sizes:
+        shapes = model_like_shapes(size, n_layers=22)
+        n = numel(shapes)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+
+        base = {}
+        for name, kw in (("fused", dict(fused=True)), ("foreach", dict(foreach=True))):
+            if name == "foreach" and args.no_foreach:
+                continue
+            opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, **kw)
+            opt.step()  # allocate state
+            t = timeit(opt.step, reps=args.reps, warmup=1)["min_s"]
+            base[name] = t
+            rows.append({"params": n, "tensors": len(shapes), "impl": f"torch {name}", "mask": "-", "density": 1.0,
+                         "ms": t * 1e3, "vs_fused": t / base["fused"], "state_MB": n * DENSE_STATE_BYTES / 2**20,
+                         "state_ratio": 1.0, "GBps": DENSE_TRAFFIC * n / t / 1e9,
+                         "pct_copy": 100 * DENSE_TRAFFIC * n / t / copy_bps})
+            if name == "fused":
+                fused_opt = opt
+            else:
+                del opt
+            gc.collect()
+
+        for kind in args.kinds:
+            for d in args.densities:
+                if d >= 1.0 and kind != args.kinds[0]:
+                    continue  # a full mask is the same for every kind
+                masks = make_masks(params, d, kind, gen)
+                opt = MaskedAdamW(params, masks=masks, lr=1e-5, weight_decay=0.1)
+                opt.step()
+                t = timeit(opt.step, reps=args.reps, warmup=1)["min_s"]
+                tf = timeit(fused_opt.step, reps=args.reps, warmup=0)["min_s"]
+                sb = opt.state_bytes()
+                rows.append({"params": n, "tensors": len(shapes), "impl": "MaskedAdamW",
+                             "mask": kind if d < 1 else "full", "density": d, "ms": t * 1e3,
+                             "fused_ms": tf * 1e3, "vs_fused": t / tf, "speedup": tf / t,
+                             "state_MB": sb["total"] / 2**20,
+                             "state_ratio": sb["total"] / (n * DENSE_STATE_BYTES),
+                             "GBps": DENSE_TRAFFIC * n / t / 1e9,
+                             "pct_copy": 100 * DENSE_TRAFFIC * n / t / copy_bps})
+                print(f"  {n:.2e} {kind:9s} d={d:<5} {t * 1e3:8.1f} ms (fused {tf * 1e3:.1f})  x{tf / t:5.2f} vs fused  "
+                      f"state {sb['total'] / (n * DENSE_STATE_BYTES):.4f} of dense", flush=True)
+                del opt, masks
+                gc.collect()
+        del params, fused_opt
+        gc.collect()
+
+    print()
+    print_table(rows, [("params", "params", ".2e"), ("tensors", "tensors", "d"), ("impl", "impl", "s"),
+                       ("mask", "mask", "s"), ("density", "density", "g"), ("ms", "ms/step", ".1f"), ("fused_ms", "fused ms", ".1f"),
+                       ("vs_fused", "time/fused", ".3f"), ("speedup", "speedup", ".2f"),
+                       ("state_MB", "state MB", ".1f"), ("state_ratio", "state/dense", ".4f"),
+                       ("GBps", "dense-eq GB/s", ".1f"), ("pct_copy", "% copy", ".0f")])
+    write_json("bench_adamw", {"copy_GBps": copy_bps / 1e9, "dense_traffic_B_per_param": DENSE_TRAFFIC,
+                               "rows": rows}, path=args.json)
+
+
+if __name__ == "__main__":
+    main()
