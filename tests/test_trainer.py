@@ -39,7 +39,7 @@ def _wagle_mask(model, tok, forget, retain, ratio):
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=2e-3, max_steps=12,
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=1e-3, max_steps=12,
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, logging_steps=4, save_strategy="no",
                 report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, max_grad_norm=1.0)
     base.update(kw)
@@ -71,7 +71,7 @@ def test_unlearning_with_wagle_mask_keeps_frozen_weights(setup, tmp_path, object
     f1, r1 = answer_ce(model, tok, forget), answer_ce(model, tok, retain)
     print(f"{objective}: forget CE {f0:.3f} -> {f1:.3f}, retain CE {r0:.3f} -> {r1:.3f}")
     assert f1 > f0 + 1.0, (f0, f1)
-    assert r1 < r0 + 1.0, (r0, r1)
+    assert r1 < 1.0, (r0, r1)  # retain answers stay far better than the forgotten ones
     masks = mask.for_model(model)
     moved_selected = 0
     for n, p in model.named_parameters():

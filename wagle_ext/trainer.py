@@ -48,6 +48,20 @@ class _AdapterDisabledReference(nn.Module):
             return model(*args, **kwargs)
 
 
+class _DatasetEpochCallback(transformers.TrainerCallback):
+    """Calls ``train_dataset.set_epoch(epoch)`` at every epoch start, including the epoch a run
+    resumes in, so epoch-dependent pairings (ForgetRetainDataset's retain draw) are a function of
+    the epoch alone and ``resume_from_checkpoint`` replays exactly the batches of an uninterrupted
+    run. (transformers sets the epoch on its sampler, not on the dataset of a resumed dataloader.)"""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is exactly e at the start of epoch e, and e + k/steps when resuming mid-epoch.
+        self.dataset.set_epoch(int(state.epoch + 1e-9))
+
+
 def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -128,6 +142,8 @@ class UnlearnTrainer(transformers.Trainer):
             ref_model = frozen_reference(model)
         self.ref_model = ref_model if objective.needs_reference else None
         super().__init__(model=model, args=args, **kwargs)
+        if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
+            self.add_callback(_DatasetEpochCallback(self.train_dataset))
         # Objectives return per-micro-batch means: let Trainer divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._objective_logs: dict = defaultdict(float)
@@ -167,11 +183,23 @@ class UnlearnTrainer(transformers.Trainer):
 
         opt_model = self.model if model is None else model
         self._check_masks_identical_across_ranks()
-        self.optimizer = MaskedAdamW.from_model(
-            opt_model, self.mask, lr=self.args.learning_rate,
+        masks = self._model_masks(opt_model)
+        # transformers' grouping: no weight decay on biases and norm weights.
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = {True: [], False: []}
+        for name, p in opt_model.named_parameters():
+            if p.requires_grad:
+                groups[name in decay].append((name, p))
+        param_groups, aligned = [], []
+        for with_decay, named in groups.items():
+            if named:
+                param_groups.append({"params": [p for _, p in named],
+                                     "weight_decay": self.args.weight_decay if with_decay else 0.0})
+                aligned += [masks.get(n) for n, _ in named]
+        self.optimizer = MaskedAdamW(
+            param_groups, masks=aligned, lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-            weight_decay=self.args.weight_decay, weight_decay_mode=self.weight_decay_mode,
-            no_decay=set(n for n, _ in opt_model.named_parameters()) - set(self.get_decay_parameter_names(opt_model)))
+            weight_decay=self.args.weight_decay, weight_decay_mode=self.weight_decay_mode)
         return self.optimizer
 
     def _check_masks_identical_across_ranks(self) -> None:
