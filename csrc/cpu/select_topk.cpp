@@ -3,11 +3,11 @@
 // threshold, tie quotas, multi-process all-reduce) lives in wagle_ext/ops.py::_select_bits.
 //
 // Parallelism: every op builds one global work list of (tensor, chunk) ranges -- chunks are
-// kChunk elements, aligned to multiples of 64 inside each tensor -- and splits it into
-// element-balanced parts, one per thread, so 200 small tensors parallelise like one big one.
-// Memory: per-part histograms / counters only (a few KB per thread); the mask pass writes whole
-// 64-bit words of the output bits, and a chunk always owns whole words, so threads never share a
-// byte. Each pass reads 4 B (fp32) or 2 B (bf16/fp16) per element once.
+// kChunk elements, aligned to multiples of 64 inside each tensor -- and cuts it into
+// element-balanced groups of chunks that the threads claim dynamically (for_parts), so 200 small
+// tensors parallelise like one big one. Memory: per-thread histograms / counters only (a few KB
+// per thread); the mask pass writes whole 64-bit words of the output bits, and a chunk always
+// owns whole words, so threads never share a byte. Each pass reads 4 B (fp32) or 2 B (bf16/fp16) per element once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -299,18 +300,28 @@ int num_parts(const WorkList& w) {
   return static_cast<int>(std::max<int64_t>(1, n));
 }
 
-// fn(part, first_chunk, end_chunk) for `parts` element-balanced, contiguous chunk ranges.
+// Runs fn(worker, first_chunk, end_chunk) over the whole work list with `parts` workers. The
+// list is cut into element-balanced groups of consecutive chunks (several per worker) that workers
+// claim dynamically, so a worker that the OS deschedules (a loaded machine) does not leave its
+// share waiting. fn may be called several times per worker; results must not depend on which
+// worker ran a group (per-worker integer histograms, per-chunk counts and mask words do not).
 template <typename F>
 void for_parts(const WorkList& w, int parts, const F& fn) {
   if (w.chunks.empty()) return;
   const int64_t nc = static_cast<int64_t>(w.chunks.size());
-  auto first_chunk = [&](int64_t p) -> int64_t {
-    if (p >= parts) return nc;
-    const int64_t target = p * w.total / parts;
+  const int64_t groups = std::min<int64_t>(nc, parts == 1 ? 1 : int64_t(parts) * 8);
+  auto first_chunk = [&](int64_t g) -> int64_t {
+    if (g >= groups) return nc;
+    const int64_t target = g * w.total / groups;
     return std::lower_bound(w.start.begin(), w.start.begin() + nc, target) - w.start.begin();
   };
+  std::atomic<int64_t> next{0};
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) fn(p, first_chunk(p), first_chunk(p + 1));
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t g = next.fetch_add(1); g < groups; g = next.fetch_add(1)) {
+        const int64_t c0 = first_chunk(g), c1 = first_chunk(g + 1);
+        if (c0 < c1) fn(p, c0, c1);
+      }
   });
 }
 
