@@ -281,9 +281,10 @@ def test_cpp_count_key(dtype, gen):
     W = _cpp_or_skip()
     scores = [torch.randint(-2, 3, (n,), generator=gen).to(dtype) for n in (0, 1, 63, 4097, 70001)]
     scores.append(torch.tensor([0.0, -0.0, float("nan"), 1.0], dtype=dtype))
-    for v in (-2.0, 0.0, 1.0, 0.5):
+    for v in (-2.0, 0.0, 1.0, 0.5, float("nan")):  # a NaN key: NaN scores never count
         key = int(ref.float_key(torch.tensor([v]))[0])
         assert torch.equal(W.count_key(scores, key), ref.count_key(scores, key)), v
+    assert int(ref.count_key(scores, int(ref.float_key(torch.tensor([float("nan")]))[0])).sum()) == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
