@@ -380,7 +380,8 @@ def select_topk_mask(
             return_histogram=True)``), saving one pass. Global scope only.
 
         process_group: multi-process selection (``scope="global"``): ``True`` for the default
-            ``torch.distributed`` group, or a group. Each process passes ITS OWN score tensors; the
+            ``torch.distributed`` group, or a group. Each process passes ITS OWN score tensors (a rank
+            may pass none, e.g. an empty list, and still joins the collectives); the
             global order is rank-major (rank 0's tensors first) and ``k``/``ratio`` refer to the
             total over all processes. Only int64 histograms (a few KB) and counts cross processes.
 
