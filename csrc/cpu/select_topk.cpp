@@ -95,7 +95,6 @@ WAGLE_ALWAYS_INLINE void histp_body(const void* data, int64_t begin, int64_t end
   const int shift = radix_shift(prefix_bits);
   const uint32_t dmask = (1u << radix_width(prefix_bits)) - 1u;
   const int pshift = 32 - prefix_bits;
-  alignas(64) uint32_t digit[64];
   alignas(64) uint8_t match[64];
   for (int64_t b0 = begin; b0 < end; b0 += 64) {
     const int64_t n = std::min<int64_t>(64, end - b0);
@@ -103,14 +102,13 @@ WAGLE_ALWAYS_INLINE void histp_body(const void* data, int64_t begin, int64_t end
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const float x = load_f<T>(p, b0 + i);
-      const uint32_t key = float_key(x);
-      digit[i] = radix_digit(key, shift, dmask);
-      match[i] = (!is_nan_f(x) && (key >> pshift) == prefix) ? 1 : 0;
+      match[i] = (!is_nan_f(x) && (float_key(x) >> pshift) == prefix) ? 1 : 0;
     }
+    // The digit is recomputed for the matches only (the block is still in L1).
     uint64_t w = pack64(match);
     while (w) {
       const int i = __builtin_ctzll(w);
-      ++h[(i & (kSubHists - 1)) * kHistSize + digit[i]];
+      ++h[(i & (kSubHists - 1)) * kHistSize + radix_digit(float_key(load_f<T>(p, b0 + i)), shift, dmask)];
       w &= w - 1;
     }
   }
