@@ -385,7 +385,8 @@ def select_topk_mask(
             return_histogram=True)``), saving one pass. Global scope only.
 
         process_group: multi-process selection (``scope="global"``): ``True`` for the default
-            ``torch.distributed`` group, or a group. Each process passes ITS OWN score tensors; the
+            ``torch.distributed`` group, or a group. Each process passes ITS OWN score tensors (a rank
+            may pass none, e.g. an empty list, and still joins the collectives); the
             global order is rank-major (rank 0's tensors first) and ``k``/``ratio`` refer to the
             total over all processes. Only int64 histograms (a few KB) and counts cross processes.
 
@@ -424,7 +425,7 @@ def select_topk_mask(
 
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("process_group= given but torch.distributed is not initialised")
-        t = torch.tensor([n_total], dtype=torch.int64, device=scores[0].device)
+        t = torch.tensor([n_total], dtype=torch.int64, device=_selection_device(scores, process_group))
         dist.all_reduce(t, group=None if process_group is True else process_group)
         n_total = int(t.item())
     if scope == "global":
@@ -454,8 +455,14 @@ def _select_bits(scores: list, k: int, largest: bool, hist: Optional[torch.Tenso
     11 + 11 + 10 bit digit histograms, stopping as soon as the boundary bucket is taken whole, then
     one mask pass. Ties at an exact threshold key go to the lowest global index: per-tensor tie
     counts give each tensor its quota, in tensor order (rank-major across processes)."""
-    device = scores[0].device
-    radix_histogram = _impl("radix_histogram", device)
+    # --- select: a rank may hold no tensors (multi-process); it still joins every collective.
+    device = _selection_device(scores, process_group)
+
+    def op(name: str) -> Callable:
+        # The dispatcher cannot route an empty tensor list: the reference handles it (no work).
+        return _impl(name, device) if scores else getattr(reference, name)
+
+    radix_histogram = lambda *a: op("radix_histogram")(*a).to(device)  # noqa: E731
     dist = None
     if process_group is not None:
         import torch.distributed as dist
@@ -514,7 +521,7 @@ def _select_bits(scores: list, k: int, largest: bool, hist: Optional[torch.Tenso
         hist = reduce_(radix_histogram(scores, prefix, prefix_bits))
     assert threshold is not None
     if exact_split:
-        counts = _impl("count_key", device)(scores, threshold).cpu()
+        counts = op("count_key")(scores, threshold).cpu()
         before = 0
         if dist is not None:
             world = dist.get_world_size(None if process_group is True else process_group)
@@ -531,7 +538,21 @@ def _select_bits(scores: list, k: int, largest: bool, hist: Optional[torch.Tenso
             remaining -= take
     else:
         ties_take = [-1] * len(scores)
-    return _impl("topk_mask_bits", device)(scores, int(threshold), largest, ties_take)
+    return op("topk_mask_bits")(scores, int(threshold), largest, ties_take)
+
+
+def _selection_device(scores: list, process_group) -> torch.device:
+    """Device of the scores; for a rank without tensors, the device its collectives run on."""
+    if scores:
+        return scores[0].device
+    if process_group is not None:
+        import torch.distributed as dist
+
+        group = None if process_group is True else process_group
+        if dist.get_backend(group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+    # --- end select
 
 
 # ----------------------------------------------------------------------------- masked AdamW (owner: adamw)

@@ -142,7 +142,8 @@ def radix_histogram(scores: Sequence[torch.Tensor], prefix: int, prefix_bits: in
 
 def count_key(scores: Sequence[torch.Tensor], key: int) -> torch.Tensor:
     """int64[len(scores)]: per tensor, how many elements have exactly this key (NaN never does)."""
-    out = [int((float_key(s) == key).sum()) if s.numel() else 0 for s in scores]
+    out = [int(((float_key(s) == key) & ~torch.isnan(s.reshape(-1).float())).sum()) if s.numel() else 0
+           for s in scores]
     device = scores[0].device if len(scores) else torch.device("cpu")
     return torch.tensor(out, dtype=torch.int64, device=device)
 
