@@ -39,6 +39,16 @@ from .tofu_data import load_qa_split, load_tofu_eval_sets
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The trainer imports transformers: load it on first use, not at `import wagle_ext`.
+    if name in ("UnlearnTrainer", "frozen_reference"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'wagle_ext' has no attribute {name!r}")
+
+
 __all__ = [
     # kernels
     "PackedMask",
@@ -68,6 +78,9 @@ __all__ = [
     "ForgetRetainDataset",
     "QACollator",
     "get_objective",
+    # training (lazy: imports transformers)
+    "UnlearnTrainer",
+    "frozen_reference",
     # evaluation
     "evaluate_tofu",
     "forget_quality",
