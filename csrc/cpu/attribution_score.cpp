@@ -21,6 +21,7 @@
 
 #include "common/score_math.h"
 #include "cpu/cpu_dispatch.h"
+#include "cpu/load_float.h"
 #include "cpu/tensor_checks.h"
 
 namespace wagle {
@@ -34,18 +35,6 @@ constexpr int kSubHists = 4;
 constexpr int64_t kFlushEvery = int64_t(1) << 17;
 constexpr int64_t kStreamMinBytes = int64_t(1) << 20;  // outputs >= 1 MiB use streaming stores
 
-template <typename T>
-WAGLE_ALWAYS_INLINE float load_f(const T* p, int64_t i);
-template <>
-WAGLE_ALWAYS_INLINE float load_f<float>(const float* p, int64_t i) { return p[i]; }
-template <>
-WAGLE_ALWAYS_INLINE float load_f<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
-  return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
-}
-template <>
-WAGLE_ALWAYS_INLINE float load_f<c10::Half>(const c10::Half* p, int64_t i) {
-  return fp16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
-}
 
 struct ScoreArgs {
   const void* w;

@@ -24,6 +24,7 @@
 #include "common/score_math.h"
 #include "common/select_math.h"
 #include "cpu/cpu_dispatch.h"
+#include "cpu/load_float.h"
 #include "cpu/tensor_checks.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -37,20 +38,6 @@ namespace {
 constexpr int64_t kChunk = int64_t(1) << 16;  // elements per work item; multiple of 64
 constexpr int kSubHists = 4;                   // interleaved counters against same-bin stalls
 constexpr int64_t kFlushEvery = int64_t(1) << 30;  // uint32 counters flushed before overflow
-
-// ----------------------------------------------------------------------------- element loads
-template <typename T>
-WAGLE_ALWAYS_INLINE float load_f(const T* p, int64_t i);
-template <>
-WAGLE_ALWAYS_INLINE float load_f<float>(const float* p, int64_t i) { return p[i]; }
-template <>
-WAGLE_ALWAYS_INLINE float load_f<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
-  return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
-}
-template <>
-WAGLE_ALWAYS_INLINE float load_f<c10::Half>(const c10::Half* p, int64_t i) {
-  return fp16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
-}
 
 // 64 0/1 flag bytes -> one mask word (flag i -> bit i).
 WAGLE_ALWAYS_INLINE uint64_t pack64(const uint8_t* f) {
