@@ -62,7 +62,7 @@ TORCH_LIBRARY(wagle, m) {
   // Number of set bits among the first `numel` bits.
   m.def("popcount_bits(Tensor bits, int numel) -> int");
 
-  // ---- masked AdamW (owner: adamw) ----------------------------------------------------------
+  // ---- masked AdamW ------------------------------------------------------------------------
   // AdamW on the elements selected by mask_bits[i] (uint8 PackedMask bits; an empty tensor = dense
   // param), with compact fp32 state: exp_avgs/exp_avg_sqs/max_exp_avg_sqs[i] hold one entry per
   // selected element, addressed through chunk_offsets[i] (int64[ceil(n/4096)+1]: compact index of
@@ -81,5 +81,4 @@ TORCH_LIBRARY(wagle, m) {
       "Tensor[] mask_bits, Tensor[] chunk_offsets, Tensor[] step_offsets, *, float lr, float beta1, "
       "float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
       "str weight_decay_mode, Tensor? grad_scale=None, Tensor? found_inf=None, int torch_tail=8) -> ()");
-  // ---- end masked AdamW -----------------------------------------------------------------------
 }

@@ -455,7 +455,7 @@ def _select_bits(scores: list, k: int, largest: bool, hist: Optional[torch.Tenso
     11 + 11 + 10 bit digit histograms, stopping as soon as the boundary bucket is taken whole, then
     one mask pass. Ties at an exact threshold key go to the lowest global index: per-tensor tie
     counts give each tensor its quota, in tensor order (rank-major across processes)."""
-    # --- select: a rank may hold no tensors (multi-process); it still joins every collective.
+    # A rank may hold no tensors (multi-process); it still joins every collective.
     device = _selection_device(scores, process_group)
 
     def op(name: str) -> Callable:
@@ -552,10 +552,9 @@ def _selection_device(scores: list, process_group) -> torch.device:
         if dist.get_backend(group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-    # --- end select
 
 
-# ----------------------------------------------------------------------------- masked AdamW (owner: adamw)
+# ----------------------------------------------------------------------------- masked AdamW
 MASKED_ADAMW_CHUNK = reference.MASKED_ADAMW_CHUNK
 WEIGHT_DECAY_MODES = reference.WEIGHT_DECAY_MODES
 
@@ -753,5 +752,5 @@ def masked_adamw_(
             p.copy_(pc)
         if cg:
             g.copy_(gc)
-# ----------------------------------------------------------------------------- end masked AdamW
+
 __all__ += ["masked_adamw_", "masked_adamw_chunk_offsets", "torch_fused_adamw_tail"]

@@ -196,7 +196,7 @@ def select_topk_bits(scores: Sequence[torch.Tensor], k: int, largest: bool) -> l
     return [pack_bits(part) for part in torch.split(sel, sizes)]
 
 
-# ----------------------------------------------------------------------------- masked AdamW (owner: adamw)
+# ----------------------------------------------------------------------------- masked AdamW
 import math  # noqa: E402
 
 MASKED_ADAMW_CHUNK = 4096  # elements per chunk_offsets entry
