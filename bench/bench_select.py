@@ -5,7 +5,8 @@ scales), produced by the fused score kernel (``kind="magnitude"``) which also re
 key histogram. Rows per ratio:
 
 * ``ours+hist``  -- ``select_topk_mask(scores, ratio=r, histogram=hist)`` (histogram from the
-  score kernel: refinement histograms + one mask pass);
+  score kernel: refinement histograms, then one mask pass -- fused with the last refinement when
+  the boundary bucket is small (topk_mask_collect));
 * ``ours``       -- the same without the histogram (one more pass over the scores);
 * ``cat+topk``   -- ``torch.topk(torch.cat(flat scores), k, sorted=False)``;
 * ``cat+kthvalue`` -- ``torch.kthvalue(torch.cat(flat scores), N - k + 1)`` (threshold only).
@@ -47,14 +48,14 @@ def make_scores(n: float, seed: int = 0):
 
 
 def count_passes(fn) -> int:
-    """Full passes over the scores made by one call of fn (radix_histogram, count_key and
-    topk_mask_bits each read every score once)."""
+    """Full passes over the scores made by one call of fn (radix_histogram, count_key,
+    topk_mask_bits and topk_mask_collect each read every score once)."""
     calls = {"n": 0}
     real = ops._impl
 
     def counting(op, device):
         f = real(op, device)
-        if op not in ("radix_histogram", "count_key", "topk_mask_bits"):
+        if op not in ("radix_histogram", "count_key", "topk_mask_bits", "topk_mask_collect"):
             return f
 
         def wrapped(*a, **kw):

@@ -56,6 +56,13 @@ TORCH_LIBRARY(wagle, m) {
   // set where the key is strictly better than `threshold_key` (greater if largest, else smaller),
   // plus the first ties_take[i] elements (flat index order) whose key equals it (-1 = all of them).
   m.def("topk_mask_bits(Tensor[] scores, int threshold_key, bool largest, int[] ties_take) -> Tensor[]");
+  // Mask pass fused with the last refinement (CPU fast path, used when the boundary bucket is
+  // small): bit arrays as topk_mask_bits for keys strictly better than every key of the bucket
+  // whose top `prefix_bits` (11 or 22) bits equal `prefix`, plus that bucket's elements as
+  // candidates in global order: (keys int64[c], tensor index int64[c], flat index int64[c]).
+  m.def(
+      "topk_mask_collect(Tensor[] scores, int prefix, int prefix_bits, bool largest) "
+      "-> (Tensor[], Tensor, Tensor, Tensor)");
   // bool[numel] -> uint8[ceil(numel/8)] and back.
   m.def("pack_bits(Tensor mask) -> Tensor");
   m.def("unpack_bits(Tensor bits, int numel) -> Tensor");

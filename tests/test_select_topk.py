@@ -310,6 +310,48 @@ def test_cpp_topk_mask_bits_random_quotas(dtype, largest, gen):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_cpp_topk_mask_collect(dtype, largest, isa, gen, monkeypatch):
+    """The fused mask + boundary-bucket pass equals its reference: bits, and candidates (keys,
+    tensor and flat indices) in global order, at both prefix levels; NaN never a candidate."""
+    W = _cpp_or_skip()
+    monkeypatch.setenv("WAGLE_CPU_ISA", isa)
+    scores = _random_scores(gen, ODD_SIZES + [(70001,)], dtype, noncontig=True)
+    scores[2][3] = float("nan")
+    keys = torch.cat([ref.float_key(s) for s in scores])
+    finite = keys[torch.cat([~torch.isnan(s.reshape(-1).float()) for s in scores])]
+    for _ in range(3):
+        key = int(finite[int(torch.randint(0, finite.numel(), (1,), generator=gen))])
+        for pb in (11, 22):
+            got = W.topk_mask_collect(scores, key >> (32 - pb), pb, largest)
+            want = ref.topk_mask_collect(scores, key >> (32 - pb), pb, largest)
+            assert all(torch.equal(a, b) for a, b in zip(got[0], want[0])), pb
+            for a, b in zip(got[1:], want[1:]):
+                assert torch.equal(a, b), pb
+            assert got[1].numel() >= 1
+
+
+def test_select_uses_collect_path_and_matches_oracle(gen, monkeypatch):
+    """Selections whose boundary bucket is small go through topk_mask_collect (counted here) and
+    still equal the stable-sort oracle, ties included."""
+    W = _cpp_or_skip()
+    monkeypatch.setenv("WAGLE_BACKEND", "cpp")
+    calls = []
+    real = ops._collect_and_resolve
+    monkeypatch.setattr(ops, "_collect_and_resolve", lambda *a: calls.append(1) or real(*a))
+    scores = [torch.randn(5003, generator=gen), torch.randint(0, 3, (4099,), generator=gen).float(),
+              torch.zeros(77)]
+    n = sum(s.numel() for s in scores)
+    for k in (1, 17, 2500, n // 2, n - 1):
+        for largest in (True, False):
+            masks = wagle_ext.select_topk_mask(scores, k=k, largest=largest)
+            want = ref.select_topk_bits(scores, k, largest)
+            assert all(torch.equal(m.bits, b) for m, b in zip(masks, want)), (k, largest)
+    assert calls
+
+
 def test_cpp_primitive_errors():
     W = _cpp_or_skip()
     x = [torch.rand(10)]
@@ -337,6 +379,8 @@ def test_cpp_opcheck(gen):
     torch.library.opcheck(W.radix_histogram, (scores, key >> 21, 11))
     torch.library.opcheck(W.count_key, (scores, key))
     torch.library.opcheck(W.topk_mask_bits, (scores, key, True, [1, -1, 0]))
+    # Data-dependent candidate count: schema check only (as for popcount_bits).
+    torch.library.opcheck(W.topk_mask_collect, (scores, key >> 21, 11, True), test_utils=("test_schema",))
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2"])

@@ -180,6 +180,14 @@ if HAS_CPP:
     def _(scores, key):
         return scores[0].new_empty(len(scores), dtype=torch.int64)
 
+    @torch.library.register_fake("wagle::topk_mask_collect")
+    def _(scores, prefix, prefix_bits, largest):
+        ctx = torch.library.get_ctx()
+        c = ctx.new_dynamic_size()
+        bits = [s.new_empty((s.numel() + 7) // 8, dtype=torch.uint8) for s in scores]
+        return (bits, scores[0].new_empty(c, dtype=torch.int64), scores[0].new_empty(c, dtype=torch.int64),
+                scores[0].new_empty(c, dtype=torch.int64))
+
     @torch.library.register_fake("wagle::topk_mask_bits")
     def _(scores, threshold_key, largest, ties_take):
         return [s.new_empty((s.numel() + 7) // 8, dtype=torch.uint8) for s in scores]
@@ -518,6 +526,10 @@ def _select_bits(scores: list, k: int, largest: bool, hist: Optional[torch.Tenso
             threshold = lo if largest else hi
             exact_split = count != need
             break
+        if dist is None and scores and count <= max(1 << 16, n_total >> 9) and _backend_has_collect(device):
+            # Small boundary bucket: one pass writes the mask and returns the bucket's elements,
+            # resolved here exactly (instead of another histogram pass plus a mask pass).
+            return _collect_and_resolve(scores, prefix, prefix_bits, largest, need)
         hist = reduce_(radix_histogram(scores, prefix, prefix_bits))
     assert threshold is not None
     if exact_split:
@@ -539,6 +551,28 @@ def _select_bits(scores: list, k: int, largest: bool, hist: Optional[torch.Tenso
     else:
         ties_take = [-1] * len(scores)
     return op("topk_mask_bits")(scores, int(threshold), largest, ties_take)
+
+
+def _backend_has_collect(device: torch.device) -> bool:
+    # The fused mask+candidates pass is a CPU fast path; other back ends keep the histogram path
+    # (a forced back end must run its own primitives, so only when cpp is the one chosen).
+    return resolve_backend("topk_mask_bits", device) == "cpp" and _has_kernel("topk_mask_collect", "CPU")
+
+
+def _collect_and_resolve(scores: list, prefix: int, prefix_bits: int, largest: bool, need: int) -> list:
+    """Mask pass + boundary-bucket candidates (``wagle::topk_mask_collect``), then the ``need``
+    best candidates by key, ties to the lowest global index (candidates arrive in global order and
+    the sort is stable), set in the bit arrays."""
+    bits, keys, tens, flat = _impl("topk_mask_collect", scores[0].device)(scores, prefix, prefix_bits, largest)
+    order = torch.sort(keys, descending=largest, stable=True).indices[:need]
+    tens, flat = tens[order], flat[order]
+    byte = flat >> 3
+    val = (1 << (flat & 7)).to(torch.uint8)
+    for t in torch.unique(tens).tolist():
+        sel = tens == t
+        # Candidate bits are clear after the mask pass and distinct, so adding sets them.
+        bits[t].index_add_(0, byte[sel], val[sel])
+    return list(bits)
 
 
 def _selection_device(scores: list, process_group) -> torch.device:

@@ -161,8 +161,63 @@ WAGLE_ALWAYS_INLINE int64_t mask_body(const void* data, int64_t begin, int64_t e
   return quota;
 }
 
+// Candidate of the boundary bucket: its key and flat index inside its tensor.
+struct Cand {
+  uint32_t key;
+  int64_t flat;
+};
+
+// Mask bits of [begin, end) (begin a multiple of 64) for keys strictly better than `thr` (the
+// bucket's best key, so: every key beyond the bucket on the selected side), and the bucket's
+// elements (key prefix of `prefix_bits` bits == `prefix`) appended to `cands` in flat order.
+// One read of the scores does the mask pass and the last refinement.
+template <typename T, bool Largest>
+WAGLE_ALWAYS_INLINE void collect_body(const void* data, int64_t begin, int64_t end, uint32_t thr,
+                                      uint32_t prefix, int prefix_bits, uint8_t* __restrict__ out,
+                                      std::vector<Cand>* cands) {
+  const T* __restrict__ p = static_cast<const T*>(data);
+  alignas(64) uint8_t better[64];
+  alignas(64) uint8_t inb[64];
+  for (int64_t b0 = begin; b0 < end; b0 += 64) {
+    const int64_t n = std::min<int64_t>(64, end - b0);
+    if (n < 64) {
+      std::memset(better, 0, sizeof(better));
+      std::memset(inb, 0, sizeof(inb));
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = load_f<T>(p, b0 + i);
+      const uint32_t key = float_key(x);
+      const bool ok = !is_nan_f(x);
+      better[i] = (ok && key_better<Largest>(key, thr)) ? 1 : 0;
+      inb[i] = (ok && key_prefix(key, prefix_bits) == prefix) ? 1 : 0;
+    }
+    const uint64_t w = pack64(better);
+    std::memcpy(out + (b0 >> 3), &w, n == 64 ? 8 : static_cast<size_t>((n + 7) >> 3));
+    for (uint64_t e = pack64(inb); e; e &= e - 1) {
+      const int64_t idx = b0 + __builtin_ctzll(e);
+      cands->push_back({float_key(load_f<T>(p, idx)), idx});
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------- ISA wrappers
 // The bodies are always-inline templates; each wrapper compiles them for one ISA (cpu_dispatch.h).
+template <typename T, bool L>
+WAGLE_TARGET_AVX512 void collect_avx512(const void* d, int64_t b, int64_t e, uint32_t t, uint32_t pre, int pb,
+                                        uint8_t* o, std::vector<Cand>* c) {
+  collect_body<T, L>(d, b, e, t, pre, pb, o, c);
+}
+template <typename T, bool L>
+WAGLE_TARGET_AVX2 void collect_avx2(const void* d, int64_t b, int64_t e, uint32_t t, uint32_t pre, int pb,
+                                    uint8_t* o, std::vector<Cand>* c) {
+  collect_body<T, L>(d, b, e, t, pre, pb, o, c);
+}
+template <typename T, bool L>
+void collect_default(const void* d, int64_t b, int64_t e, uint32_t t, uint32_t pre, int pb, uint8_t* o,
+                     std::vector<Cand>* c) {
+  collect_body<T, L>(d, b, e, t, pre, pb, o, c);
+}
 template <typename T>
 WAGLE_TARGET_AVX512 void hist0_avx512(const void* d, int64_t b, int64_t e, uint32_t* h) { hist0_body<T>(d, b, e, h); }
 template <typename T>
@@ -207,6 +262,7 @@ using Hist0Fn = void (*)(const void*, int64_t, int64_t, uint32_t*);
 using HistpFn = void (*)(const void*, int64_t, int64_t, uint32_t, int, uint32_t*);
 using CountFn = int64_t (*)(const void*, int64_t, int64_t, uint32_t);
 using MaskFn = int64_t (*)(const void*, int64_t, int64_t, uint32_t, int64_t, uint8_t*);
+using CollectFn = void (*)(const void*, int64_t, int64_t, uint32_t, uint32_t, int, uint8_t*, std::vector<Cand>*);
 
 // Dtype slot of a score tensor: 0 float32, 1 bfloat16, 2 float16.
 int dtype_slot(at::ScalarType t) { return t == at::kBFloat16 ? 1 : (t == at::kHalf ? 2 : 0); }
@@ -221,6 +277,7 @@ struct Kernels {
   HistpFn histp[3];
   CountFn count[3];
   MaskFn mask[3][2][2];  // [dtype][largest][ties]
+  CollectFn collect[3][2];  // [dtype][largest]
 };
 
 template <typename T, bool L, bool Ti>
@@ -237,6 +294,8 @@ void fill_dtype(Kernels& k, int s, Isa isa) {
   k.mask[s][0][1] = pick_mask<T, false, true>(isa);
   k.mask[s][1][0] = pick_mask<T, true, false>(isa);
   k.mask[s][1][1] = pick_mask<T, true, true>(isa);
+  k.collect[s][0] = by_isa<CollectFn>(isa, &collect_avx512<T, false>, &collect_avx2<T, false>, &collect_default<T, false>);
+  k.collect[s][1] = by_isa<CollectFn>(isa, &collect_avx512<T, true>, &collect_avx2<T, true>, &collect_default<T, true>);
 }
 
 // WAGLE_CPU_ISA is read on every call (cpu_dispatch.h), so tests can compare the paths.
@@ -441,11 +500,58 @@ std::vector<at::Tensor> topk_mask_bits_cpu(at::TensorList scores, int64_t thresh
   return outs;
 }
 
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> topk_mask_collect_cpu(
+    at::TensorList scores, int64_t prefix, int64_t prefix_bits, bool largest) {
+  TORCH_CHECK_VALUE(prefix_bits == 11 || prefix_bits == 22,
+                    "topk_mask_collect: prefix_bits must be 11 or 22, got ", prefix_bits);
+  TORCH_CHECK_VALUE(prefix >= 0 && prefix < (int64_t(1) << prefix_bits), "topk_mask_collect: prefix ", prefix,
+                    " does not fit in prefix_bits=", prefix_bits);
+  const std::vector<at::Tensor> ts = prepare_scores(scores, "topk_mask_collect");
+  const int pb = static_cast<int>(prefix_bits);
+  const uint32_t pre = static_cast<uint32_t>(prefix);
+  // Keys strictly better than the whole bucket: above its highest key, or below its lowest.
+  const uint32_t lo = pre << (32 - pb);
+  const uint32_t hi = lo | ((uint32_t(1) << (32 - pb)) - 1u);
+  const uint32_t thr = largest ? hi : lo;
+  std::vector<at::Tensor> outs;
+  outs.reserve(ts.size());
+  for (const at::Tensor& t : ts)
+    outs.push_back(at::empty({(t.numel() + 7) / 8}, at::TensorOptions().dtype(at::kByte)));
+  const Kernels k = pick_kernels();
+  const WorkList w = make_work(ts, [](size_t) { return true; });
+  std::vector<std::vector<Cand>> per_chunk(w.chunks.size());  // one slot per chunk: deterministic order
+  for_parts(w, num_parts(w), [&](int64_t, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& ch = w.chunks[c];
+      const at::Tensor& t = ts[ch.tensor];
+      k.collect[dtype_slot(t.scalar_type())][largest ? 1 : 0](t.data_ptr(), ch.begin, ch.end, thr, pre, pb,
+                                                              outs[ch.tensor].data_ptr<uint8_t>(), &per_chunk[c]);
+    }
+  });
+  int64_t total = 0;
+  for (const auto& v : per_chunk) total += static_cast<int64_t>(v.size());
+  const auto lopt = at::TensorOptions().dtype(at::kLong);
+  at::Tensor keys = at::empty({total}, lopt), tens = at::empty({total}, lopt), flat = at::empty({total}, lopt);
+  int64_t* kp = keys.data_ptr<int64_t>();
+  int64_t* tp = tens.data_ptr<int64_t>();
+  int64_t* fp = flat.data_ptr<int64_t>();
+  int64_t j = 0;
+  for (size_t c = 0; c < per_chunk.size(); ++c)
+    for (const Cand& cd : per_chunk[c]) {
+      kp[j] = cd.key;
+      tp[j] = w.chunks[c].tensor;
+      fp[j] = cd.flat;
+      ++j;
+    }
+  return {outs, keys, tens, flat};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace wagle
 
 TORCH_LIBRARY_IMPL(wagle, CPU, m) {
+  m.impl("topk_mask_collect", &wagle::cpu::topk_mask_collect_cpu);
   m.impl("radix_histogram", &wagle::cpu::radix_histogram_cpu);
   m.impl("count_key", &wagle::cpu::count_key_cpu);
   m.impl("topk_mask_bits", &wagle::cpu::topk_mask_bits_cpu);

@@ -171,6 +171,29 @@ def topk_mask_bits(
     return out
 
 
+def topk_mask_collect(
+    scores: Sequence[torch.Tensor], prefix: int, prefix_bits: int, largest: bool
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bit arrays of the keys strictly better than every key of the bucket whose top
+    ``prefix_bits`` bits equal ``prefix``, and that bucket's elements in global order as
+    ``(keys, tensor index, flat index)`` int64 tensors. NaN is never selected nor a candidate."""
+    if prefix_bits not in (11, 22):
+        raise ValueError(f"prefix_bits must be 11 or 22, got {prefix_bits}")
+    lo = prefix << (32 - prefix_bits)
+    hi = lo | ((1 << (32 - prefix_bits)) - 1)
+    bits = topk_mask_bits(scores, hi if largest else lo, largest, [0] * len(scores))
+    keys, tens, flat = [], [], []
+    for i, s in enumerate(scores):
+        x = s.reshape(-1).to(torch.float32)
+        key = float_key(x)
+        idx = (((key >> (32 - prefix_bits)) == prefix) & ~torch.isnan(x)).nonzero().squeeze(1)
+        keys.append(key[idx])
+        tens.append(torch.full_like(idx, i))
+        flat.append(idx)
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int64)  # noqa: E731
+    return bits, cat(keys), cat(tens), cat(flat)
+
+
 # ----------------------------------------------------------------------------- end-to-end oracle
 def select_topk_bits(scores: Sequence[torch.Tensor], k: int, largest: bool) -> list[torch.Tensor]:
     """Exact global top-k of the concatenated scores as one bit array per tensor, by a stable
