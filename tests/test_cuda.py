@@ -147,3 +147,120 @@ def test_select_topk_mask_end_to_end(gpu_backend, largest, gen):
         for m, cm, o in zip(masks, cpu_masks, oracle):
             assert m.bits.is_cuda
             assert torch.equal(m.bits.cpu(), cm.bits) and torch.equal(cm.bits, o)
+
+
+# ---- masked_adamw_ (owner: gpu2) ------------------------------------------------------------------
+def _adamw_problem(dtype, kind, n, gen, amsgrad, with_offsets):
+    """(p, sel-or-None, bits, dir, m, v, vmax, step, offs) on the CPU."""
+    sel = None
+    if kind == "random":
+        sel = torch.rand(n, generator=gen) < 0.3
+    elif kind == "clustered":
+        sel = torch.zeros(n, dtype=torch.bool)
+        i = 0
+        while i < n:
+            run = int(torch.randint(1, 3000, (1,), generator=gen))
+            sel[i:i + run] = bool(torch.rand(1, generator=gen) < 0.3)
+            i += run
+    elif kind == "empty":
+        sel = torch.zeros(n, dtype=torch.bool)
+    if sel is None:
+        bits, d, nnz = torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), n
+    else:
+        bits = ref.pack_bits(sel)
+        d = ops.masked_adamw_chunk_offsets(bits, n)
+        nnz = int(sel.sum())
+    step = float(torch.randint(1, 6, (1,), generator=gen))
+    offs = (torch.randint(0, int(step), (nnz,), generator=gen, dtype=torch.int32) if with_offsets
+            else torch.empty(0, dtype=torch.int32))
+    v = torch.rand(nnz, generator=gen) * 0.01
+    # a few denormal-range second moments: a flushing (-ftz) build would differ
+    v[: min(nnz, 16)] = torch.rand(min(nnz, 16), generator=gen) * 1e-39
+    return dict(p=torch.randn(n, generator=gen).to(dtype), sel=sel, bits=bits, dir=d,
+                m=torch.randn(nnz, generator=gen) * 0.1, v=v,
+                vmax=v + torch.rand(nnz, generator=gen) * 0.01 if amsgrad else None,
+                step=torch.tensor(step), offs=offs)
+
+
+def _adamw_call(fn, probs, grads, device, amsgrad, **kw):
+    to = lambda t: t.to(device)  # noqa: E731
+    ps = [to(x["p"]) for x in probs]
+    gs = [to(g) for g in grads]
+    ms = [to(x["m"]) for x in probs]
+    vs = [to(x["v"]) for x in probs]
+    vx = [to(x["vmax"]) for x in probs] if amsgrad else []
+    fn(ps, gs, ms, vs, vx, [x["step"].clone() for x in probs], [to(x["bits"]) for x in probs],
+       [to(x["dir"]) for x in probs], [to(x["offs"]) for x in probs], amsgrad=amsgrad, **kw)
+    return [t.cpu() for t in ps + gs + ms + vs + vx]
+
+
+@pytest.mark.parametrize("adamw_backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["masked", "all", "none"])
+def test_masked_adamw_matches_cpu(adamw_backend, dtype, mode, gen, monkeypatch):
+    """One multi-tensor call (odd sizes, every mask kind, > 1 M elements) on the GPU vs the CPU op
+    (or the reference without the C++ extension): p, m, v, vmax and written-back grads bit-identical."""
+    if not ops._backend_has(adamw_backend, "masked_adamw_", CUDA):
+        pytest.skip(f"back end {adamw_backend!r} has no masked_adamw_ for CUDA tensors here")
+    cpu_fn = torch.ops.wagle.masked_adamw_ if ops._backend_has("cpp", "masked_adamw_", CPU) else ref.masked_adamw_
+    gpu_fn = torch.ops.wagle.masked_adamw_ if adamw_backend == "cuda" else wagle_ext.kernels.triton.masked_adamw_
+    for amsgrad, maximize, offsets in ((False, False, False), (True, True, True)):
+        sizes = [0, 1, 31, 33 * 17, 4096, 4096 * 3 + 7, (1 << 20) + 3, 300]
+        kinds = ["random", "clustered", "dense", "empty", "random", "clustered", "random", "dense"]
+        probs = [_adamw_problem(dtype, k, n, gen, amsgrad, offsets) for k, n in zip(kinds, sizes)]
+        grads = [(torch.randn(x["p"].shape, generator=gen) * 64).to(dtype) for x in probs]
+        kw = dict(lr=3e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, maximize=maximize,
+                  weight_decay_mode=mode, torch_tail=8, grad_scale=None, found_inf=None)
+        if amsgrad:
+            kw.update(grad_scale=torch.tensor(64.0), found_inf=torch.tensor(0.0))
+        want = _adamw_call(cpu_fn, probs, grads, CPU, amsgrad, **kw)
+        if amsgrad:
+            kw.update(grad_scale=kw["grad_scale"].to(CUDA), found_inf=kw["found_inf"].to(CUDA))
+        got = _adamw_call(gpu_fn, probs, grads, CUDA, amsgrad, **kw)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.int16) if a.element_size() == 2 else a.view(torch.int32),
+                                                      b.view(torch.int16) if b.element_size() == 2 else b.view(torch.int32)), i
+
+
+@pytest.mark.parametrize("adamw_backend", GPU_BACKENDS)
+def test_masked_adamw_found_inf_and_bad_directory(adamw_backend, gen):
+    if not ops._backend_has(adamw_backend, "masked_adamw_", CUDA):
+        pytest.skip(f"back end {adamw_backend!r} has no masked_adamw_ for CUDA tensors here")
+    gpu_fn = torch.ops.wagle.masked_adamw_ if adamw_backend == "cuda" else wagle_ext.kernels.triton.masked_adamw_
+    n = 9000
+    x = _adamw_problem(torch.float32, "random", n, gen, False, False)
+    g = torch.randn(n, generator=gen)
+    kw = dict(lr=3e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, maximize=False,
+              weight_decay_mode="all", torch_tail=8, grad_scale=torch.tensor(8.0, device=CUDA),
+              found_inf=torch.tensor(1.0, device=CUDA))
+    out = _adamw_call(gpu_fn, [x], [g], CUDA, False, **kw)
+    assert torch.equal(out[0], x["p"]) and torch.equal(out[1], g) and torch.equal(out[2], x["m"])
+    bad = x["dir"].clone()
+    bad[1:] += 1
+    x["dir"] = bad
+    x["m"], x["v"] = torch.zeros(int(bad[-1])), torch.zeros(int(bad[-1]))
+    kw.update(grad_scale=None, found_inf=None)
+    with pytest.raises((ValueError, RuntimeError), match="chunk_offsets"):
+        _adamw_call(gpu_fn, [x], [g], CUDA, False, **kw)
+
+
+def test_masked_adamw_optimizer_on_cuda(gen):
+    """MaskedAdamW on CUDA parameters matches the same optimizer on CPU copies, bit for bit."""
+    from wagle_ext.optim import MaskedAdamW
+
+    if not ops._backend_has("cuda", "masked_adamw_", CUDA) and not ops._backend_has("triton", "masked_adamw_", CUDA):
+        pytest.skip("no GPU masked_adamw_ back end")
+    cpu_params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((129, 65), (7,), (5000,))]
+    gpu_params = [torch.nn.Parameter(p.detach().clone().to(CUDA)) for p in cpu_params]
+    masks = [torch.rand(p.shape, generator=gen) < 0.2 for p in cpu_params]
+    opts = [MaskedAdamW(ps, masks=[m.to(p.device) for p, m in zip(ps, masks)], lr=1e-2, weight_decay=0.1)
+            for ps in (cpu_params, gpu_params)]
+    for _ in range(3):
+        for pc, pg in zip(cpu_params, gpu_params):
+            gr = torch.randn(pc.shape, generator=gen)
+            pc.grad, pg.grad = gr.clone(), gr.to(CUDA)
+        for o in opts:
+            o.step()
+    for pc, pg in zip(cpu_params, gpu_params):
+        assert torch.equal(pc.detach(), pg.detach().cpu())
+# ---- end masked_adamw_ -----------------------------------------------------------------------------

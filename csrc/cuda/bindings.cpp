@@ -9,9 +9,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
+#include "common/adamw_math.h"
 #include "common/score_math.h"
 #include "cuda/kernels.h"
 
@@ -222,6 +225,195 @@ int64_t popcount_bits_cuda(const at::Tensor& bits, int64_t numel) {
   return count.item<int64_t>();  // synchronises: the op returns a Python int
 }
 
+
+// ---- masked_adamw_ (owner: gpu2) ----------------------------------------------------------------
+// One launch for the whole list (csrc/cuda/masked_adamw.cu): per-tensor metadata with the
+// coefficients computed here by the CPU op's own adamw_coeffs(), copied to the device through a
+// pinned buffer (non-blocking), and a 2-int error flag read back once (the one synchronisation).
+// state_steps may live on the CPU (MaskedAdamW keeps them there: no synchronisation) or on the
+// device (one batched D2H copy). grad_scale / found_inf are read on the device by the kernel.
+void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                       at::TensorList mask_bits, at::TensorList chunk_offsets, at::TensorList step_offsets,
+                       double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                       bool maximize, c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
+                       const c10::optional<at::Tensor>& found_inf, int64_t torch_tail) {
+  constexpr int64_t kChunk = 4096;
+  const size_t nt = params.size();
+  int mode = kDecayMasked;
+  if (weight_decay_mode == "all") {
+    mode = kDecayAll;
+  } else if (weight_decay_mode == "none") {
+    mode = kDecayNone;
+  } else {
+    TORCH_CHECK_VALUE(weight_decay_mode == "masked", "masked_adamw_: weight_decay_mode must be 'masked', 'all' or "
+                      "'none', got '", std::string(weight_decay_mode), "'");
+  }
+  TORCH_CHECK_VALUE(grads.size() == nt && exp_avgs.size() == nt && exp_avg_sqs.size() == nt &&
+                        state_steps.size() == nt && mask_bits.size() == nt && chunk_offsets.size() == nt &&
+                        step_offsets.size() == nt,
+                    "masked_adamw_: every tensor list must have ", nt, " entries (one per param)");
+  TORCH_CHECK_VALUE(amsgrad ? max_exp_avg_sqs.size() == nt : max_exp_avg_sqs.empty(),
+                    "masked_adamw_: max_exp_avg_sqs must have one tensor per param with amsgrad and be empty without");
+  TORCH_CHECK_VALUE(torch_tail >= 0, "masked_adamw_: torch_tail must be >= 0");
+  if (nt == 0) return;
+  TORCH_CHECK_VALUE(params[0].defined() && params[0].is_cuda(), "masked_adamw_: params must be CUDA tensors");
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const int dt = dtype_code(params[0], "params[0]");
+  const double wd_eff = mode == kDecayNone ? 0.0 : weight_decay;
+
+  // Steps: torch reads `double step = state_step.item<float>()`; device steps in one D2H copy.
+  std::vector<double> steps(nt);
+  {
+    std::vector<at::Tensor> dev_steps;
+    std::vector<size_t> dev_idx;
+    for (size_t i = 0; i < nt; ++i) {
+      const at::Tensor& st = state_steps[i];
+      TORCH_CHECK_VALUE(st.defined() && st.numel() == 1 && (st.device().is_cpu() || st.device() == device),
+                        "masked_adamw_: state_steps[", i, "] must be a one-element CPU tensor or on ", device);
+      if (st.device().is_cpu()) {
+        steps[i] = static_cast<double>(st.to(at::kFloat).item<float>());
+      } else {
+        dev_steps.push_back(st.reshape({1}).to(at::kFloat));
+        dev_idx.push_back(i);
+      }
+    }
+    if (!dev_steps.empty()) {
+      const at::Tensor host = at::cat(dev_steps).cpu();
+      const float* h = host.data_ptr<float>();
+      for (size_t j = 0; j < dev_idx.size(); ++j) steps[dev_idx[j]] = static_cast<double>(h[j]);
+    }
+  }
+
+  std::vector<AdamwTensorMeta> meta;
+  meta.reserve(nt);
+  int64_t total_chunks = 0;
+  int64_t table_steps = 0;  // largest integral step among tensors with per-element offsets
+  for (size_t i = 0; i < nt; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    check_cuda(p, "params", device);
+    check_cuda(g, "grads", device);
+    TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type() && g.scalar_type() == p.scalar_type(),
+                     "masked_adamw_: params[", i, "] and grads[", i, "] must both be ", params[0].scalar_type(),
+                     ", got ", p.scalar_type(), " and ", g.scalar_type(), " (one call per dtype)");
+    TORCH_CHECK_VALUE(p.is_contiguous() && g.is_contiguous(), "masked_adamw_: params[", i, "] and grads[", i,
+                      "] must be contiguous");
+    const int64_t n = p.numel();
+    TORCH_CHECK_VALUE(g.numel() == n, "masked_adamw_: grads[", i, "] has ", g.numel(), " elements, params[", i,
+                      "] has ", n);
+    const at::Tensor& bits = mask_bits[i];
+    const at::Tensor& dir = chunk_offsets[i];
+    const int64_t nchunks = (n + kChunk - 1) / kChunk;
+    const bool dense = bits.numel() == 0 && dir.numel() == 0;
+    const int64_t nnz = exp_avgs[i].numel();  // dir[last] is on the device: sizes are checked
+                                              // against the state, the kernel checks dir itself
+    auto check_state = [&](const at::Tensor& t, const char* name) {
+      check_cuda(t, name, device);
+      TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == nnz,
+                        "masked_adamw_: ", name, "[", i, "] must be a contiguous float32 tensor with ", nnz,
+                        " elements (as exp_avgs[", i, "])");
+    };
+    check_state(exp_avgs[i], "exp_avgs");
+    check_state(exp_avg_sqs[i], "exp_avg_sqs");
+    if (amsgrad) check_state(max_exp_avg_sqs[i], "max_exp_avg_sqs");
+    AdamwTensorMeta a{};
+    if (dense) {
+      TORCH_CHECK_VALUE(nnz == n, "masked_adamw_: exp_avgs[", i, "] must have ", n, " elements for a dense param");
+    } else {
+      check_cuda(bits, "mask_bits", device);
+      check_cuda(dir, "chunk_offsets", device);
+      TORCH_CHECK_VALUE(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.numel() == (n + 7) / 8,
+                        "masked_adamw_: mask_bits[", i, "] must be a contiguous uint8 tensor with ", (n + 7) / 8,
+                        " bytes (an empty tensor for a dense param), got ", bits.numel());
+      TORCH_CHECK_VALUE(dir.scalar_type() == at::kLong && dir.is_contiguous() && dir.numel() == nchunks + 1,
+                        "masked_adamw_: chunk_offsets[", i, "] must be a contiguous int64 tensor with ",
+                        nchunks + 1, " entries (one per ", kChunk, " elements, plus the total)");
+      a.bits = bits.data_ptr<uint8_t>();
+      a.dir = dir.data_ptr<int64_t>();
+    }
+    const at::Tensor& offs = step_offsets[i];
+    if (offs.numel() > 0) {
+      check_cuda(offs, "step_offsets", device);
+      TORCH_CHECK_VALUE(offs.scalar_type() == at::kInt && offs.is_contiguous() && offs.numel() == nnz,
+                        "masked_adamw_: step_offsets[", i, "] must be a contiguous int32 tensor with ", nnz,
+                        " entries, or empty");
+      TORCH_CHECK_VALUE(steps[i] >= 1.0 && steps[i] == static_cast<double>(static_cast<int64_t>(steps[i])) &&
+                            steps[i] < 1e8,
+                        "masked_adamw_: per-element step offsets need an integral step in [1, 1e8), got ",
+                        steps[i], " for params[", i, "]");
+      a.offsets = offs.data_ptr<int32_t>();
+      a.step_int = static_cast<int64_t>(steps[i]);
+      table_steps = std::max(table_steps, a.step_int);
+    }
+    a.p = p.data_ptr();
+    a.g = g.data_ptr();
+    a.m = exp_avgs[i].data_ptr<float>();
+    a.v = exp_avg_sqs[i].data_ptr<float>();
+    a.vmax = amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr;
+    a.n = n;
+    a.nnz = nnz;
+    a.tail_start = torch_tail > 0 ? n - n % torch_tail : n;
+    a.c = adamw_coeffs(lr, beta1, beta2, wd_eff, eps, steps[i]);
+    a.decay_all = (!dense && mode == kDecayAll && a.c.decay != 1.0f) ? 1 : 0;
+    if (n == 0 || (nnz == 0 && !a.decay_all)) continue;  // nothing to read or write
+    a.chunk_begin = total_chunks;
+    total_chunks += nchunks;
+    meta.push_back(a);
+  }
+  if (meta.empty()) return;
+  TORCH_CHECK_VALUE(meta.size() <= static_cast<size_t>(0x7FFFFFFF), "masked_adamw_: too many tensors in one call");
+
+  // One pinned host buffer: metadata, then the per-step coefficient table (if any offsets).
+  const int64_t meta_bytes = static_cast<int64_t>(meta.size() * sizeof(AdamwTensorMeta));
+  const int64_t table_len = table_steps > 0 ? table_steps + 1 : 0;
+  const int64_t table_off = (meta_bytes + 15) / 16 * 16;
+  const at::Tensor host = at::empty({table_off + table_len * 2 * static_cast<int64_t>(sizeof(float))},
+                                    at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr<uint8_t>(), meta.data(), meta_bytes);
+  if (table_len > 0) {
+    float* tab = reinterpret_cast<float*>(host.data_ptr<uint8_t>() + table_off);
+    tab[0] = 0.0f;  // step 0 is never valid (the kernel flags it)
+    tab[1] = 1.0f;
+    for (int64_t s = 1; s < table_len; ++s) {
+      const AdamwCoeffs c = adamw_coeffs(lr, beta1, beta2, wd_eff, eps, static_cast<double>(s));
+      tab[2 * s] = c.neg_step_size;
+      tab[2 * s + 1] = c.bc2_sqrt;
+    }
+  }
+  const at::Tensor dev = host.to(at::TensorOptions().device(device), /*non_blocking=*/true);  // the caching host allocator
+                                                                    // keeps `host` alive until done
+  at::Tensor scale_f, found_f;
+  AdamwListArgs args{};
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && (grad_scale->device() == device || grad_scale->is_cpu()),
+                      "masked_adamw_: grad_scale must be a one-element tensor on ", device);
+    scale_f = grad_scale->reshape({1}).to(device, at::kFloat);
+    args.grad_scale = scale_f.data_ptr<float>();
+  }
+  if (found_inf.has_value() && found_inf->defined()) {
+    TORCH_CHECK_VALUE(found_inf->numel() == 1 && (found_inf->device() == device || found_inf->is_cpu()),
+                      "masked_adamw_: found_inf must be a one-element tensor on ", device);
+    found_f = found_inf->reshape({1}).to(device, at::kFloat);
+    args.found_inf = found_f.data_ptr<float>();
+  }
+  at::Tensor err = at::zeros({2}, at::TensorOptions().dtype(at::kInt).device(device));
+  args.step_table = table_len > 0 ? reinterpret_cast<const float*>(dev.data_ptr<uint8_t>() + table_off) : nullptr;
+  args.table_len = table_len;
+  args.error = err.data_ptr<int>();
+  args.maximize = maximize;
+  check_ok(masked_adamw(dt, reinterpret_cast<const AdamwTensorMeta*>(dev.data_ptr<uint8_t>()),
+                        static_cast<int>(meta.size()), total_chunks, amsgrad, args,
+                        at::cuda::getCurrentCUDAStream()));
+  const at::Tensor err_h = err.cpu();  // synchronises (like the CPU op, a bad directory raises)
+  const int* e = err_h.data_ptr<int>();
+  TORCH_CHECK_VALUE(e[0] == 0, "masked_adamw_: chunk_offsets do not match mask_bits (or the size of exp_avgs) in ", e[0],
+                    " chunk(s) (rebuild the directory from the mask); the state may be partially updated");
+  TORCH_CHECK_VALUE(e[1] == 0, "masked_adamw_: ", e[1], " step_offsets are outside [0, step); the state may "
+                    "be partially updated");
+}
+// ---- end masked_adamw_ ----------------------------------------------------------------------------
 }  // namespace
 }  // namespace cuda
 }  // namespace wagle
@@ -235,4 +427,5 @@ TORCH_LIBRARY_IMPL(wagle, CUDA, m) {
   m.impl("pack_bits", &wagle::cuda::pack_bits_cuda);
   m.impl("unpack_bits", &wagle::cuda::unpack_bits_cuda);
   m.impl("popcount_bits", &wagle::cuda::popcount_bits_cuda);
+  m.impl("masked_adamw_", &wagle::cuda::masked_adamw_cuda);  // owner: gpu2
 }
