@@ -737,11 +737,10 @@ def masked_adamw_(
     empty_i32 = torch.empty(0, dtype=torch.int32, device=device)
     work_p, work_g, copy_back = [], [], []
     bits_l, dir_l, offs_l = [], [], []
-    # ---- gpu2: GPU kernels check the directory against the bits and the state size on the device
+    # GPU kernels check the directory against the bits and the state size on the device
     # (bounded slots, one flag read per call), so do not read dir[-1] here: that would be one
     # device synchronisation per tensor.
     nnz_on_device = device.type == "cuda" and resolve_backend("masked_adamw_", device) in ("cuda", "triton")
-    # ---- end gpu2
     for i, (p, g) in enumerate(zip(params, grads)):
         _check_float(p, f"params[{i}]")
         if p.dtype != dtype:
@@ -764,7 +763,7 @@ def masked_adamw_(
             nch = (numel + MASKED_ADAMW_CHUNK - 1) // MASKED_ADAMW_CHUNK
             if d.dtype != torch.int64 or d.numel() != nch + 1:
                 raise ValueError(f"chunk_offsets[{i}] must be int64[{nch + 1}] (masked_adamw_chunk_offsets)")
-            nnz = exp_avgs[i].numel() if nnz_on_device else int(d[-1])  # gpu2: see nnz_on_device
+            nnz = exp_avgs[i].numel() if nnz_on_device else int(d[-1])  # see nnz_on_device
         for name, st in (("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])) + (
                 (("max_exp_avg_sqs", max_exp_avg_sqs[i]),) if amsgrad else ()):
             if st.dtype != torch.float32 or st.numel() != nnz or not st.is_contiguous():
