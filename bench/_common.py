@@ -136,3 +136,17 @@ def write_json(name: str, payload: dict, path: Optional[str] = None) -> str:
         json.dump(payload, f, indent=2)
     print(f"\nwrote {path}")
     return path
+
+
+def run_gpu_twin_if_asked(argv, gpu_module: str) -> None:
+    """``--device cuda[:i]``: run this bench's GPU twin (``bench/<gpu_module>.py``, same rows on the
+    device, ratios against the torch baselines measured there) and exit with its status."""
+    import argparse
+    import importlib
+    import sys
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device", default="cpu")
+    known, _ = p.parse_known_args(argv)
+    if known.device.startswith("cuda"):
+        sys.exit(importlib.import_module(gpu_module).main(["--device", known.device]))

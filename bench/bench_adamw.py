@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import copy_bandwidth, model_like_shapes, numel, print_table, timeit, write_json  # noqa: E402
+from _common import copy_bandwidth, model_like_shapes, numel, print_table, timeit, write_json, run_gpu_twin_if_asked  # noqa: E402
 
 import wagle_ext  # noqa: E402
 from wagle_ext import MaskedAdamW, PackedMask  # noqa: E402
@@ -45,8 +45,10 @@ def make_masks(params, density: float, kind: str, gen: torch.Generator) -> list:
     return masks
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    run_gpu_twin_if_asked(argv, "bench_adamw_gpu")
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:i] to run the GPU twin (bench_adamw_gpu.py)")
     ap.add_argument("--sizes", type=float, nargs="+", default=[5e7, 1e8])
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1, 0.01])
     ap.add_argument("--kinds", nargs="+", default=["random", "clustered"])
@@ -55,7 +57,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (1 gives steadier ratios on a shared machine)")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

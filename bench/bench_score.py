@@ -21,13 +21,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import PeakRSS, copy_bandwidth, model_like_shapes, numel, print_table, timeit, write_json  # noqa: E402
+from _common import PeakRSS, copy_bandwidth, model_like_shapes, numel, print_table, timeit, write_json, run_gpu_twin_if_asked  # noqa: E402
 
 import wagle_ext  # noqa: E402
 
 
 def main(argv=None):
+    run_gpu_twin_if_asked(argv, "bench_score_gpu")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:i] to run the GPU twin (bench_score_gpu.py)")
     ap.add_argument("--n", type=float, default=1e8, help="total elements (default 1e8)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import wagle_ext  # noqa: E402
 from wagle_ext import ops  # noqa: E402
-from _common import PeakRSS, copy_bandwidth, model_like_shapes, numel, print_table, timeit, write_json  # noqa: E402
+from _common import PeakRSS, copy_bandwidth, model_like_shapes, numel, print_table, timeit, write_json, run_gpu_twin_if_asked  # noqa: E402
 
 
 def make_scores(n: float, seed: int = 0):
@@ -72,14 +72,16 @@ def count_passes(fn) -> int:
     return calls["n"]
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    run_gpu_twin_if_asked(argv, "bench_score_gpu")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:i] to run the GPU twin (bench_score_gpu.py)")
     ap.add_argument("--n", type=float, default=1e8, help="total score elements (default 1e8)")
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions of our rows")
     ap.add_argument("--baseline-reps", type=int, default=3, help="timed repetitions of torch baselines")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.2, 0.8])
     ap.add_argument("--json", default=None, help="output path (default bench/results/select.json)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     print(f"backend: {wagle_ext.backend_info()}")
     bw = copy_bandwidth()
