@@ -561,17 +561,22 @@ def _backend_has_collect(device: torch.device) -> bool:
 
 def _collect_and_resolve(scores: list, prefix: int, prefix_bits: int, largest: bool, need: int) -> list:
     """Mask pass + boundary-bucket candidates (``wagle::topk_mask_collect``), then the ``need``
-    best candidates by key, ties to the lowest global index (candidates arrive in global order and
-    the sort is stable), set in the bit arrays."""
+    best candidates -- threshold by ``kthvalue``, ties to the lowest global index (candidates arrive
+    in global order) -- set in the bit arrays. O(candidates), no sort."""
     bits, keys, tens, flat = _impl("topk_mask_collect", scores[0].device)(scores, prefix, prefix_bits, largest)
-    order = torch.sort(keys, descending=largest, stable=True).indices[:need]
-    tens, flat = tens[order], flat[order]
+    c = keys.numel()
+    thr = torch.kthvalue(keys, c - need + 1 if largest else need).values
+    better = keys > thr if largest else keys < thr
+    ties = keys == thr
+    take = need - int(better.sum())
+    chosen = better | (ties & (ties.cumsum(0) <= take))
+    tens, flat = tens[chosen], flat[chosen]
     byte = flat >> 3
     val = (1 << (flat & 7)).to(torch.uint8)
-    for t in torch.unique(tens).tolist():
-        sel = tens == t
-        # Candidate bits are clear after the mask pass and distinct, so adding sets them.
-        bits[t].index_add_(0, byte[sel], val[sel])
+    # Candidates are in tensor order, so each tensor's picks are one contiguous run.
+    uniq, counts = torch.unique_consecutive(tens, return_counts=True)
+    for t, b, v in zip(uniq.tolist(), byte.split(counts.tolist()), val.split(counts.tolist())):
+        bits[t].index_add_(0, b, v)  # candidate bits are clear and distinct: adding sets them
     return list(bits)
 
 
