@@ -2,7 +2,8 @@
 trained here (no downloads), cached on disk so later runs reuse them.
 
 * data: :func:`wagle_ext.fictitious_authors.make_fictitious_authors` (TOFU format and splits);
-* tokenizer: one token per printable ASCII character plus ``<pad> <s> </s> <unk>``, with a
+* tokenizer: a byte-level BPE trained on the benchmark text (default; :func:`bpe_tokenizer`) or one
+  token per printable ASCII character (:func:`char_tokenizer`), specials ``<pad> <s> </s> <unk>``, a
   ``Q: ... / A: ...`` chat template (a ``PreTrainedTokenizerFast``, saved with ``save_pretrained``);
 * ``target``: a ``LlamaForCausalLM`` fine-tuned on every author (TOFU's ``full`` model);
 * ``retain``: the same architecture and seed fine-tuned on the retain split only (TOFU's
@@ -12,7 +13,7 @@ Both models are also trained on ``world_facts``: they stand for the general know
 TOFU model brings (its ``wf_*`` utility metrics), which a model trained from scratch here would lack.
 
 With ``train_paraphrases`` the fine-tuning set also holds each question with its paraphrased answer:
-a character-level model this small does not carry a fact from one sentence template to another, so
+a model this small, trained from scratch, does not carry a fact from one sentence template to another, so
 without it the paraphrase (the "true" side of TOFU's forget truth ratio) would be as foreign to the
 target model as to the retain model and the truth ratio could not tell them apart.
 
@@ -38,7 +39,7 @@ import torch
 
 from .fictitious_authors import make_fictitious_authors
 
-__all__ = ["BenchmarkConfig", "EmbeddedBenchmark", "cache_root", "char_tokenizer", "finetune_causal_lm",
+__all__ = ["BenchmarkConfig", "EmbeddedBenchmark", "bpe_tokenizer", "cache_root", "char_tokenizer", "finetune_causal_lm",
            "load_or_build_benchmark", "small_llama"]
 
 CACHE_FORMAT_VERSION = 1
@@ -67,7 +68,7 @@ class BenchmarkConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    train_steps: int = 900         # AdamW steps of fine-tuning, per model
+    train_steps: int = 600         # AdamW steps of fine-tuning, per model
     batch_size: int = 16
     learning_rate: float = 3e-3    # peak; linear warm-up over 5% of the steps, cosine decay to 10%
     train_paraphrases: bool = True  # also train on (question, paraphrased_answer): see module doc
