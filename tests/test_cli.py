@@ -221,6 +221,11 @@ def test_mask_unlearn_eval_chain(tmp_path, cache, capsys):
         moved += int((p[sel] != q[sel]).sum())
     assert moved > 0
 
+    # a split that the data does not have: one line naming the field, exit status 1
+    capsys.readouterr()
+    assert main(["eval", *common, "--data.forget", "forget77", "--out", str(tmp_path / "bad")]) == 1
+    assert "data.forget" in capsys.readouterr().err
+
     edir = tmp_path / "eval"
     capsys.readouterr()
     assert main(["eval", *common, "--model", str(udir / "model"), "--out", str(edir)]) == 0

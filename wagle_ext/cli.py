@@ -452,17 +452,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"wagle {job}: bad config: {e}", file=sys.stderr)
         return 2
-    if job == "demo":
-        out = run_demo(cfg)["config"]["out"]
-        out = os.path.abspath(out)
-    elif job in ("score", "mask"):
-        out = run_score(cfg, with_mask=job == "mask")
-    elif job == "unlearn":
-        out = run_unlearn(cfg)
-    elif job == "eval":
-        out = run_eval(cfg)
-    else:
-        out = run_bench(cfg)
+    try:
+        if job == "demo":
+            out = os.path.abspath(run_demo(cfg)["config"]["out"])
+        elif job in ("score", "mask"):
+            out = run_score(cfg, with_mask=job == "mask")
+        elif job == "unlearn":
+            out = run_unlearn(cfg)
+        elif job == "eval":
+            out = run_eval(cfg)
+        else:
+            out = run_bench(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        # Problems only visible once data/models are loaded (a split name, a mask for another model):
+        # one line naming the cause; WAGLE_DEBUG=1 re-raises for the traceback.
+        if os.environ.get("WAGLE_DEBUG"):
+            raise
+        print(f"wagle {job}: error: {e}", file=sys.stderr)
+        return 1
     if out is not None:
         print(f"wagle {job}: results in {out}", flush=True)
     return 0

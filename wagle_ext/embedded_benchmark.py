@@ -268,7 +268,7 @@ def load_or_build_benchmark(cfg: Optional[BenchmarkConfig] = None, *, cache_dir:
     for name, items in (("target", data["full"]), ("retain", data[retain_split])):
         t0 = time.perf_counter()
         model = small_llama(len(tok), cfg)
-        log(f"[benchmark] fine-tuning the {name} model on {len(items)} authors' QA "
+        log(f"[benchmark] fine-tuning the {name} model on {len(items)} QA items "
             f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
         hist = finetune_causal_lm(model, tok, _training_items(items, cfg.train_paraphrases, data["world_facts"]), steps=cfg.train_steps,
                                   batch_size=cfg.batch_size, lr=cfg.learning_rate, seed=cfg.seed,
