@@ -2,6 +2,7 @@
 #   make test                      # .venv + CPU torch 2.13.0 + extension + test deps, then pytest
 #   make test TORCH_SPEC="torch==2.14.1"
 #   make bench                     # microbenchmarks (tables + JSON under bench/results/)
+#   make demo                      # `wagle demo`: embedded benchmark, GradDiff/NPO x 4 masks (saves/demo/)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -10,7 +11,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: test build deps bench clean cuda-check
+DEMO_ARGS ?=
+
+.PHONY: test build deps bench clean cuda-check demo
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +34,9 @@ test: build
 bench: build
 	$(PY) bench/bench_score.py
 	$(PY) bench/bench_select.py
+
+demo: build
+	$(PY) -m wagle_ext.cli demo $(DEMO_ARGS)
 
 cuda-check:
 	bash tools/check_cuda_compile.sh

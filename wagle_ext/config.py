@@ -1,0 +1,369 @@
+"""Job configurations of the ``wagle`` command line: one dataclass per job, loaded from a YAML or
+JSON file plus ``--key value`` overrides (dotted keys reach nested sections, e.g.
+``--benchmark.n_authors 8``), validated field by field.
+
+Values of overrides are parsed as YAML scalars/flow collections (``0.1``, ``true``, ``null``,
+``[graddiff, npo]``, ``{beta: 0.1}``), then checked against the field's type; an unknown field or an
+ill-typed value raises ``ValueError`` naming the field (``benchmark.n_authors: expected int, got
+'many'``) before any work starts.
+
+Output layout follows open-unlearning's ``saves/<mode>/<task name>``: every job writes under ``out``
+(default ``saves/<job>``); evaluations write ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from typing import Any, Optional, Sequence, Union
+
+from .embedded_benchmark import BenchmarkConfig
+
+__all__ = ["DemoConfig", "ScoreConfig", "UnlearnConfig", "EvalConfig", "BenchConfig", "load_config",
+           "parse_overrides", "config_to_dict", "MASK_KINDS"]
+
+# Demo mask kinds: "dense" = no mask, the others are score kinds of wagle_ext.score_model.
+MASK_KINDS = ("dense", "random", "magnitude", "wagle", "snip", "gradient", "wanda")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the QA data comes from: ``source: embedded`` (the fictitious-author benchmark) or a file /
+    directory / Hub id for :func:`wagle_ext.load_qa_split`, with the split names to read."""
+
+    source: str = "embedded"
+    forget: str = "forget10"
+    retain: str = "retain90"
+
+
+@dataclasses.dataclass
+class UnlearnSettings:
+    """Unlearning hyperparameters shared by ``wagle unlearn`` and ``wagle demo``."""
+
+    steps: int = 40
+    learning_rate: float = 1e-3
+    batch_size: int = 4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    alpha: float = 1.0            # retain-loss weight (loss = gamma * forget + alpha * retain)
+    npo_beta: float = 0.1
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """``wagle demo``: every objective x every mask kind, one ratio, one step budget, from the target."""
+
+    out: str = "saves/demo"
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
+    objectives: list = dataclasses.field(default_factory=lambda: ["graddiff", "npo"])
+    masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle"])
+    ratio: float = 0.1             # fraction of weights selected for update (WAGLE convention)
+    gamma: float = 1e-6            # WAGLE score's Hessian constant
+    unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
+    eval_batch_size: int = 32
+    num_threads: int = 1           # torch intra-op threads (tiny models: 1 avoids spinning workers)
+    cache_dir: Optional[str] = None  # default $WAGLE_CACHE or ~/.cache/wagle_ext
+    rebuild: bool = False          # retrain the benchmark models even when cached
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    """``wagle score`` / ``wagle mask``: attribution scores of a model on forget/retain data, and the
+    top-``ratio`` MaskSet (``mask.safetensors``, ``mask.png``, ``mask_stats.json``)."""
+
+    out: str = "saves/mask"
+    model: str = "embedded"        # "embedded" (the benchmark's target) or a save_pretrained directory
+    tokenizer: Optional[str] = None  # default: the model's directory
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    kind: str = "wagle"
+    gamma: float = 1e-6
+    ratio: float = 0.1
+    scope: str = "global"
+    seed: int = 0
+    max_batches: Optional[int] = None
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
+    cache_dir: Optional[str] = None
+    num_threads: int = 1
+
+
+@dataclasses.dataclass
+class UnlearnConfig:
+    """``wagle unlearn``: model + optional mask + objective -> unlearned model saved under ``out``."""
+
+    out: str = "saves/unlearn"
+    model: str = "embedded"
+    tokenizer: Optional[str] = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mask: Optional[str] = None     # a MaskSet file (``wagle mask``); None = dense unlearning
+    objective: str = "graddiff"
+    objective_kwargs: dict = dataclasses.field(default_factory=dict)
+    unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
+    cache_dir: Optional[str] = None
+    num_threads: int = 1
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """``wagle eval``: TOFU-protocol evaluation (``TOFU_EVAL.json``, ``TOFU_SUMMARY.json`` under ``out``)."""
+
+    out: str = "saves/eval"
+    model: str = "embedded"
+    tokenizer: Optional[str] = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    retain_sets: list = dataclasses.field(default_factory=lambda: ["retain_eval", "world_facts"])
+    retain_model_eval: Optional[str] = "embedded"  # TOFU_EVAL.json / dir, "embedded", or null
+    batch_size: int = 32
+    max_new_tokens: int = 96
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
+    cache_dir: Optional[str] = None
+    num_threads: int = 1
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """``wagle bench``: run the microbenchmarks under ``bench/`` of a source checkout."""
+
+    out: str = "bench/results"
+    scripts: list = dataclasses.field(default_factory=lambda: ["bench_score.py", "bench_select.py"])
+
+
+# ------------------------------------------------------------------------------------------------
+# loading and validation
+# ------------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (int/float/bool/str/list/dict/Optional/dataclass);
+    ints are accepted for floats. Raises ValueError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _from_dict(tp, value, where + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - only the types above are used in this module
+        return value
+    raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise ValueError(f"{prefix}{k}: unknown field of {cls.__name__} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The configuration as plain JSON-serialisable dicts (for ``config.json`` next to the results)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: Sequence[str]) -> dict:
+    """``["--a.b", "1", "--c=x", "--flag"]`` -> ``{"a": {"b": 1}, "c": "x", "flag": True}``.
+    Dashes in keys become underscores (``--train-steps`` = ``--train_steps``)."""
+    out: dict = {}
+    i = 0
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or len(a) == 2:
+            raise ValueError(f"expected --key value overrides, got {a!r}")
+        key = a[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            value = _parse_value(text)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = _parse_value(args[i + 1])
+            i += 2
+        else:
+            value = True
+            i += 1
+        parts = key.replace("-", "_").split(".")
+        d = out
+        for p in parts[:-1]:
+            nxt = d.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"{key}: {p!r} is given both as a value and as a section")
+            d = nxt
+        d[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_config_file(path: Union[str, os.PathLike]) -> dict:
+    """A YAML (``.yaml``/``.yml``) or JSON file holding one mapping (an empty file is ``{}``)."""
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"config file not found: {path}")
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot parse: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type, path: Optional[Union[str, os.PathLike]] = None,
+                overrides: Union[Sequence[str], dict, None] = None) -> Any:
+    """Build a ``cls`` (one of the job dataclasses) from defaults, then the file at ``path`` (YAML or
+    JSON), then ``overrides`` (``--key value`` strings or a nested dict). Raises ValueError naming the
+    first unknown or ill-typed field; semantic checks of values follow in :func:`validate`."""
+    values: dict = read_config_file(path) if path else {}
+    if overrides:
+        extra = parse_overrides(overrides) if not isinstance(overrides, dict) else overrides
+        values = _merge(values, extra)
+    cfg = _from_dict(cls, values)
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{field}: {msg}")
+
+
+def _validate_benchmark(b: BenchmarkConfig, p: str = "benchmark.") -> None:
+    _check(b.n_authors >= 2, p + "n_authors", f"must be >= 2, got {b.n_authors}")
+    _check(b.forget_split in ("forget01", "forget05", "forget10"), p + "forget_split",
+           f"must be forget01, forget05 or forget10, got {b.forget_split!r}")
+    for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "train_steps", "batch_size",
+              "max_length"):
+        _check(getattr(b, k) >= 1, p + k, f"must be >= 1, got {getattr(b, k)}")
+    _check(b.hidden_size % b.num_heads == 0, p + "hidden_size",
+           f"must be a multiple of num_heads ({b.num_heads}), got {b.hidden_size}")
+    _check(b.tokenizer in ("bpe", "char"), p + "tokenizer", f"must be 'bpe' or 'char', got {b.tokenizer!r}")
+    _check(b.vocab_size >= 300, p + "vocab_size", f"must be >= 300 (256 bytes + specials), got {b.vocab_size}")
+    _check(b.learning_rate > 0, p + "learning_rate", f"must be > 0, got {b.learning_rate}")
+
+
+def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
+    for k in ("steps", "batch_size"):
+        _check(getattr(u, k) >= 1, p + k, f"must be >= 1, got {getattr(u, k)}")
+    _check(u.learning_rate > 0, p + "learning_rate", f"must be > 0, got {u.learning_rate}")
+    _check(u.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {u.weight_decay}")
+    _check(u.max_grad_norm >= 0, p + "max_grad_norm", f"must be >= 0, got {u.max_grad_norm}")
+
+
+def _validate_objective(name: str, field: str) -> None:
+    from .objectives import OBJECTIVES
+
+    _check(isinstance(name, str) and name.lower() in OBJECTIVES, field,
+           f"unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")
+
+
+def validate(cfg: Any) -> None:
+    """Semantic checks (ranges, known names) of a job config; ValueError naming the field."""
+    from .attribution import SCORE_KINDS
+
+    if hasattr(cfg, "num_threads"):
+        _check(cfg.num_threads >= 1, "num_threads", f"must be >= 1, got {cfg.num_threads}")
+    if hasattr(cfg, "benchmark"):
+        _validate_benchmark(cfg.benchmark)
+    if hasattr(cfg, "unlearn"):
+        _validate_unlearn(cfg.unlearn)
+    if isinstance(cfg, DemoConfig):
+        _check(0 < cfg.ratio <= 1, "ratio", f"must be in (0, 1], got {cfg.ratio}")
+        _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
+        _check(len(cfg.objectives) > 0, "objectives", "must name at least one objective")
+        for i, o in enumerate(cfg.objectives):
+            _validate_objective(o, f"objectives[{i}]")
+        _check(len(cfg.masks) > 0, "masks", "must name at least one mask kind")
+        for i, m in enumerate(cfg.masks):
+            _check(m in MASK_KINDS, f"masks[{i}]", f"unknown mask kind {m!r} (known: {', '.join(MASK_KINDS)})")
+        _check(cfg.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {cfg.eval_batch_size}")
+    elif isinstance(cfg, ScoreConfig):
+        _check(cfg.kind in SCORE_KINDS, "kind", f"unknown score kind {cfg.kind!r} (known: {', '.join(SCORE_KINDS)})")
+        _check(0 < cfg.ratio <= 1, "ratio", f"must be in (0, 1], got {cfg.ratio}")
+        _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
+        _check(cfg.scope in ("global", "per_tensor", "per_row"), "scope",
+               f"must be global, per_tensor or per_row, got {cfg.scope!r}")
+    elif isinstance(cfg, UnlearnConfig):
+        _validate_objective(cfg.objective, "objective")
+        if cfg.mask is not None:
+            _check(os.path.isfile(cfg.mask), "mask", f"file not found: {cfg.mask}")
+    elif isinstance(cfg, EvalConfig):
+        _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+        _check(cfg.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {cfg.max_new_tokens}")
+    elif isinstance(cfg, BenchConfig):
+        from .cli import _source_root
+
+        root = _source_root()
+        for i, s in enumerate(cfg.scripts):
+            _check(root is None or os.path.isfile(os.path.join(root, "bench", s)), f"scripts[{i}]",
+                   f"{s!r} not found in {os.path.join(str(root), 'bench')}")
+    for name in ("model", "tokenizer"):
+        v = getattr(cfg, name, None)
+        if v is not None and v != "embedded":
+            _check(os.path.isdir(v), name, f"'embedded' or a save_pretrained directory, got {v!r} (not found)")
