@@ -117,3 +117,42 @@ def test_resume_from_checkpoint_is_exact(setup, tmp_path):
     wrong = _trainer(setup, tmp_path / "part", "npo", mask=other, args={"max_steps": 8})
     with pytest.raises(ValueError, match="different mask"):
         wrong.train(resume_from_checkpoint=ckpt)
+
+
+def test_clip_order_masked_norm_vs_wagle_order(setup, tmp_path):
+    """Default: the clipped norm counts only selected weights; clip_before_mask=True (WAGLE) counts
+    every gradient, so it is larger and shrinks the step more."""
+    tok, forget, retain = setup["tok"], setup["forget"], setup["retain"]
+    mask = _wagle_mask(setup["model"], tok, forget, retain, ratio=0.05)
+    norms = {}
+    for before in (False, True):
+        tr = _trainer(setup, tmp_path / str(before), "graddiff", mask=mask, clip_before_mask=before)
+        batch = tr.data_collator([tr.train_dataset[i] for i in range(2)])
+        tr.create_optimizer()
+        tr.current_gradient_accumulation_steps = 1  # set by train(); we drive one step by hand
+        tr.training_step(tr.model, batch)
+        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters()}
+        norms[before] = float(tr._clip_grad_norm(tr.model))
+        masks = mask.for_model(tr.model)
+        sel = torch.cat([grads[n].reshape(-1)[masks[n].to_bool().reshape(-1)] for n in grads])
+        full = torch.cat([g.reshape(-1) for g in grads.values()])
+        expect = sel.norm() if not before else full.norm()
+        assert abs(norms[before] - float(expect)) <= 1e-4 * float(expect)
+    assert norms[True] > norms[False]
+
+
+def test_gradient_accumulation_and_bf16_autocast_keep_frozen_weights(setup, tmp_path):
+    tok, forget, retain = setup["tok"], setup["forget"], setup["retain"]
+    mask = _wagle_mask(setup["model"], tok, forget, retain, ratio=0.1)
+    tr = _trainer(setup, tmp_path, "npo", mask=mask,
+                  args={"max_steps": 4, "gradient_accumulation_steps": 2, "bf16": True})
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.train()
+    masks = mask.for_model(tr.model)
+    moved = 0
+    for n, p in tr.model.named_parameters():
+        sel = masks[n].to_bool()
+        assert torch.equal(p.detach()[~sel], before[n][~sel]), n
+        moved += int((p.detach()[sel] != before[n][sel]).sum())
+    assert moved > 0
+    assert answer_ce(tr.model, tok, forget) > answer_ce(setup["model"], tok, forget)
