@@ -1,0 +1,141 @@
+"""End-to-end bench: one GradDiff unlearning step of a ~0.5B-parameter Llama config (fp32, batch 1,
+short sequences) -- peak RSS and step time:
+
+  (a) ``wagle_way``: transformers Trainer loop (UnlearnTrainer with no mask) + ``torch.optim.AdamW``
+      + ``p.grad *= mask`` before every optimizer step (WAGLE ``src/unlearn/base.py``);
+  (b) ``masked``:    UnlearnTrainer + MaskedAdamW (compact state, frozen weights untouched),
+at mask ratios 0.05 and 0.2. Each case runs in its own process (peak RSS = ru_maxrss of that
+process, which includes the model); the step time is the median of the steps after the first.
+
+    python bench/bench_unlearn.py [--layers 32] [--hidden 1024] [--steps 3] [--seq 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import print_table, write_json  # noqa: E402
+
+
+def worker(args) -> dict:
+    import resource
+    import time
+
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import wagle_ext
+    from wagle_ext.trainer import UnlearnTrainer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                      num_key_value_heads=args.hidden // 64, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    # A random mask of density ~ratio, built one tensor at a time so no N-sized score buffer
+    # inflates the peak (scoring and selection have their own benches).
+    g = torch.Generator().manual_seed(1)
+    mask = wagle_ext.MaskSet({n: wagle_ext.PackedMask.from_bool(torch.rand(p.shape, generator=g) < args.ratio)
+                              for n, p in model.named_parameters()})
+
+    def seq():
+        ids = torch.randint(3, args.vocab, (args.seq,), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    data = [{"forget": seq(), "retain": seq()} for _ in range(args.steps)]
+
+    def collate(items):
+        return {k: {f: torch.stack([it[k][f] for it in items]) for f in items[0][k]} for k in ("forget", "retain")}
+
+    targs = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, max_steps=args.steps, learning_rate=1e-5,
+        weight_decay=0.1, lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+        disable_tqdm=True, logging_steps=10**6, max_grad_norm=1.0)
+    times = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, a, s, c, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, s, c, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    if args.mode == "wagle_way":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+        bool_masks = {n: m.to_bool() for n, m in mask.for_model(model).items()}
+
+        class MaskGrads(transformers.TrainerCallback):
+            def on_pre_optimizer_step(self, a, s, c, model=None, **kw):
+                for n, p in model.named_parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(bool_masks[n])
+
+        tr = UnlearnTrainer(model=model, args=targs, objective="graddiff", train_dataset=data,
+                            data_collator=collate, optimizers=(opt, None), callbacks=[Timer(), MaskGrads()])
+    else:
+        tr = UnlearnTrainer(model=model, args=targs, objective="graddiff", mask=mask, train_dataset=data,
+                            data_collator=collate, callbacks=[Timer()])
+    tr.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    steady = sorted(times[1:]) if len(times) > 1 else times
+    return {"mode": args.mode, "ratio": args.ratio, "params": n_params, "peak_rss_B": peak,
+            "step_s": steady[len(steady) // 2], "first_step_s": times[0]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.2])
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ratio", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.worker:
+        with open(args.worker, "w") as f:
+            json.dump(worker(args), f)
+        return
+    rows = []
+    for ratio in args.ratios:
+        for mode in ("wagle_way", "masked"):
+            out = tempfile.mktemp(suffix=".json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", out, "--mode", mode, "--ratio", str(ratio),
+                   "--layers", str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
+                   "--seq", str(args.seq), "--steps", str(args.steps)]
+            print(f"running {mode} at ratio {ratio} ...", flush=True)
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(r.stderr[-2000:])
+                rows.append({"mode": mode, "ratio": ratio, "error": r.stderr[-300:]})
+                continue
+            with open(out) as f:
+                rows.append(json.load(f))
+    by = {(r["mode"], r["ratio"]): r for r in rows if "error" not in r}
+    for r in rows:
+        base = by.get(("wagle_way", r["ratio"]))
+        if "error" in r or base is None:
+            continue
+        r["peak_rss_GB"] = r["peak_rss_B"] / 1e9
+        r["mem_vs_wagle_way"] = r["peak_rss_B"] / base["peak_rss_B"]
+        r["time_vs_wagle_way"] = r["step_s"] / base["step_s"]
+    print()
+    print_table([r for r in rows if "error" not in r], [
+        ("mode", "mode", "s"), ("ratio", "ratio", ".2f"), ("params", "params", ",d"), ("peak_rss_GB", "peak RSS GB", ".2f"),
+        ("mem_vs_wagle_way", "mem / (a)", ".2f"), ("step_s", "step s", ".2f"), ("time_vs_wagle_way", "time / (a)", ".2f")])
+    write_json("bench_unlearn", {"config": {k: getattr(args, k) for k in ("layers", "hidden", "vocab", "seq", "steps")},
+                                 "rows": rows}, args.json)
+
+
+if __name__ == "__main__":
+    main()
