@@ -150,3 +150,27 @@ def run_gpu_twin_if_asked(argv, gpu_module: str) -> None:
     known, _ = p.parse_known_args(argv)
     if known.device.startswith("cuda"):
         sys.exit(importlib.import_module(gpu_module).main(["--device", known.device]))
+
+
+def cuda_time(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    """Median seconds of fn() on the current stream, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def cuda_copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
+    """Device copy bandwidth in bytes/s counting read + write."""
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src), reps)
+    return 2 * src.numel() * 4 / t

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import model_like_shapes, numel, print_table, write_json  # noqa: E402
+from _common import cuda_copy_bandwidth, cuda_time, model_like_shapes, numel, print_table, write_json  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,30 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", default="cuda,triton", help="comma-separated GPU back ends to try")
     p.add_argument("--json", default=None, help="output path (default bench/results/bench_score_gpu.json)")
     return p.parse_args(argv)
-
-
-def cuda_time(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
-    """Median seconds of fn() on the current stream, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def copy_probe(device: torch.device, nbytes: int, reps: int) -> float:
-    """Device copy bandwidth in bytes/s counting read + write."""
-    src = torch.rand(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    t = cuda_time(lambda: dst.copy_(src), reps)
-    return 2 * src.numel() * 4 / t
 
 
 def main(argv=None) -> int:
@@ -92,7 +66,7 @@ def main(argv=None) -> int:
     score_bytes = n * (3 * esize + 4)  # w, g_f, g_r read; fp32 score written
     k = int(n * args.ratio)
 
-    bw = copy_probe(device, 1 << 30, args.reps)
+    bw = cuda_copy_bandwidth(device, 1 << 30, args.reps)
     # PyTorch eager baselines, same run.
     t_eager_score = cuda_time(
         lambda: [((w.float() - gr.float() / gamma) * gf.float()).abs() for w, gf, gr in zip(ws, gfs, grs)],
