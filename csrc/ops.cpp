@@ -81,11 +81,22 @@ TORCH_LIBRARY(wagle, m) {
   // (frozen weights also get p *= 1 - lr*wd) | "none". grad_scale: grads are divided by it and the
   // unscaled values written back (selected elements only); found_inf == 1 skips the whole call.
   // torch_tail: the last numel % torch_tail elements of each tensor use torch's scalar-tail
-  // contraction (0 = none).
+  // contraction (0 = none). compact_grads: grads[i] is a contiguous float32[nnz] tensor of the
+  // selected elements' gradients in flat element order (what gather_masked_ writes), indexed like
+  // the compact state, instead of a dense tensor shaped like params[i] (float32[numel] for a dense
+  // param).
   m.def(
       "masked_adamw_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, "
       "Tensor[] mask_bits, Tensor[] chunk_offsets, Tensor[] step_offsets, *, float lr, float beta1, "
       "float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
-      "str weight_decay_mode, Tensor? grad_scale=None, Tensor? found_inf=None, int torch_tail=8) -> ()");
+      "str weight_decay_mode, Tensor? grad_scale=None, Tensor? found_inf=None, int torch_tail=8, "
+      "bool compact_grads=False) -> ()");
+
+  // ---- compact gradients -------------------------------------------------------------------
+  // out[k] = src[e_k] (accumulate: out[k] += src[e_k]) for the k-th selected element e_k of the
+  // mask (bits/chunk_offsets as masked_adamw_), in float32. `src`: the dense gradient, a
+  // contiguous float32/bfloat16/float16 tensor of n elements (bits: uint8[ceil(n/8)]); `out`: a
+  // contiguous float32[nnz]. One pass over the bits and the selected elements of src.
+  m.def("gather_masked_(Tensor(a!) out, Tensor src, Tensor bits, Tensor chunk_offsets, bool accumulate) -> ()");
 }

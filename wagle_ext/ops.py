@@ -602,7 +602,11 @@ if HAS_CPP:
     @torch.library.register_fake("wagle::masked_adamw_")
     def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits, chunk_offsets,
           step_offsets, *, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, weight_decay_mode,
-          grad_scale=None, found_inf=None, torch_tail=8):
+          grad_scale=None, found_inf=None, torch_tail=8, compact_grads=False):
+        return None
+
+    @torch.library.register_fake("wagle::gather_masked_")
+    def _(out, src, bits, chunk_offsets, accumulate):
         return None
 
 
@@ -683,13 +687,16 @@ def masked_adamw_(
     weight_decay_mode: str = "masked",
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    compact_grads: bool = False,
 ) -> None:
     """One masked AdamW step over a list of parameters (one dtype per call), in place.
 
     Args:
         params: parameters (float32/bfloat16/float16, any shapes; non-contiguous ones are updated
             through a contiguous copy).
-        grads: gradients, same dtypes and shapes as ``params``.
+        grads: gradients, same dtypes and shapes as ``params``; with ``compact_grads=True``
+            contiguous float32[nnz] tensors instead: the selected elements' gradients in flat
+            order (:func:`gather_masked`), float32[numel] for a dense param.
         exp_avgs, exp_avg_sqs: compact float32 state, ``nnz`` entries per param (``numel`` for a
             dense param), in flat element order of the selected elements.
         max_exp_avg_sqs: compact float32 state per param with ``amsgrad``; empty list otherwise.
@@ -750,9 +757,12 @@ def masked_adamw_(
         _check_float(p, f"params[{i}]")
         if p.dtype != dtype:
             raise TypeError(f"params[{i}] is {p.dtype} but params[0] is {dtype}; call once per dtype")
-        if g.dtype != p.dtype:
+        if compact_grads:
+            if g.dtype != torch.float32:
+                raise TypeError(f"grads[{i}] must be float32 with compact_grads=True, got {g.dtype}")
+        elif g.dtype != p.dtype:
             raise TypeError(f"grads[{i}] is {g.dtype} but params[{i}] is {p.dtype}")
-        if g.shape != p.shape:
+        elif g.shape != p.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
         if p.device != device or g.device != device:
             raise ValueError(f"params[{i}] and grads[{i}] must be on {device}")
@@ -777,6 +787,9 @@ def masked_adamw_(
         o = step_offsets[i]
         if o is not None and (o.dtype != torch.int32 or o.numel() != nnz):
             raise ValueError(f"step_offsets[{i}] must be int32[{nnz}] or None")
+        if compact_grads and (g.numel() != nnz or not g.is_contiguous()):
+            raise ValueError(f"grads[{i}] must be a contiguous float32 tensor with {nnz} entries (one per "
+                             f"selected element) with compact_grads=True, got {g.numel()}")
         pc = p if p.is_contiguous() else p.contiguous()
         gc = g if g.is_contiguous() else g.contiguous()
         work_p.append(pc)
@@ -786,10 +799,11 @@ def masked_adamw_(
         dir_l.append(empty_i64 if d is None else d.contiguous())
         offs_l.append(empty_i32 if o is None else o.contiguous())
     fn = _impl("masked_adamw_", device)
+    extra = {"compact_grads": True} if compact_grads else {}
     fn(work_p, work_g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, list(state_steps), bits_l, dir_l, offs_l,
        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=bool(amsgrad),
        maximize=bool(maximize), weight_decay_mode=weight_decay_mode, grad_scale=grad_scale,
-       found_inf=found_inf, torch_tail=torch_fused_adamw_tail())
+       found_inf=found_inf, torch_tail=torch_fused_adamw_tail(), **extra)
     for (cp, cg), p, g, pc, gc in zip(copy_back, params, grads, work_p, work_g):
         if cp:
             p.copy_(pc)
@@ -797,3 +811,74 @@ def masked_adamw_(
             g.copy_(gc)
 
 __all__ += ["masked_adamw_", "masked_adamw_chunk_offsets", "torch_fused_adamw_tail"]
+
+
+# ----------------------------------------------------------------------------- compact gradients
+def gather_masked(
+    src: torch.Tensor,
+    bits: Optional[torch.Tensor],
+    chunk_offsets: Optional[torch.Tensor],
+    out: Optional[torch.Tensor] = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """Compact the selected entries of a dense gradient: ``out[k] = float(src.flat[e_k])`` (or
+    ``+=`` with ``accumulate``) for the k-th selected element ``e_k`` of the mask, in flat order.
+
+    Args:
+        src: dense tensor (float32/bfloat16/float16, any shape; a non-contiguous one is read
+            through a contiguous copy).
+        bits: PackedMask bits of ``src`` (uint8[ceil(numel/8)]), or None for "every element".
+        chunk_offsets: :func:`masked_adamw_chunk_offsets` of ``bits`` (None with ``bits=None``).
+        out: float32[nnz] destination (contiguous); allocated when None (then ``accumulate``
+            must be False).
+        accumulate: add into ``out`` instead of overwriting it (gradient accumulation).
+
+    Returns ``out``: float32[nnz], the layout of :func:`masked_adamw_` with ``compact_grads=True``.
+    One pass over the mask bits and the selected elements of ``src``.
+    """
+    if not isinstance(src, torch.Tensor):
+        raise TypeError(f"src must be a torch.Tensor, got {type(src).__name__}")
+    _check_float(src, "src")
+    if (bits is None) != (chunk_offsets is None):
+        raise ValueError("bits and chunk_offsets must both be given or both be None")
+    n = src.numel()
+    if bits is None:
+        nnz = n
+    else:
+        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 1 \
+                or bits.numel() != (n + 7) // 8:
+            raise ValueError(f"bits must be uint8[{(n + 7) // 8}] for src of {n} elements")
+        nch = (n + MASKED_ADAMW_CHUNK - 1) // MASKED_ADAMW_CHUNK
+        if not isinstance(chunk_offsets, torch.Tensor) or chunk_offsets.dtype != torch.int64 \
+                or chunk_offsets.numel() != nch + 1:
+            raise ValueError(f"chunk_offsets must be int64[{nch + 1}] (masked_adamw_chunk_offsets of bits)")
+        if bits.device != src.device or chunk_offsets.device != src.device:
+            raise ValueError(f"bits and chunk_offsets must be on {src.device} like src")
+        nnz = None if src.device.type == "cuda" and out is not None else int(chunk_offsets[-1])
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs out=")
+        out = torch.empty(nnz, dtype=torch.float32, device=src.device)
+    else:
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise TypeError("out must be a contiguous float32 tensor")
+        if out.device != src.device:
+            raise ValueError(f"out is on {out.device} but src is on {src.device}")
+        if nnz is not None and out.numel() != nnz:
+            raise ValueError(f"out has {out.numel()} entries, the mask selects {nnz}")
+    if bits is None:
+        flat = src.detach().reshape(-1)
+        if accumulate:
+            out.add_(flat)
+        else:
+            out.copy_(flat)
+        return out
+    if n == 0:
+        return out
+    srcc = src.detach()
+    srcc = srcc if srcc.is_contiguous() else srcc.contiguous()
+    _impl("gather_masked_", src.device)(out, srcc, bits.contiguous(), chunk_offsets.contiguous(), bool(accumulate))
+    return out
+
+
+__all__ += ["gather_masked"]

@@ -403,7 +403,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList step_offsets, double lr, double beta1, double beta2,
                       double weight_decay, double eps, bool amsgrad, bool maximize,
                       c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
-                      const c10::optional<at::Tensor>& found_inf, int64_t torch_tail) {
+                      const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads) {
   const size_t nt = params.size();
   const int mode = parse_mode(weight_decay_mode);
   TORCH_CHECK_VALUE(grads.size() == nt && exp_avgs.size() == nt && exp_avg_sqs.size() == nt &&

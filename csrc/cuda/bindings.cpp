@@ -237,7 +237,8 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::TensorList mask_bits, at::TensorList chunk_offsets, at::TensorList step_offsets,
                        double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                        bool maximize, c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
-                       const c10::optional<at::Tensor>& found_inf, int64_t torch_tail) {
+                       const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads) {
+  TORCH_CHECK_VALUE(!compact_grads, "masked_adamw_: compact_grads is not implemented in the CUDA kernel yet");
   constexpr int64_t kChunk = 4096;
   const size_t nt = params.size();
   int mode = kDecayMasked;

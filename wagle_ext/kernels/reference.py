@@ -273,9 +273,12 @@ def masked_adamw_(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     torch_tail: int = 8,
+    compact_grads: bool = False,
 ) -> None:
     """Spec of the ``wagle::masked_adamw_`` op (schema and layout: csrc/ops.cpp). Mutates params,
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs and (with grad_scale) the selected entries of grads.
+    With ``compact_grads`` grads[i] is float32[nnz] (the selected elements' gradients in flat
+    order, as :func:`gather_masked_` writes them) instead of a dense tensor like params[i].
 
     Per selected element, in float32, exactly as torch._fused_adamw_ on CPU:
     ``g = grad / scale``; ``g = -g`` if maximize; ``p = p * float(1 - lr*wd)``;
@@ -310,10 +313,13 @@ def masked_adamw_(
             co = {k: torch.stack([c[k] for c in per])[inv] for k in base}
         else:
             co = base
-        g = gf[idx].float()
+        g = gf.float() if compact_grads else gf[idx].float()
         if scale is not None:
             g = g / scale.expand_as(g).contiguous()  # true division (a 0-d divisor is a reciprocal multiply)
-            gf[idx] = g.to(grads[i].dtype)
+            if compact_grads:
+                gf.copy_(g)
+            else:
+                gf[idx] = g.to(grads[i].dtype)
         if maximize:
             g = -g
         p1 = pf[idx].float() * co["decay"]
@@ -352,3 +358,20 @@ def masked_adamw_chunk_offsets(bits: torch.Tensor, numel: int) -> torch.Tensor:
     out = torch.zeros(nchunks + 1, dtype=torch.int64)
     out[1:] = counts.view(nchunks, MASKED_ADAMW_CHUNK).sum(1).cumsum(0)
     return out
+
+
+def gather_masked_(out: torch.Tensor, src: torch.Tensor, bits: torch.Tensor, chunk_offsets: torch.Tensor,
+                   accumulate: bool) -> None:
+    """Spec of ``wagle::gather_masked_``: ``out[k] (+)= float(src.flat[e_k])`` for the k-th selected
+    element ``e_k`` of the bit mask, in flat order. ``out``: float32[nnz]; ``src``: n elements;
+    ``chunk_offsets`` is only checked (``[-1] == nnz``)."""
+    n = src.numel()
+    sel = unpack_bits(bits, n)
+    vals = src.reshape(-1)[sel].float()
+    if vals.numel() != out.numel() or int(chunk_offsets[-1]) != vals.numel():
+        raise ValueError(f"gather_masked_: the mask selects {vals.numel()} elements, out has {out.numel()} "
+                         f"and chunk_offsets[-1] = {int(chunk_offsets[-1])}")
+    if accumulate:
+        out.add_(vals)
+    else:
+        out.copy_(vals)
