@@ -80,6 +80,7 @@ struct TensorArgs {
   const int32_t* offsets;  // nullptr: every element uses the tensor's step
   int64_t n;
   int64_t tail_start;  // elements >= tail_start use torch's scalar-tail contraction of v
+  bool gc;             // compact grads: g is float32[nnz], indexed by the compact slot k
   double step;
   AdamwCoeffs c;
 };
@@ -120,8 +121,7 @@ template <typename T, bool Amsgrad>
 WAGLE_ALWAYS_INLINE void update_one(const TensorArgs& t, const StepArgs& s, const AdamwCoeffs& c,
                                     int64_t i, int64_t k) {
   T* p = static_cast<T*>(t.p);
-  T* g = static_cast<T*>(t.g);
-  const float gv = grad_in<T>(g, i, s);
+  const float gv = t.gc ? grad_in<float>(static_cast<float*>(t.g), k, s) : grad_in<T>(static_cast<T*>(t.g), i, s);
   const float pv = adamw_no_contract(to_f<T>(p[i]) * c.decay);
   float dummy = 0.f;
   float& vm = Amsgrad ? t.vmax[k] : dummy;
@@ -133,7 +133,6 @@ WAGLE_ALWAYS_INLINE void update_one(const TensorArgs& t, const StepArgs& s, cons
 template <typename T, bool Amsgrad>
 WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& s, int64_t e, int64_t k) {
   T* __restrict__ p = static_cast<T*>(t.p) + e;
-  T* __restrict__ g = static_cast<T*>(t.g) + e;
   float* __restrict__ m = t.m + k;
   float* __restrict__ v = t.v + k;
   float* __restrict__ vmax = Amsgrad ? t.vmax + k : nullptr;
@@ -142,7 +141,21 @@ WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& 
   alignas(64) float gf[kWord];
   const float scale = s.scale;
   const float sign = s.maximize ? -1.0f : 1.0f;
-  if (s.has_scale) {
+  if (t.gc) {
+    float* __restrict__ g = static_cast<float*>(t.g) + k;
+    if (s.has_scale) {
+#pragma omp simd
+      for (int i = 0; i < kWord; ++i) {
+        const float gv = g[i] / scale;
+        g[i] = gv;
+        gf[i] = gv * sign;
+      }
+    } else {
+#pragma omp simd
+      for (int i = 0; i < kWord; ++i) gf[i] = g[i] * sign;
+    }
+  } else if (s.has_scale) {
+    T* __restrict__ g = static_cast<T*>(t.g) + e;
 #pragma omp simd
     for (int i = 0; i < kWord; ++i) {
       const float gv = to_f<T>(g[i]) / scale;
@@ -150,6 +163,7 @@ WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& 
       gf[i] = gv * sign;
     }
   } else {
+    T* __restrict__ g = static_cast<T*>(t.g) + e;
 #pragma omp simd
     for (int i = 0; i < kWord; ++i) gf[i] = to_f<T>(g[i]) * sign;
   }
@@ -183,7 +197,7 @@ template <bool Amsgrad>
 WAGLE_TARGET_AVX512 int64_t mixed_word_f32_avx512(const TensorArgs& t, const StepArgs& s, int64_t e,
                                                   uint64_t w, int64_t k) {
   float* p = static_cast<float*>(t.p) + e;
-  float* g = static_cast<float*>(t.g) + e;
+  float* g = static_cast<float*>(t.g) + (t.gc ? 0 : e);  // compact grads: slot k, else element e
   const AdamwCoeffs& c = t.c;
   const __m512 decay = _mm512_set1_ps(c.decay), w1 = _mm512_set1_ps(c.w1), w1m1 = _mm512_set1_ps(c.w1m1);
   const __m512 c2 = _mm512_set1_ps(c.c2), b2 = _mm512_set1_ps(c.b2), bcs = _mm512_set1_ps(c.bc2_sqrt);
@@ -196,10 +210,15 @@ WAGLE_TARGET_AVX512 int64_t mixed_word_f32_avx512(const TensorArgs& t, const Ste
     // microcoded (slow) on several x86 cores
     const int pc = __builtin_popcount(static_cast<unsigned>(km));
     const __mmask16 kc = static_cast<__mmask16>((1u << pc) - 1u);
-    __m512 gv = _mm512_maskz_loadu_ps(km, g + 16 * j);
+    __m512 gv = t.gc ? _mm512_maskz_expand_ps(km, _mm512_maskz_loadu_ps(kc, g + k))
+                     : _mm512_maskz_loadu_ps(km, g + 16 * j);
     if (s.has_scale) {
       gv = _mm512_div_ps(gv, scale);
-      _mm512_mask_storeu_ps(g + 16 * j, km, gv);
+      if (t.gc) {
+        _mm512_mask_storeu_ps(g + k, kc, _mm512_maskz_compress_ps(km, gv));
+      } else {
+        _mm512_mask_storeu_ps(g + 16 * j, km, gv);
+      }
     }
     if (s.maximize) gv = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gv), _mm512_set1_epi32(INT32_MIN)));
     __m512 p1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(km, p + 16 * j), decay);
@@ -290,7 +309,7 @@ WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int6
       while (wa) {
         const int b = __builtin_ctzll(wa) & ~(kLine - 1);
         __builtin_prefetch(pa + b, 1);
-        __builtin_prefetch(ga + b, 0);
+        if (!t.gc) __builtin_prefetch(ga + b, 0);
         wa &= (b + kLine >= 64) ? 0 : (~uint64_t(0) << (b + kLine));
       }
     }
@@ -439,15 +458,16 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   for (size_t i = 0; i < nt; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK_TYPE(p.scalar_type() == dt && g.scalar_type() == dt,
-                     "masked_adamw_: params[", i, "] and grads[", i, "] must both be ", dt, ", got ",
-                     p.scalar_type(), " and ", g.scalar_type(), " (one call per dtype)");
+    TORCH_CHECK_TYPE(p.scalar_type() == dt && g.scalar_type() == (compact_grads ? at::kFloat : dt),
+                     "masked_adamw_: params[", i, "] must be ", dt, " and grads[", i, "] ",
+                     compact_grads ? at::kFloat : dt, ", got ", p.scalar_type(), " and ", g.scalar_type(),
+                     " (one call per dtype; compact grads are float32)");
     TORCH_CHECK_VALUE(p.device().is_cpu() && g.device().is_cpu(), "masked_adamw_: params[", i,
                       "] and grads[", i, "] must be CPU tensors for the CPU kernel");
     TORCH_CHECK_VALUE(p.is_contiguous() && g.is_contiguous(), "masked_adamw_: params[", i,
                       "] and grads[", i, "] must be contiguous");
     const int64_t n = p.numel();
-    TORCH_CHECK_VALUE(g.numel() == n, "masked_adamw_: grads[", i, "] has ", g.numel(),
+    TORCH_CHECK_VALUE(compact_grads || g.numel() == n, "masked_adamw_: grads[", i, "] has ", g.numel(),
                       " elements, params[", i, "] has ", n);
     const at::Tensor& st = state_steps[i];
     TORCH_CHECK_VALUE(st.numel() == 1 && st.device().is_cpu(), "masked_adamw_: state_steps[", i,
@@ -481,6 +501,11 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       nnz = d[nchunks];
       a.bits = bits.data_ptr<uint8_t>();
       a.dir = d;
+    }
+    if (compact_grads) {
+      TORCH_CHECK_VALUE(g.numel() == nnz, "masked_adamw_: grads[", i, "] has ", g.numel(),
+                        " elements, compact grads need one per selected element (", nnz, ")");
+      a.gc = true;
     }
     check_f32_state(exp_avgs[i], nnz, "exp_avgs", i);
     check_f32_state(exp_avg_sqs[i], nnz, "exp_avg_sqs", i);
