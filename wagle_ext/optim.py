@@ -13,6 +13,14 @@ update), so a full mask with ``weight_decay_mode="all"`` reproduces ``torch.opti
 
 Conventions (torch's): decoupled decay is scaled by the scheduled ``lr`` (pitfall 5); ``eps`` is
 added after the bias correction (pitfall 4, not the ``lr*sqrt(bc2)/bc1`` form of SparseAdam/SpIEL).
+
+Compact gradients (``grad_mode="compact"``, kernels.md 4.3 / SIFT, LOMO): autograd still produces
+one dense gradient per parameter, but a ``register_post_accumulate_grad_hook`` compacts its
+selected entries into a float32[nnz] buffer (``wagle::gather_masked_``, one pass) and frees
+``p.grad`` at once, so at most one dense gradient is alive at a time instead of one per parameter
+(4 B/param for fp32); parameters whose mask selects nothing get ``requires_grad_(False)`` and never
+have a gradient. ``step_in_backward=True`` goes further (LOMO/SIFT): the hook applies the update of
+that parameter right away, so no gradient outlives its hook.
 """
 from __future__ import annotations
 
@@ -23,9 +31,10 @@ import torch
 from . import ops
 from .packed_mask import PackedMask
 
-__all__ = ["MaskedAdamW"]
+__all__ = ["MaskedAdamW", "GRAD_MODES"]
 
 MaskLike = Union[PackedMask, torch.Tensor, None]
+GRAD_MODES = ("dense", "compact")
 
 
 def _to_packed(mask: MaskLike, param: torch.Tensor, what: str) -> Optional[PackedMask]:
@@ -65,6 +74,19 @@ class MaskedAdamW(torch.optim.Optimizer):
             torch AdamW with a fixed mask (their moments are zero there, so compact state is exact;
             only a weight that was selected under an earlier mask would, in torch, keep decaying
             moments, which ``set_masks`` drops by design); ``"none"``: no decay.
+        grad_mode: ``"dense"`` (default): ``step()`` reads ``p.grad`` as any torch optimizer.
+            ``"compact"``: hooks registered at construction compact each gradient into a float32
+            buffer of the selected entries as soon as autograd has accumulated it, and free
+            ``p.grad`` (it is None after every backward); gradients accumulate across backward
+            calls (gradient accumulation) until ``step()`` or ``zero_grad()``. Parameters whose
+            mask selects nothing are set ``requires_grad_(False)``. Same updates as dense mode
+            (bit-identical for fp32 parameters; bf16/fp16 gradients accumulate in fp32 here).
+            Clip with :meth:`clip_grad_norm_` (clipping the dense gradient before masking, WAGLE's
+            order, needs dense mode). Not for DDP (the hook would see unreduced gradients), nor
+            with ``GradScaler`` or ``weight_decay_mode="all"``.
+        step_in_backward: with ``grad_mode="compact"``: update each parameter inside its hook
+            (LOMO/SIFT) with the group's current ``lr``; ``step()`` then has nothing left to do.
+            Only without gradient accumulation and without clipping (each backward is one step).
 
     State per parameter (``self.state[p]``): ``step`` (float32 scalar), ``exp_avg``,
     ``exp_avg_sq`` (and ``max_exp_avg_sq``) as float32[nnz] in flat order of the selected
@@ -92,6 +114,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         amsgrad: bool = False,
         maximize: bool = False,
         weight_decay_mode: str = "masked",
+        grad_mode: str = "dense",
+        step_in_backward: bool = False,
     ):
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -105,6 +129,13 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay: must be >= 0, got {weight_decay}")
         if weight_decay_mode not in ops.WEIGHT_DECAY_MODES:
             raise ValueError(f"weight_decay_mode must be one of {ops.WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        if grad_mode == "compact" and weight_decay_mode == "all":
+            raise ValueError("grad_mode='compact' does not support weight_decay_mode='all' (frozen weights have "
+                             "no gradient to carry their decay); use grad_mode='dense'")
+        if step_in_backward and grad_mode != "compact":
+            raise ValueError("step_in_backward=True needs grad_mode='compact'")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, weight_decay_mode=weight_decay_mode)
         super().__init__(params, defaults)
@@ -114,6 +145,13 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._dirs: dict = {}
         self._nnzs: dict = {}
         self._assign_masks(masks)
+        self.grad_mode = grad_mode
+        self.step_in_backward = bool(step_in_backward)
+        self._cgrads: dict = {}       # param -> float32[nnz] compact gradient buffer
+        self._cgrad_ready: set = set()  # params whose buffer holds this step's gradient
+        self._hooks: dict = {}        # param -> hook handle (compact mode)
+        self._frozen: set = set()     # params this optimizer set requires_grad_(False)
+        self._sync_hooks()
 
     # ------------------------------------------------------------------ construction helpers
     def _all_params(self) -> list:
@@ -193,6 +231,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             self._masks[p] = new
             self._dirs.pop(p, None)
             self._nnzs.pop(p, None)
+            self._cgrads.pop(p, None)  # a pending compact gradient has the old mask's layout
+            self._cgrad_ready.discard(p)
             if not state:
                 continue
             n = p.numel()
@@ -215,6 +255,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 state.pop("step_offsets", None)
             else:
                 state["step_offsets"] = offs
+        self._sync_hooks()
 
     # ------------------------------------------------------------------ accounting
     def state_bytes(self) -> dict:
@@ -235,86 +276,231 @@ class MaskedAdamW(torch.optim.Optimizer):
         out["total"] = sum(out.values())
         return out
 
+    # ------------------------------------------------------------------ compact gradients
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_hooks"):  # not during __init__: the masks are assigned after the groups
+            for p in param_group["params"]:
+                self._masks.setdefault(p, None)
+            self._group_of = {}
+            self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        """Compact mode: a hook on every parameter that can move; ``requires_grad_(False)`` on
+        those whose mask selects nothing (LISA-style freeze: autograd computes no gradient)."""
+        if self.grad_mode != "compact":
+            return
+        for p in self._all_params():
+            if not p.requires_grad and p not in self._frozen:
+                continue  # frozen by the user: leave it alone
+            movable = self._masks.get(p) is None or self._nnz(p) > 0
+            if movable and p not in self._hooks:
+                if p in self._frozen:
+                    self._frozen.discard(p)
+                    p.requires_grad_(True)
+                self._hooks[p] = p.register_post_accumulate_grad_hook(self._grad_hook)
+            elif not movable and p.requires_grad:
+                h = self._hooks.pop(p, None)
+                if h is not None:
+                    h.remove()
+                p.requires_grad_(False)
+                self._frozen.add(p)
+
+    def detach_hooks(self) -> None:
+        """Remove the compact-gradient hooks and give back ``requires_grad`` to the parameters this
+        optimizer froze (then the model trains as without it)."""
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks.clear()
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen.clear()
+        self._cgrads.clear()
+        self._cgrad_ready.clear()
+        self.grad_mode = "dense"
+        self.step_in_backward = False
+
+    @torch.no_grad()
+    def _grad_hook(self, p: torch.Tensor) -> None:
+        g = p.grad
+        if g is None:
+            return
+        if g.is_sparse:
+            raise TypeError("MaskedAdamW does not support sparse gradients")
+        if self.step_in_backward:
+            self._step_now(p, g)
+            p.grad = None
+            return
+        mask = self._masks.get(p)
+        accumulate = p in self._cgrad_ready
+        if mask is None:
+            if accumulate:
+                self._cgrads[p].add_(g.reshape(-1))
+            elif g.dtype == torch.float32 and g.is_contiguous():
+                self._cgrads[p] = g.reshape(-1)  # take autograd's buffer: no copy
+            else:
+                self._cgrads[p] = g.reshape(-1).float().contiguous()
+        else:
+            buf = self._cgrads.get(p)
+            if buf is None or buf.device != p.device:
+                buf = self._cgrads[p] = torch.empty(self._nnz(p), dtype=torch.float32, device=p.device)
+            d = self._directory(p)
+            if g.is_contiguous() and ops.resolve_backend("gather_masked_", p.device) == "cpp":
+                torch.ops.wagle.gather_masked_(buf, g, mask.bits, d, accumulate)  # shapes validated at set-up
+            else:
+                ops.gather_masked(g, mask.bits, d, out=buf, accumulate=accumulate)
+        self._cgrad_ready.add(p)
+        p.grad = None
+
+    def compact_grad(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """The accumulated compact gradient of ``param`` since the last step: float32[nnz] in flat
+        order of the selected elements (float32[numel] for a parameter without a mask), or None
+        (dense mode, or no backward reached it yet). Changing it in place changes the next step."""
+        return self._cgrads.get(param) if param in self._cgrad_ready else None
+
+    def compact_grad_bytes(self) -> int:
+        """Bytes held by the compact gradient buffers (kept between steps and reused)."""
+        return sum(b.numel() * b.element_size() for b in self._cgrads.values())
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+        """Scale the pending gradients so that their total L2 norm is at most ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` does (``coef = min(1, max_norm / (norm + eps))``), counting
+        only the weights that move: the compact buffers in compact mode, ``p.grad`` restricted to
+        the selected elements in dense mode. Returns the norm before clipping (float32 scalar)."""
+        parts, targets = [], []
+        for p in self._all_params():
+            if self.grad_mode == "compact":
+                g = self.compact_grad(p)
+                if g is None:
+                    continue
+                targets.append(g)
+                parts.append(g.pow(2).sum())
+                continue
+            if p.grad is None:
+                continue
+            mask = self._masks.get(p)
+            targets.append(p.grad)
+            if mask is None:
+                parts.append(p.grad.detach().float().pow(2).sum())
+            elif self._nnz(p):
+                parts.append(p.grad.detach().reshape(-1)[mask.to_bool().reshape(-1)].float().pow(2).sum())
+        if not parts:
+            return torch.tensor(0.0)
+        total = torch.stack([t.to(parts[0].device) for t in parts]).sum().sqrt()
+        coef = torch.clamp(max_norm / (total + eps), max=1.0)
+        for g in targets:
+            g.mul_(coef.to(g.device, g.dtype))
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; in compact mode it also drops the pending compact
+        gradients (the next backward starts a new accumulation)."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._cgrad_ready.clear()
+
+    def _step_now(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        """step_in_backward: one masked AdamW step of ``p`` alone, with its dense gradient ``g``."""
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError("MaskedAdamW(step_in_backward=True) does not support GradScaler")
+        group = getattr(self, "_group_of", {}).get(p)
+        if group is None:
+            self._group_of = {q: grp for grp in self.param_groups for q in grp["params"]}
+            group = self._group_of[p]
+        self._step_group(group, [(p, g)], compact=False, grad_scale=None, found_inf=None)
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step on every parameter that has a gradient. Returns ``closure()``'s loss."""
+        """One AdamW step on every parameter that has a gradient (``p.grad``, or in compact mode a
+        compact gradient accumulated since the last step). Returns ``closure()``'s loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        compact = self.grad_mode == "compact"
+        if compact and (grad_scale is not None or found_inf is not None):
+            raise RuntimeError("MaskedAdamW(grad_mode='compact') does not support GradScaler: use bf16 or fp32, "
+                               "or grad_mode='dense'")
         for group in self.param_groups:
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                lr = float(lr)
-            if not lr >= 0.0:
-                raise ValueError(f"Invalid learning rate: lr must be >= 0, got {lr}")
-            mode = group["weight_decay_mode"]
-            beta1, beta2 = group["betas"]
-            amsgrad = group["amsgrad"]
-            by_key: dict = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError("MaskedAdamW does not support sparse gradients")
-                d = self._directory(p)
-                nnz = self._nnz(p)
-                if nnz == 0 and not (mode == "all" and group["weight_decay"] != 0):
-                    continue  # an all-zero mask costs nothing
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
-                    state["exp_avg_sq"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
-                    if amsgrad:
-                        state["max_exp_avg_sq"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
-                elif amsgrad and "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
-                lst = by_key.setdefault((p.device, p.dtype), {k: [] for k in (
-                    "p", "g", "m", "v", "vmax", "step", "bits", "dir", "offs")})
-                mask = self._masks.get(p)
-                lst["p"].append(p)
-                lst["g"].append(p.grad)
-                lst["m"].append(state["exp_avg"])
-                lst["v"].append(state["exp_avg_sq"])
-                if amsgrad:
-                    lst["vmax"].append(state["max_exp_avg_sq"])
-                lst["step"].append(state["step"])
-                lst["bits"].append(None if mask is None else mask.bits)
-                lst["dir"].append(d)
-                lst["offs"].append(state.get("step_offsets"))
-            for (device, _), lst in by_key.items():
-                steps = lst["step"]
-                torch._foreach_add_(steps, 1)
-                gs = grad_scale.to(device) if grad_scale is not None else None
-                fi = found_inf.to(device) if found_inf is not None else None
-                hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2),
-                             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-                             amsgrad=amsgrad, maximize=group["maximize"], weight_decay_mode=mode,
-                             grad_scale=gs, found_inf=fi)
-                if (ops.resolve_backend("masked_adamw_", device) == "cpp"
-                        and all(p.is_contiguous() and g.is_contiguous() for p, g in zip(lst["p"], lst["g"]))):
-                    # The lists were built here from validated masks and state: skip the Python
-                    # checks of ops.masked_adamw_ (the C++ op still checks sizes and dtypes), which
-                    # matter at low density where the kernel itself takes a few ms.
-                    e8 = torch.empty(0, dtype=torch.uint8, device=device)
-                    e64 = torch.empty(0, dtype=torch.int64, device=device)
-                    e32 = torch.empty(0, dtype=torch.int32, device=device)
-                    torch.ops.wagle.masked_adamw_(
-                        lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps,
-                        [e8 if b is None else b for b in lst["bits"]], [e64 if d is None else d for d in lst["dir"]],
-                        [e32 if o is None else o for o in lst["offs"]], torch_tail=ops.torch_fused_adamw_tail(),
-                        **hyper)
-                else:
-                    ops.masked_adamw_(lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps, lst["bits"],
-                                      lst["dir"], lst["offs"], **hyper)
-                if fi is not None:
-                    # torch's fused path: undo the step increment of a skipped step.
-                    torch._foreach_sub_(steps, [fi.to(steps[0].device, torch.float32)] * len(steps))
+            if compact:
+                pairs = [(p, self._cgrads[p]) for p in group["params"] if p in self._cgrad_ready]
+            else:
+                pairs = [(p, p.grad) for p in group["params"] if p.grad is not None]
+            self._step_group(group, pairs, compact=compact, grad_scale=grad_scale, found_inf=found_inf)
+        self._cgrad_ready.clear()
         return loss
+
+    def _step_group(self, group: dict, pairs: list, compact: bool, grad_scale, found_inf) -> None:
+        """One step of the (param, grad) pairs of ``group``; ``compact``: grads are float32[nnz]."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: lr must be >= 0, got {lr}")
+        mode = group["weight_decay_mode"]
+        beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
+        by_key: dict = {}
+        for p, grad in pairs:
+            if grad.is_sparse:
+                raise TypeError("MaskedAdamW does not support sparse gradients")
+            d = self._directory(p)
+            nnz = self._nnz(p)
+            if nnz == 0 and not (mode == "all" and group["weight_decay"] != 0):
+                continue  # an all-zero mask costs nothing
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
+            elif amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
+            lst = by_key.setdefault((p.device, p.dtype), {k: [] for k in (
+                "p", "g", "m", "v", "vmax", "step", "bits", "dir", "offs")})
+            mask = self._masks.get(p)
+            lst["p"].append(p)
+            lst["g"].append(grad)
+            lst["m"].append(state["exp_avg"])
+            lst["v"].append(state["exp_avg_sq"])
+            if amsgrad:
+                lst["vmax"].append(state["max_exp_avg_sq"])
+            lst["step"].append(state["step"])
+            lst["bits"].append(None if mask is None else mask.bits)
+            lst["dir"].append(d)
+            lst["offs"].append(state.get("step_offsets"))
+        for (device, _), lst in by_key.items():
+            steps = lst["step"]
+            torch._foreach_add_(steps, 1)
+            gs = grad_scale.to(device) if grad_scale is not None else None
+            fi = found_inf.to(device) if found_inf is not None else None
+            hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+                         weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                         amsgrad=amsgrad, maximize=group["maximize"], weight_decay_mode=mode,
+                         grad_scale=gs, found_inf=fi)
+            if (ops.resolve_backend("masked_adamw_", device) == "cpp"
+                    and all(p.is_contiguous() and g.is_contiguous() for p, g in zip(lst["p"], lst["g"]))):
+                # The lists were built here from validated masks and state: skip the Python
+                # checks of ops.masked_adamw_ (the C++ op still checks sizes and dtypes), which
+                # matter at low density where the kernel itself takes a few ms.
+                e8 = torch.empty(0, dtype=torch.uint8, device=device)
+                e64 = torch.empty(0, dtype=torch.int64, device=device)
+                e32 = torch.empty(0, dtype=torch.int32, device=device)
+                torch.ops.wagle.masked_adamw_(
+                    lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps,
+                    [e8 if b is None else b for b in lst["bits"]], [e64 if d is None else d for d in lst["dir"]],
+                    [e32 if o is None else o for o in lst["offs"]], torch_tail=ops.torch_fused_adamw_tail(),
+                    compact_grads=compact, **hyper)
+            else:
+                ops.masked_adamw_(lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps, lst["bits"],
+                                  lst["dir"], lst["offs"], compact_grads=compact, **hyper)
+            if fi is not None:
+                # torch's fused path: undo the step increment of a skipped step.
+                torch._foreach_sub_(steps, [fi.to(steps[0].device, torch.float32)] * len(steps))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -368,3 +554,6 @@ class MaskedAdamW(torch.optim.Optimizer):
                         raise ValueError(f"state_dict state[{i}][{k!r}] has {new[k].numel()} entries of "
                                          f"{new[k].dtype}, the mask selects {nnz} (float32)")
             self.state[p] = new
+        self._cgrads.clear()
+        self._cgrad_ready.clear()
+        self._sync_hooks()
