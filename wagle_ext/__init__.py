@@ -30,6 +30,7 @@ from .masks import MaskSet, build_mask, model_fingerprint, partition_names
 
 # optimizer, objectives and data
 from .optim import MaskedAdamW
+from .memory import memory_report
 from .data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
 from .objectives import OBJECTIVES, Objective, get_objective
 
@@ -72,6 +73,7 @@ __all__ = [
     "score_model",
     # optimizer, objectives and data
     "MaskedAdamW",
+    "memory_report",
     "OBJECTIVES",
     "Objective",
     "REFUSAL_ANSWERS",

@@ -62,6 +62,37 @@ class _DatasetEpochCallback(transformers.TrainerCallback):
         self.dataset.set_epoch(int(state.epoch + 1e-9))
 
 
+def _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight_decay_mode, args) -> None:
+    """Fail before training on grad_mode / step_in_backward settings that cannot work."""
+    from .optim import GRAD_MODES
+
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    if step_in_backward and grad_mode != "compact":
+        raise ValueError("step_in_backward=True needs grad_mode='compact'")
+    if grad_mode != "compact":
+        return
+    if mask is None:
+        raise ValueError("grad_mode='compact' needs a mask (it keeps only the masked gradient entries)")
+    if clip_before_mask:
+        raise ValueError("clip_before_mask=True (WAGLE's order: clip the unmasked gradient) needs every dense "
+                         "gradient at once: use grad_mode='dense', or clip the masked gradient (the default)")
+    if weight_decay_mode == "all":
+        raise ValueError("grad_mode='compact' does not support weight_decay_mode='all'; use grad_mode='dense'")
+    if args.fp16:
+        raise ValueError("grad_mode='compact' does not support fp16 (GradScaler needs p.grad); use bf16 or fp32")
+    if args.world_size > 1:
+        raise ValueError("grad_mode='compact' is single-process: under DDP the hooks would see gradients before "
+                         "their all-reduce; use grad_mode='dense' with several processes")
+    if step_in_backward:
+        if args.gradient_accumulation_steps != 1:
+            raise ValueError("step_in_backward=True needs gradient_accumulation_steps=1 (each backward is one "
+                             f"step), got {args.gradient_accumulation_steps}")
+        if args.max_grad_norm:
+            raise ValueError("step_in_backward=True cannot clip (the update happens before the total norm is "
+                             f"known): set max_grad_norm=0, got {args.max_grad_norm}")
+
+
 def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -95,6 +126,21 @@ class UnlearnTrainer(transformers.Trainer):
             i.e. the norm counts only the weights that move.
         weight_decay_mode: ``MaskedAdamW`` mode: ``"masked"`` (default; frozen weights bit-identical),
             ``"all"`` (decay frozen weights too, as ``grad*=mask`` + torch AdamW does) or ``"none"``.
+        grad_mode: ``"dense"`` (default) or ``"compact"``: ``MaskedAdamW`` compacts every gradient
+            into a float32 buffer of its selected entries inside backward and frees ``p.grad``, and
+            parameters with an all-zero mask get no gradient at all -- the gradient memory drops
+            from 4 B/param (fp32) to 4 B per selected weight plus one dense gradient at a time.
+            Same updates as dense mode (bit-identical for fp32 weights, with or without gradient
+            accumulation and clipping). Needs a ``mask``; single process only (not DDP); not with
+            ``clip_before_mask=True`` (clipping the unmasked gradient needs every dense gradient at
+            once: use dense mode), ``fp16`` (GradScaler) or ``weight_decay_mode="all"``.
+        step_in_backward: with ``grad_mode="compact"``: apply each parameter's update inside its
+            backward hook (LOMO/SIFT); needs ``gradient_accumulation_steps=1`` and no clipping
+            (``max_grad_norm=0``). The logged ``grad_norm`` is then absent.
+
+    At the start of training the trainer logs :func:`~wagle_ext.memory.memory_report` (weights,
+    gradients, optimizer state, masks, and the dense-AdamW equivalent) and keeps it as
+    ``trainer.initial_memory_report``.
 
     ``args.remove_unused_columns`` is forced to False (batches are dicts of sub-batches).
     """
@@ -103,6 +149,7 @@ class UnlearnTrainer(transformers.Trainer):
                  *, objective: Union[str, Objective] = "graddiff", objective_kwargs: Optional[Mapping[str, Any]] = None,
                  mask: Optional[MaskSet] = None, ref_model: Optional[nn.Module] = None,
                  clip_before_mask: bool = False, weight_decay_mode: str = "masked",
+                 grad_mode: str = "dense", step_in_backward: bool = False,
                  build_reference: bool = True, **kwargs):
         if model is None:
             raise ValueError("UnlearnTrainer needs a model")
@@ -129,12 +176,16 @@ class UnlearnTrainer(transformers.Trainer):
                     f"dataset lacks {missing} (e.g. ForgetRetainDataset(..., refusal=True) for PO)")
         if args is None:
             raise ValueError("UnlearnTrainer needs TrainingArguments (args=...)")
+        _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight_decay_mode, args)
         args.remove_unused_columns = False
 
         self.objective = objective
         self.mask = mask
         self.clip_before_mask = bool(clip_before_mask)
         self.weight_decay_mode = weight_decay_mode
+        self.grad_mode = grad_mode
+        self.step_in_backward = bool(step_in_backward)
+        self.initial_memory_report: Optional[dict] = None
         if objective.needs_reference and ref_model is None:
             if not build_reference:
                 raise ValueError(f"objective {objective.name!r} needs a reference model: pass ref_model=... "
@@ -178,7 +229,9 @@ class UnlearnTrainer(transformers.Trainer):
         if self.optimizer is not None:
             return self.optimizer
         if self.mask is None:
-            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+            opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
+            self._log_memory_report(self.model if model is None else model, opt)
+            return opt
         from .optim import MaskedAdamW
 
         opt_model = self.model if model is None else model
@@ -199,8 +252,17 @@ class UnlearnTrainer(transformers.Trainer):
         self.optimizer = MaskedAdamW(
             param_groups, masks=aligned, lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-            weight_decay=self.args.weight_decay, weight_decay_mode=self.weight_decay_mode)
+            weight_decay=self.args.weight_decay, weight_decay_mode=self.weight_decay_mode,
+            grad_mode=self.grad_mode, step_in_backward=self.step_in_backward)
+        self._log_memory_report(opt_model, self.optimizer)
         return self.optimizer
+
+    def _log_memory_report(self, model, optimizer) -> None:
+        from .memory import format_memory_report, memory_report
+
+        self.initial_memory_report = memory_report(model, optimizer)
+        logger.info("wagle memory at start (grad_mode=%s): %s", self.grad_mode,
+                    format_memory_report(self.initial_memory_report))
 
     def _check_masks_identical_across_ranks(self) -> None:
         """Under DDP every rank must update the same weights: compare a digest of the mask bits."""
@@ -223,7 +285,45 @@ class UnlearnTrainer(transformers.Trainer):
             self._param_masks = dict(self.mask.for_model(model))
         return self._param_masks
 
+    def _compact_grads(self, model) -> list:
+        """(name, compact gradient) of every parameter with a pending one, in model order."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        opt = self.optimizer
+        while not hasattr(opt, "compact_grad") and hasattr(opt, "optimizer"):
+            opt = opt.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+        out = []
+        for name, p in unwrapped.named_parameters():
+            g = opt.compact_grad(p)
+            if g is not None:
+                out.append((name, g))
+        return out
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.grad_mode == "compact" and grad_norm is None:
+            if self.step_in_backward:
+                return None  # the gradients were consumed inside backward
+            parts = [g.pow(2).sum() for _, g in self._compact_grads(model) if g.numel()]
+            grad_norm = torch.stack(parts).sum().sqrt() if parts else torch.tensor(0.0)
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
     def _clip_grad_norm(self, model):
+        if self.grad_mode == "compact":
+            # The dense path below, on the compact buffers: same values, same order, same result.
+            sq = None
+            grads = []
+            for _, g in self._compact_grads(model):
+                if g.numel() == 0:
+                    continue
+                grads.append(g)
+                part = g.pow(2).sum()
+                sq = part if sq is None else sq + part
+            if sq is None:
+                return torch.tensor(0.0)
+            total = sq.sqrt()
+            coef = torch.clamp(self.args.max_grad_norm / (total + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+            return total
         if self.mask is None or self.clip_before_mask:
             return super()._clip_grad_norm(model)
         # Norm of the gradient restricted to the selected weights (frozen entries never move, so

@@ -1,0 +1,84 @@
+"""Memory accounting of an unlearning run: what the weights, gradients, optimizer state and masks
+hold right now, next to what dense AdamW would hold for the same trainable parameters.
+
+Counts tensor storage only (``numel * element_size`` of each distinct tensor), not activations,
+allocator caches or the Python process; peak process memory is measured by ``bench/bench_memory.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["memory_report", "format_memory_report"]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def memory_report(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """Bytes held by ``model`` and ``optimizer``, by kind.
+
+    Returns a dict of ints (bytes, except the ``*_params`` counts):
+        ``weights``: every distinct parameter of the model (tied weights counted once);
+        ``gradients``: ``p.grad`` tensors alive now, plus the compact gradient buffers of a
+        :class:`~wagle_ext.MaskedAdamW` in ``grad_mode="compact"``;
+        ``optimizer_state``: tensors in ``optimizer.state`` (MaskedAdamW: the compact moments and
+        step offsets; torch AdamW: dense ``exp_avg``/``exp_avg_sq``);
+        ``masks``: MaskedAdamW's mask bits and chunk directories (0 for other optimizers);
+        ``total``: the sum of the four;
+        ``trainable_params`` / ``frozen_params``: parameter counts by ``requires_grad``;
+        ``dense_adamw``: what weights + dense gradients (parameter dtype) + two fp32 moments per
+        trainable weight would take (16 B/param for fp32 weights) -- the footprint of plain
+        ``torch.optim.AdamW`` with ``p.grad *= mask``.
+    """
+    seen = set()
+    weights = grads = trainable = frozen = trainable_bytes = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        weights += _nbytes(p)
+        if p.requires_grad:
+            trainable += p.numel()
+            trainable_bytes += _nbytes(p)
+        else:
+            frozen += p.numel()
+        if p.grad is not None:
+            grads += _nbytes(p.grad)
+    from .optim import MaskedAdamW
+
+    opt_state = masks = 0
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer wraps the real one
+    if optimizer is not None:
+        for st in optimizer.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    opt_state += _nbytes(v)
+        if isinstance(optimizer, MaskedAdamW):
+            sb = optimizer.state_bytes()
+            masks = sb["masks"] + sb["directory"]
+            grads += optimizer.compact_grad_bytes()
+            # Parameters the optimizer froze (all-zero mask) count as trainable for the dense baseline.
+            for p in optimizer._frozen:
+                trainable += p.numel()
+                frozen -= p.numel()
+                trainable_bytes += _nbytes(p)
+    return {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer_state": opt_state,
+        "masks": masks,
+        "total": weights + grads + opt_state + masks,
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "dense_adamw": weights + trainable_bytes + 8 * trainable,
+    }
+
+
+def format_memory_report(report: dict) -> str:
+    """One line: ``weights 1.90 GB, gradients 0.02 GB, ...`` (GB = 1e9 bytes)."""
+    keys = ("weights", "gradients", "optimizer_state", "masks", "total", "dense_adamw")
+    return ", ".join(f"{k} {report[k] / 1e9:.3f} GB" for k in keys)
