@@ -22,43 +22,46 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import print_table, write_json  # noqa: E402
 
 
-def worker(args) -> dict:
-    import resource
-    import time
-
-    import torch
-    import transformers
+def llama(args):
+    """A randomly initialised fp32 LlamaForCausalLM of the bench's size (hidden, layers, vocab)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import wagle_ext
-    from wagle_ext.trainer import UnlearnTrainer
-
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                       num_key_value_heads=args.hidden // 64, max_position_embeddings=512)
-    model = LlamaForCausalLM(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    # A random mask of density ~ratio, built one tensor at a time so no N-sized score buffer
-    # inflates the peak (scoring and selection have their own benches).
-    g = torch.Generator().manual_seed(1)
-    mask = wagle_ext.MaskSet({n: wagle_ext.PackedMask.from_bool(torch.rand(p.shape, generator=g) < args.ratio)
+    return LlamaForCausalLM(cfg)
+
+
+def random_mask(model, ratio: float, gen):
+    """A random MaskSet of density ~ratio, built one tensor at a time so no N-sized score buffer
+    inflates the peak (scoring and selection have their own benches)."""
+    import torch
+
+    import wagle_ext
+
+    return wagle_ext.MaskSet({n: wagle_ext.PackedMask.from_bool(torch.rand(p.shape, generator=gen) < ratio)
                               for n, p in model.named_parameters()})
 
-    def seq():
-        ids = torch.randint(3, args.vocab, (args.seq,), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    data = [{"forget": seq(), "retain": seq()} for _ in range(args.steps)]
+def graddiff_data(args, gen):
+    """``args.steps`` forget/retain pairs of random token sequences (length ``args.seq``) and their collator."""
+    import torch
+
+    def seq():
+        ids = torch.randint(3, args.vocab, (args.seq,), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     def collate(items):
         return {k: {f: torch.stack([it[k][f] for it in items]) for f in items[0][k]} for k in ("forget", "retain")}
 
-    targs = transformers.TrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, max_steps=args.steps, learning_rate=1e-5,
-        weight_decay=0.1, lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
-        disable_tqdm=True, logging_steps=10**6, max_grad_norm=1.0)
-    times = []
+    return [{"forget": seq(), "retain": seq()} for _ in range(args.steps)], collate
+
+
+def step_timer(times: list):
+    """A TrainerCallback appending each optimizer step's wall time (s) to ``times``."""
+    import time
+
+    import transformers
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, a, s, c, **kw):
@@ -67,21 +70,60 @@ def worker(args) -> dict:
         def on_step_end(self, a, s, c, **kw):
             times.append(time.perf_counter() - self.t)
 
+    return Timer()
+
+
+def mask_grads_callback(model, mask):
+    """WAGLE's way (``src/unlearn/base.py``): ``p.grad *= mask`` before every optimizer step, with the
+    mask kept as dense bool tensors (1 B/param; WAGLE itself keeps float masks)."""
+    import transformers
+
+    bool_masks = {n: m.to_bool() for n, m in mask.for_model(model).items()}
+
+    class MaskGrads(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, a, s, c, model=None, **kw):
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    p.grad.mul_(bool_masks[n])
+
+    return MaskGrads()
+
+
+def training_args(args, **kw):
+    import tempfile
+
+    import transformers
+
+    base = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=1, max_steps=args.steps,
+                learning_rate=1e-5, weight_decay=0.1, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                save_strategy="no", disable_tqdm=True, logging_steps=10**6, max_grad_norm=1.0)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def worker(args) -> dict:
+    import resource
+
+    import torch
+
+    from wagle_ext.trainer import UnlearnTrainer
+
+    torch.manual_seed(0)
+    model = llama(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    mask = random_mask(model, args.ratio, g)
+    data, collate = graddiff_data(args, g)
+    targs = training_args(args)
+    times = []
     if args.mode == "wagle_way":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
-        bool_masks = {n: m.to_bool() for n, m in mask.for_model(model).items()}
-
-        class MaskGrads(transformers.TrainerCallback):
-            def on_pre_optimizer_step(self, a, s, c, model=None, **kw):
-                for n, p in model.named_parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(bool_masks[n])
-
         tr = UnlearnTrainer(model=model, args=targs, objective="graddiff", train_dataset=data,
-                            data_collator=collate, optimizers=(opt, None), callbacks=[Timer(), MaskGrads()])
+                            data_collator=collate, optimizers=(opt, None),
+                            callbacks=[step_timer(times), mask_grads_callback(model, mask)])
     else:
         tr = UnlearnTrainer(model=model, args=targs, objective="graddiff", mask=mask, train_dataset=data,
-                            data_collator=collate, callbacks=[Timer()])
+                            data_collator=collate, callbacks=[step_timer(times)])
     tr.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     steady = sorted(times[1:]) if len(times) > 1 else times

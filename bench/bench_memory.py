@@ -1,0 +1,175 @@
+"""Memory bench: peak RSS of GradDiff unlearning steps (batch 1, sequence 64, fp32 weights, random
+mask of ratio 0.05) for Llama configs of about 0.5B, 1B and 1.5B parameters:
+
+  (a) ``hf_adamw``:     transformers Trainer loop + ``torch.optim.AdamW`` + ``p.grad *= mask`` (WAGLE's way;
+                        masks kept as dense bool tensors, 1 B/param);
+  (b) ``masked_dense``: UnlearnTrainer + MaskedAdamW, dense gradients (``grad_mode="dense"``);
+  (c) ``compact``:      UnlearnTrainer + MaskedAdamW, ``grad_mode="compact"`` (compact gradients in backward
+                        hooks, at most one dense gradient alive);
+  (d) ``compact_sib``:  (c) with ``step_in_backward=True`` (no clipping: ``max_grad_norm=0``).
+
+Each case runs in its own process; peak RSS = ``ru_maxrss`` of that process (model construction, the
+Python runtime and activations included). ``tensors GB`` is the theory for weights + gradients + optimizer
+state + masks alone (no activations). A case whose tensors alone exceed the memory available at launch is
+not run (it would be killed by the OOM killer); the table says so and gives its bytes.
+
+    python bench/bench_memory.py [--configs 0.5B 1B 1.5B] [--modes hf_adamw masked_dense compact compact_sib]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import numel, print_table, write_json  # noqa: E402
+
+# name -> (hidden, layers); intermediate = 2.75 * hidden, vocab 32000, untied embeddings, fp32.
+CONFIGS = {"0.5B": (1024, 32), "1B": (2048, 16), "1.5B": (2048, 26)}
+MODES = ("hf_adamw", "masked_dense", "compact", "compact_sib")
+LABEL = {"hf_adamw": "(a) HF+AdamW+grad*=mask", "masked_dense": "(b) MaskedAdamW dense",
+         "compact": "(c) compact", "compact_sib": "(d) compact+step_in_bwd"}
+
+
+def llama_shapes(hidden: int, layers: int, vocab: int) -> list:
+    """Parameter shapes of the bench's LlamaForCausalLM (to size a case before building it)."""
+    inter = int(hidden * 2.75)
+    per_layer = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)] + [(hidden,)] * 2
+    return [(vocab, hidden)] + per_layer * layers + [(hidden,), (vocab, hidden)]
+
+
+def tensor_bytes(mode: str, shapes: list, ratio: float) -> int:
+    """Theory: weights + gradients + optimizer state + masks (bytes) for one step of ``mode``."""
+    sizes = [numel([s]) for s in shapes]
+    n = sum(sizes)
+    nnz = int(ratio * n)
+    weights = 4 * n
+    if mode == "hf_adamw":
+        return weights + 4 * n + 8 * n + n  # dense grads, exp_avg + exp_avg_sq, bool masks
+    bits_dir = n // 8 + 8 * sum((s + 4095) // 4096 + 1 for s in sizes)
+    state = 8 * nnz + bits_dir
+    if mode == "masked_dense":
+        return weights + 4 * n + state
+    largest = 4 * max(sizes)  # the one dense gradient alive at a time
+    if mode == "compact":
+        return weights + 4 * nnz + largest + state
+    return weights + largest + state  # compact_sib: no compact buffers
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(args) -> dict:
+    import resource
+
+    import torch
+
+    from bench_unlearn import graddiff_data, llama, mask_grads_callback, random_mask, step_timer, training_args
+    from wagle_ext import memory_report
+    from wagle_ext.trainer import UnlearnTrainer
+
+    torch.manual_seed(0)
+    model = llama(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    mask = random_mask(model, args.ratio, g)
+    data, collate = graddiff_data(args, g)
+    times = []
+    if args.mode == "hf_adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+        tr = UnlearnTrainer(model=model, args=training_args(args), objective="graddiff", train_dataset=data,
+                            data_collator=collate, optimizers=(opt, None),
+                            callbacks=[step_timer(times), mask_grads_callback(model, mask)])
+    else:
+        kw = {"grad_mode": "dense" if args.mode == "masked_dense" else "compact",
+              "step_in_backward": args.mode == "compact_sib"}
+        targs = training_args(args, max_grad_norm=0.0 if args.mode == "compact_sib" else 1.0)
+        tr = UnlearnTrainer(model=model, args=targs, objective="graddiff", mask=mask, train_dataset=data,
+                            data_collator=collate, callbacks=[step_timer(times)], **kw)
+    tr.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report = memory_report(tr.model, tr.optimizer)
+    steady = sorted(times[1:]) if len(times) > 1 else times
+    return {"mode": args.mode, "params": n_params, "nnz": sum(m.nnz for m in mask.values()), "peak_rss_B": peak,
+            "step_s": steady[len(steady) // 2], "first_step_s": times[0], "memory_report_after": report}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--ratio", type=float, default=0.05)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=None, help="override a config's hidden size (smoke tests)")
+    ap.add_argument("--layers", type=int, default=None, help="override a config's layer count (smoke tests)")
+    ap.add_argument("--force", action="store_true", help="run cases whose tensors exceed the available memory")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.worker:
+        with open(args.worker, "w") as f:
+            json.dump(worker(args), f)
+        return
+    rows = []
+    for name in args.configs:
+        hidden, layers = CONFIGS[name]
+        hidden = args.hidden or hidden
+        layers = args.layers or layers
+        shapes = llama_shapes(hidden, layers, args.vocab)
+        for mode in args.modes:
+            need = tensor_bytes(mode, shapes, args.ratio)
+            row = {"config": name, "mode": mode, "case": LABEL[mode], "hidden": hidden, "layers": layers,
+                   "tensor_bytes": need, "tensors_GB": need / 1e9}
+            avail = mem_available()
+            if need > avail and not args.force:
+                row["status"] = f"not run: tensors alone need {need / 1e9:.1f} GB > {avail / 1e9:.1f} GB available"
+                print(f"{name} {mode}: {row['status']}", flush=True)
+                rows.append(row)
+                continue
+            out = tempfile.mktemp(suffix=".json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", out, "--mode", mode, "--ratio", str(args.ratio),
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--vocab", str(args.vocab),
+                   "--hidden", str(hidden), "--layers", str(layers)]
+            print(f"running {name} {mode} ...", flush=True)
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                why = "killed (out of memory?)" if r.returncode in (-9, 137) else f"failed (rc {r.returncode})"
+                print(r.stderr[-2000:])
+                row["status"] = why
+                rows.append(row)
+                continue
+            with open(out) as f:
+                row.update(json.load(f))
+            row["status"] = "ok"
+            row["peak_rss_GB"] = row["peak_rss_B"] / 1e9
+            rows.append(row)
+    for r in rows:
+        base = next((b for b in rows if b["config"] == r["config"] and b["mode"] == "hf_adamw"), None)
+        if "peak_rss_B" in r and base is not None:
+            if "peak_rss_B" in base:
+                r["peak_vs_a"] = r["peak_rss_B"] / base["peak_rss_B"]
+            r["vs_a_tensors"] = r["peak_rss_B"] / base["tensor_bytes"]
+    print()
+    print_table(rows, [
+        ("config", "config", "s"), ("case", "case", "s"), ("params", "params", ",d"),
+        ("tensors_GB", "tensors GB", ".2f"), ("peak_rss_GB", "peak RSS GB", ".2f"),
+        ("peak_vs_a", "peak / (a) peak", ".2f"), ("vs_a_tensors", "peak / (a) tensors", ".2f"),
+        ("step_s", "step s", ".1f"), ("status", "status", "s")])
+    write_json("bench_memory", {"config": {k: getattr(args, k) for k in ("configs", "ratio", "seq", "steps", "vocab")},
+                                "mem_available_B": mem_available(), "rows": rows},
+               args.json)
+
+
+if __name__ == "__main__":
+    main()
