@@ -78,6 +78,8 @@ def test_file_then_overrides(tmp_path, ext):
     (["--benchmark.forget_split", "forget50"], "benchmark.forget_split"),
     (["--benchmark.hidden_size", "30", "--benchmark.num_heads", "4"], "benchmark.hidden_size: must be a multiple"),
     (["--unlearn.learning_rate", "-1"], "unlearn.learning_rate: must be > 0"),
+    (["--unlearn.grad_mode", "sparse"], "unlearn.grad_mode: must be dense or compact"),
+    (["--unlearn.step_in_backward", "true"], "unlearn.step_in_backward: needs grad_mode compact"),
     (["--benchmark", "3"], "benchmark: expected a mapping"),
     (["ratio", "0.1"], "expected --key value"),
 ])
@@ -203,7 +205,8 @@ def test_mask_unlearn_eval_chain(tmp_path, cache, capsys):
 
     udir = tmp_path / "unlearn"
     assert main(["unlearn", *common, "--mask", str(mdir / "mask.safetensors"), "--objective", "npo",
-                 "--unlearn.steps", "2", "--unlearn.batch_size", "2", "--out", str(udir)]) == 0
+                 "--unlearn.steps", "2", "--unlearn.batch_size", "2", "--unlearn.grad_mode", "compact",
+                 "--out", str(udir)]) == 0
     assert (udir / "model" / "model.safetensors").is_file() and (udir / "train_log.json").is_file()
 
     # The unlearned weights differ from the target only where the mask selects.

@@ -145,8 +145,12 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
         max_grad_norm=u.max_grad_norm, logging_steps=max(1, u.steps // 4), save_strategy="no", report_to=[],
         use_cpu=True, seed=u.seed, data_seed=u.seed, disable_tqdm=True)
     ds = ForgetRetainDataset(forget, retain, seed=u.seed, refusal=objective.lower() in ("po", "idkpo", "dpo"))
+    # compact gradients keep only masked entries: dense (mask-free) runs always use dense gradients
+    compact = mask is not None and u.grad_mode == "compact"
     trainer = UnlearnTrainer(model=model, args=args, objective=objective, objective_kwargs=kw, mask=mask,
-                             train_dataset=ds, data_collator=QACollator(tok))
+                             train_dataset=ds, data_collator=QACollator(tok),
+                             grad_mode="compact" if compact else "dense",
+                             step_in_backward=compact and u.step_in_backward)
     trainer.remove_callback(transformers.PrinterCallback)  # our own progress lines instead of raw log dicts
     result = trainer.train()
     model.eval()

@@ -49,6 +49,8 @@ class UnlearnSettings:
     alpha: float = 1.0            # retain-loss weight (loss = gamma * forget + alpha * retain)
     npo_beta: float = 0.1
     seed: int = 0
+    grad_mode: str = "dense"      # "compact": gradients compacted in backward hooks (masked runs only)
+    step_in_backward: bool = False  # with grad_mode "compact": update inside backward (max_grad_norm 0)
 
 
 @dataclasses.dataclass
@@ -314,6 +316,9 @@ def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
     _check(u.learning_rate > 0, p + "learning_rate", f"must be > 0, got {u.learning_rate}")
     _check(u.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {u.weight_decay}")
     _check(u.max_grad_norm >= 0, p + "max_grad_norm", f"must be >= 0, got {u.max_grad_norm}")
+    _check(u.grad_mode in ("dense", "compact"), p + "grad_mode", f"must be dense or compact, got {u.grad_mode!r}")
+    _check(not u.step_in_backward or (u.grad_mode == "compact" and u.max_grad_norm == 0), p + "step_in_backward",
+           "needs grad_mode compact and max_grad_norm 0")
 
 
 def _validate_objective(name: str, field: str) -> None:
