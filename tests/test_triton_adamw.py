@@ -335,20 +335,24 @@ sig = {k: "*fp32" for k in ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "tab
 sig.update(bits_ptr="*u8", dir_ptr="*i64", offs_ptr="*i32", err_ptr="*i32")
 sig.update({k: "i64" for k in ("n", "nnz", "tail_start", "step_i", "table_len")})
 sig.update({k: "fp32" for k in ("nss", "bc2s", "eps", "decay", "w1", "w1m1", "c2", "b2")})
-consts = dict(DTYPE=0, DENSE=False, AMSGRAD=True, MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True, HAS_OFFS=True,
-              DECAY_ALL=True, LERP_SMALL=True, EMU_FMA=False, COMPACT_G=False, BLOCK=1024, CHUNK_=4096)
-sig.update({k: "constexpr" for k in consts})
-src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
-for op in ("fma.rn.f32", "mul.f32", "add.f32", "sub.f32", "div.rn.f32", "div.full.f32", "div.approx.f32",
-           "sqrt.rn.f32", "sqrt.approx.f32"):
-    print(op, len(re.findall(r"(?<![\w.])" + re.escape(op) + r"(?![\w.])", ptx)))
+for dtype, compact in ((0, False), (1, True)):  # dense fp32 grads; compact fp32 grads of bf16 params
+    consts = dict(DTYPE=dtype, DENSE=False, AMSGRAD=True, MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True,
+                  HAS_OFFS=True, DECAY_ALL=True, LERP_SMALL=True, EMU_FMA=False, COMPACT_G=compact, BLOCK=1024,
+                  CHUNK_=4096)
+    sig.update({k: "constexpr" for k in consts})
+    if dtype == 1:
+        sig.update(p_ptr="*i16")
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+    for op in ("fma.rn.f32", "mul.f32", "add.f32", "sub.f32", "div.rn.f32", "div.full.f32", "div.approx.f32",
+               "sqrt.rn.f32", "sqrt.approx.f32"):
+        print(int(compact), op, len(re.findall(r"(?<![\w.])" + re.escape(op) + r"(?![\w.])", ptx)))
 '''
 
 
 def test_gpu_codegen_is_exact():
     """Compile the kernel for sm_90 (no GPU needed: Triton's bundled ptxas) as it is launched on a GPU,
-    and check the PTX: IEEE division and square root only, explicit fmas only, and every other float
+    with dense fp32 grads and with compact_grads (bf16 params), and check the PTX: IEEE division and square root only, explicit fmas only, and every other float
     multiply/add in its non-contractable .rn form (enable_fp_fusion=False), so ptxas cannot fuse
     p * decay into the final add."""
     import subprocess
@@ -361,7 +365,9 @@ def test_gpu_codegen_is_exact():
     if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
         pytest.skip(f"Triton cannot compile for CUDA here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-2000:]
-    counts = {line.split()[0]: int(line.split()[1]) for line in r.stdout.split("\n") if line.strip()}
-    assert counts["fma.rn.f32"] > 0 and counts["div.rn.f32"] > 0 and counts["sqrt.rn.f32"] > 0, counts
-    for op in ("mul.f32", "add.f32", "sub.f32", "div.full.f32", "div.approx.f32", "sqrt.approx.f32"):
-        assert counts[op] == 0, counts
+    for compact in ("0", "1"):  # dense grads, compact_grads
+        counts = {line.split()[1]: int(line.split()[2]) for line in r.stdout.split("\n")
+                  if line.strip() and line.split()[0] == compact}
+        assert counts["fma.rn.f32"] > 0 and counts["div.rn.f32"] > 0 and counts["sqrt.rn.f32"] > 0, (compact, counts)
+        for op in ("mul.f32", "add.f32", "sub.f32", "div.full.f32", "div.approx.f32", "sqrt.approx.f32"):
+            assert counts[op] == 0, (compact, counts)
