@@ -149,7 +149,7 @@ def test_select_topk_mask_end_to_end(gpu_backend, largest, gen):
             assert torch.equal(m.bits.cpu(), cm.bits) and torch.equal(cm.bits, o)
 
 
-# ---- masked_adamw_ (owner: gpu2) ------------------------------------------------------------------
+# ---- masked_adamw_ --------------------------------------------------------------------------------
 def _adamw_problem(dtype, kind, n, gen, amsgrad, with_offsets):
     """(p, sel-or-None, bits, dir, m, v, vmax, step, offs) on the CPU."""
     sel = None
@@ -264,3 +264,112 @@ def test_masked_adamw_optimizer_on_cuda(gen):
     for pc, pg in zip(cpu_params, gpu_params):
         assert torch.equal(pc.detach(), pg.detach().cpu())
 # ---- end masked_adamw_ -----------------------------------------------------------------------------
+
+
+# ---- compact gradients: gather_masked_, masked_adamw_(compact_grads=True) -------------------------
+def _gather_fn(backend):
+    return torch.ops.wagle.gather_masked_ if backend == "cuda" else wagle_ext.kernels.triton.gather_masked_
+
+
+def _gather_mask(kind, n, gen):
+    if kind == "full":
+        return torch.ones(n, dtype=torch.bool)
+    if kind == "empty":
+        return torch.zeros(n, dtype=torch.bool)
+    if kind == "sparse":  # mostly all-zero 32-element words
+        return torch.rand(n, generator=gen) < 0.002
+    if kind == "random":
+        return torch.rand(n, generator=gen) < 0.4
+    sel = torch.zeros(n, dtype=torch.bool)  # clustered
+    i = 0
+    while i < n:
+        run = int(torch.randint(1, 3000, (1,), generator=gen))
+        sel[i:i + run] = bool(torch.rand(1, generator=gen) < 0.3)
+        i += run
+    return sel
+
+
+@pytest.mark.parametrize("adamw_backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gather_masked_matches_reference(adamw_backend, dtype, accumulate, gen):
+    """gather_masked_ on the GPU vs the reference on the CPU, bit for bit: odd sizes, chunk
+    boundaries, > 1 M elements, every mask kind, infinities/NaN/denormals in src."""
+    if not ops._backend_has(adamw_backend, "gather_masked_", CUDA):
+        pytest.skip(f"back end {adamw_backend!r} has no gather_masked_ for CUDA tensors here")
+    fn = _gather_fn(adamw_backend)
+    sizes = [0, 1, 31, 33 * 17, 4096, 4096 * 3 + 7, (1 << 20) + 3, 300, 70001]
+    kinds = ["random", "full", "clustered", "empty", "random", "sparse", "clustered", "full", "sparse"]
+    for n, kind in zip(sizes, kinds):
+        src = torch.randn(n, generator=gen) * 3
+        if n:
+            pick = torch.randint(0, n, (min(n, 64),), generator=gen)
+            src[pick] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 1e-40, 1e30])[
+                torch.randint(0, 6, (len(pick),), generator=gen)]
+        src = src.to(dtype)
+        sel = _gather_mask(kind, n, gen)
+        bits = ref.pack_bits(sel)
+        d = ops.masked_adamw_chunk_offsets(bits, n)
+        out0 = torch.randn(int(sel.sum()), generator=gen)
+        want = out0.clone()
+        ref.gather_masked_(want, src, bits, d, accumulate)
+        got = out0.to(CUDA)
+        fn(got, src.to(CUDA), bits.to(CUDA), d.to(CUDA), accumulate)
+        assert _same_floats(got, want), (n, kind)
+
+
+def test_gather_masked_public_entry_and_bounds(gpu_backend, gen):
+    """ops.gather_masked on CUDA (non-contiguous bf16 src, accumulate) equals the reference; a
+    corrupt directory never writes outside out (guard values around it stay untouched)."""
+    src = torch.randn(301, 651, generator=gen).to(torch.bfloat16).t()
+    sel = _gather_mask("clustered", src.numel(), gen)
+    bits = ref.pack_bits(sel)
+    d = ops.masked_adamw_chunk_offsets(bits, src.numel())
+    want = torch.empty(int(sel.sum()))
+    ref.gather_masked_(want, src.contiguous(), bits, d, False)
+    ref.gather_masked_(want, src.contiguous(), bits, d, True)
+    got = ops.gather_masked(src.to(CUDA), bits.to(CUDA), d.to(CUDA))
+    ops.gather_masked(src.to(CUDA), bits.to(CUDA), d.to(CUDA), out=got, accumulate=True)
+    assert got.is_cuda and _same_floats(got, want)
+    # corrupt directory: every chunk claims 100 more slots than its bits hold; out is a window of a
+    # larger buffer whose guard values must not change
+    bad = d.clone()
+    bad[1:] += 100 * torch.arange(1, bad.numel())
+    nnz = int(bad[-1])
+    buf = torch.full((nnz + 2000,), 7.0, device=CUDA)
+    out = buf[1000:1000 + nnz]
+    _gather_fn(gpu_backend)(out, src.contiguous().to(CUDA), bits.to(CUDA), bad.to(CUDA), False)
+    torch.cuda.synchronize()
+    assert torch.all(buf[:1000] == 7.0) and torch.all(buf[1000 + nnz:] == 7.0)
+
+
+@pytest.mark.parametrize("adamw_backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["masked", "all"])
+def test_masked_adamw_compact_grads_matches_reference(adamw_backend, dtype, mode, gen):
+    """masked_adamw_(compact_grads=True) on the GPU vs the reference on the CPU, one multi-tensor
+    call (dense params get float32[numel] grads): p, m, v, vmax and the written-back compact grads
+    bit-identical."""
+    if not ops._backend_has(adamw_backend, "masked_adamw_", CUDA):
+        pytest.skip(f"back end {adamw_backend!r} has no masked_adamw_ for CUDA tensors here")
+    gpu_fn = torch.ops.wagle.masked_adamw_ if adamw_backend == "cuda" else wagle_ext.kernels.triton.masked_adamw_
+    for amsgrad, maximize, offsets in ((False, False, False), (True, True, True)):
+        sizes = [0, 1, 31, 33 * 17, 4096, 4096 * 3 + 7, (1 << 20) + 3, 300]
+        kinds = ["random", "clustered", "dense", "empty", "random", "clustered", "random", "dense"]
+        probs = [_adamw_problem(dtype, k, n, gen, amsgrad, offsets) for k, n in zip(kinds, sizes)]
+        grads = []
+        for x in probs:
+            g = (torch.randn(x["p"].shape, generator=gen) * 64).to(dtype).float()
+            grads.append(g if x["sel"] is None else g[x["sel"]])
+        kw = dict(lr=3e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, maximize=maximize,
+                  weight_decay_mode=mode, torch_tail=8, grad_scale=None, found_inf=None, compact_grads=True)
+        if amsgrad:
+            kw.update(grad_scale=torch.tensor(48.0), found_inf=torch.tensor(0.0))
+        want = _adamw_call(ref.masked_adamw_, probs, grads, CPU, amsgrad, **kw)
+        if amsgrad:
+            kw.update(grad_scale=kw["grad_scale"].to(CUDA), found_inf=kw["found_inf"].to(CUDA))
+        got = _adamw_call(gpu_fn, probs, grads, CUDA, amsgrad, **kw)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.int16) if a.element_size() == 2 else a.view(torch.int32),
+                                                      b.view(torch.int16) if b.element_size() == 2 else b.view(torch.int32)), i
+# ---- end compact gradients ------------------------------------------------------------------------

@@ -225,6 +225,104 @@ def test_rejects_inconsistent_directory_and_offsets(gen):
                          [torch.tensor(1.0)], [bits], [d], [e32], amsgrad=False, **_kw())
 
 
+# ---- compact gradients (compact_grads=True: grads are float32[nnz] at the compact slot) ----------
+def _compact(g, sel):
+    """The compact float32 gradient of a dense one (what gather_masked writes)."""
+    return g.reshape(-1).float().clone() if sel is None else g.reshape(-1)[sel.reshape(-1)].float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["random", "clustered", "dense", "empty"])
+@pytest.mark.parametrize("mode", ["masked", "all"])
+def test_compact_grads_match_reference(dtype, kind, mode, gen):
+    """compact_grads: bit-exact with the reference fed the same compact grads, and with the dense
+    path fed the dense grads (bf16/fp16 grads widen exactly, so the update is the same)."""
+    a = Problems(dtype, kind, gen)
+    b, c = a.clone(), a.clone()
+    for _ in range(2):
+        g = a.grads(gen)
+        gc = [_compact(x, s) for x, s in zip(g, a.sel)]
+        a.call(tk.masked_adamw_, [x.clone() for x in gc], **_kw(mode, compact_grads=True))
+        b.call(ref.masked_adamw_, [x.clone() for x in gc], **_kw(mode, compact_grads=True))
+        c.call(ref.masked_adamw_, [x.clone() for x in g], **_kw(mode))
+        _assert_same(a, b)
+        _assert_same(a, c)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_grads_amsgrad_offsets_scale(amsgrad, dtype, gen):
+    """compact_grads with amsgrad, maximize, step offsets and grad_scale: the unscaled float32
+    values are written back to the compact grads, exactly as the reference."""
+    for kind in ("random", "dense"):
+        a = Problems(dtype, kind, gen, amsgrad=amsgrad, with_offsets=True)
+        b = a.clone()
+        scale = torch.tensor(float(2 ** int(torch.randint(1, 10, (1,), generator=gen))) * 0.75)
+        for beta1, tail in ((0.9, 8), (0.3, 0)):
+            g = a.grads(gen, float(scale))
+            gc = [_compact(x, s) for x, s in zip(g, a.sel)]
+            ga, gb = [x.clone() for x in gc], [x.clone() for x in gc]
+            kw = _kw("all", True, grad_scale=scale, found_inf=torch.tensor(0.0), compact_grads=True)
+            kw.update(beta1=beta1, torch_tail=tail)
+            a.call(tk.masked_adamw_, ga, **kw)
+            b.call(ref.masked_adamw_, gb, **kw)
+            _assert_same(a, b)
+            for x, y, g0 in zip(ga, gb, gc):
+                assert _same(x, y)
+                assert x.numel() == 0 or not _same(x, g0)  # written back (scale is not 1)
+
+
+def test_compact_grads_public_entry_and_gather(gen):
+    """The compact path end to end on the Triton back end: ops.gather_masked (accumulating two
+    micro-batches) then ops.masked_adamw_(compact_grads=True) equals the reference's dense step on
+    the summed gradient; found_inf=1 leaves everything (compact grads included) untouched."""
+    a = Problems(torch.bfloat16, "clustered", gen, amsgrad=True, shapes=[(77, 13), (5000,), (0,)])
+    b = a.clone()
+    g1, g2 = a.grads(gen), a.grads(gen)
+    compact = []
+    for x, y, bits, d, sel in zip(g1, g2, a.bits, a.dir, a.sel):
+        out = ops.gather_masked(x, bits if sel is not None else None, d if sel is not None else None)
+        ops.gather_masked(y, bits if sel is not None else None, d if sel is not None else None, out=out,
+                          accumulate=True)
+        compact.append(out)
+    dense_sum = [x.float() + y.float() for x, y in zip(g1, g2)]
+    for s in a.step:
+        s += 1
+    ops.masked_adamw_(a.p, compact, a.m, a.v, a.vmax, a.step,
+                      [bb if s is not None else None for bb, s in zip(a.bits, a.sel)],
+                      [d if s is not None else None for d, s in zip(a.dir, a.sel)], None,
+                      lr=1e-2, amsgrad=True, weight_decay=0.05, compact_grads=True)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.05, eps=1e-8, maximize=False,
+              weight_decay_mode="masked", torch_tail=ops.torch_fused_adamw_tail(), compact_grads=True)
+    for s in b.step:
+        s += 1
+    ref.masked_adamw_(b.p, [_compact(x, s) for x, s in zip(dense_sum, b.sel)], b.m, b.v, b.vmax, b.step,
+                      b.bits, b.dir, [torch.empty(0, dtype=torch.int32)] * 3, amsgrad=True, **kw)
+    _assert_same(a, b)
+    c = a.clone()
+    gc = [x.clone() for x in compact]
+    a.call(tk.masked_adamw_, gc, **_kw("all", grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0),
+                                       compact_grads=True))
+    _assert_same(a, c)
+    assert all(_same(x, y) for x, y in zip(gc, compact))
+
+
+def test_compact_grads_rejects_bad_grads(gen):
+    n = 9000
+    bits = ref.pack_bits(torch.rand(n, generator=gen) < 0.5)
+    d = ops.masked_adamw_chunk_offsets(bits, n)
+    nnz = int(d[-1])
+    e32 = torch.empty(0, dtype=torch.int32)
+    args = lambda g: ([torch.randn(n)], [g], [torch.zeros(nnz)], [torch.zeros(nnz)], [],  # noqa: E731
+                      [torch.tensor(1.0)], [bits], [d], [e32])
+    with pytest.raises(TypeError, match="grads"):
+        tk.masked_adamw_(*args(torch.zeros(nnz, dtype=torch.bfloat16)), amsgrad=False, **_kw(compact_grads=True))
+    with pytest.raises(ValueError, match="grads"):
+        tk.masked_adamw_(*args(torch.zeros(n)), amsgrad=False, **_kw(compact_grads=True))
+    with pytest.raises(ValueError, match="grads"):
+        tk.masked_adamw_(*args(torch.zeros(2 * nnz)[::2]), amsgrad=False, **_kw(compact_grads=True))
+
+
 _COMPILE_SCRIPT = r'''
 import os, re, sys
 sys.path.insert(0, sys.argv[1])
@@ -237,20 +335,24 @@ sig = {k: "*fp32" for k in ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "tab
 sig.update(bits_ptr="*u8", dir_ptr="*i64", offs_ptr="*i32", err_ptr="*i32")
 sig.update({k: "i64" for k in ("n", "nnz", "tail_start", "step_i", "table_len")})
 sig.update({k: "fp32" for k in ("nss", "bc2s", "eps", "decay", "w1", "w1m1", "c2", "b2")})
-consts = dict(DTYPE=0, DENSE=False, AMSGRAD=True, MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True, HAS_OFFS=True,
-              DECAY_ALL=True, LERP_SMALL=True, EMU_FMA=False, BLOCK=1024, CHUNK_=4096)
-sig.update({k: "constexpr" for k in consts})
-src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
-for op in ("fma.rn.f32", "mul.f32", "add.f32", "sub.f32", "div.rn.f32", "div.full.f32", "div.approx.f32",
-           "sqrt.rn.f32", "sqrt.approx.f32"):
-    print(op, len(re.findall(r"(?<![\w.])" + re.escape(op) + r"(?![\w.])", ptx)))
+for dtype, compact in ((0, False), (1, True)):  # dense fp32 grads; compact fp32 grads of bf16 params
+    consts = dict(DTYPE=dtype, DENSE=False, AMSGRAD=True, MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True,
+                  HAS_OFFS=True, DECAY_ALL=True, LERP_SMALL=True, EMU_FMA=False, COMPACT_G=compact, BLOCK=1024,
+                  CHUNK_=4096)
+    sig.update({k: "constexpr" for k in consts})
+    if dtype == 1:
+        sig.update(p_ptr="*i16")
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+    for op in ("fma.rn.f32", "mul.f32", "add.f32", "sub.f32", "div.rn.f32", "div.full.f32", "div.approx.f32",
+               "sqrt.rn.f32", "sqrt.approx.f32"):
+        print(int(compact), op, len(re.findall(r"(?<![\w.])" + re.escape(op) + r"(?![\w.])", ptx)))
 '''
 
 
 def test_gpu_codegen_is_exact():
     """Compile the kernel for sm_90 (no GPU needed: Triton's bundled ptxas) as it is launched on a GPU,
-    and check the PTX: IEEE division and square root only, explicit fmas only, and every other float
+    with dense fp32 grads and with compact_grads (bf16 params), and check the PTX: IEEE division and square root only, explicit fmas only, and every other float
     multiply/add in its non-contractable .rn form (enable_fp_fusion=False), so ptxas cannot fuse
     p * decay into the final add."""
     import subprocess
@@ -263,7 +365,9 @@ def test_gpu_codegen_is_exact():
     if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
         pytest.skip(f"Triton cannot compile for CUDA here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-2000:]
-    counts = {line.split()[0]: int(line.split()[1]) for line in r.stdout.split("\n") if line.strip()}
-    assert counts["fma.rn.f32"] > 0 and counts["div.rn.f32"] > 0 and counts["sqrt.rn.f32"] > 0, counts
-    for op in ("mul.f32", "add.f32", "sub.f32", "div.full.f32", "div.approx.f32", "sqrt.approx.f32"):
-        assert counts[op] == 0, counts
+    for compact in ("0", "1"):  # dense grads, compact_grads
+        counts = {line.split()[1]: int(line.split()[2]) for line in r.stdout.split("\n")
+                  if line.strip() and line.split()[0] == compact}
+        assert counts["fma.rn.f32"] > 0 and counts["div.rn.f32"] > 0 and counts["sqrt.rn.f32"] > 0, (compact, counts)
+        for op in ("mul.f32", "add.f32", "sub.f32", "div.full.f32", "div.approx.f32", "sqrt.approx.f32"):
+            assert counts[op] == 0, (compact, counts)

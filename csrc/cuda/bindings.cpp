@@ -226,19 +226,19 @@ int64_t popcount_bits_cuda(const at::Tensor& bits, int64_t numel) {
 }
 
 
-// ---- masked_adamw_ (owner: gpu2) ----------------------------------------------------------------
+// ---- masked_adamw_ -------------------------------------------------------------------------------
 // One launch for the whole list (csrc/cuda/masked_adamw.cu): per-tensor metadata with the
 // coefficients computed here by the CPU op's own adamw_coeffs(), copied to the device through a
 // pinned buffer (non-blocking), and a 2-int error flag read back once (the one synchronisation).
 // state_steps may live on the CPU (MaskedAdamW keeps them there: no synchronisation) or on the
 // device (one batched D2H copy). grad_scale / found_inf are read on the device by the kernel.
+// compact_grads: grads[i] is a contiguous float32[nnz] tensor (gather_masked_'s layout).
 void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                        at::TensorList mask_bits, at::TensorList chunk_offsets, at::TensorList step_offsets,
                        double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                        bool maximize, c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
                        const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads) {
-  TORCH_CHECK_VALUE(!compact_grads, "masked_adamw_: compact_grads is not implemented in the CUDA kernel yet");
   constexpr int64_t kChunk = 4096;
   const size_t nt = params.size();
   int mode = kDecayMasked;
@@ -296,14 +296,18 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     const at::Tensor& g = grads[i];
     check_cuda(p, "params", device);
     check_cuda(g, "grads", device);
-    TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type() && g.scalar_type() == p.scalar_type(),
-                     "masked_adamw_: params[", i, "] and grads[", i, "] must both be ", params[0].scalar_type(),
-                     ", got ", p.scalar_type(), " and ", g.scalar_type(), " (one call per dtype)");
+    TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type() &&
+                         g.scalar_type() == (compact_grads ? at::kFloat : p.scalar_type()),
+                     "masked_adamw_: params[", i, "] must be ", params[0].scalar_type(), " (one call per dtype) and grads[",
+                     i, "] ", compact_grads ? "float32 (compact_grads)" : "of the same dtype", ", got ", p.scalar_type(),
+                     " and ", g.scalar_type());
     TORCH_CHECK_VALUE(p.is_contiguous() && g.is_contiguous(), "masked_adamw_: params[", i, "] and grads[", i,
                       "] must be contiguous");
     const int64_t n = p.numel();
-    TORCH_CHECK_VALUE(g.numel() == n, "masked_adamw_: grads[", i, "] has ", g.numel(), " elements, params[", i,
-                      "] has ", n);
+    const int64_t g_numel = compact_grads ? exp_avgs[i].numel() : n;
+    TORCH_CHECK_VALUE(g.numel() == g_numel, "masked_adamw_: grads[", i, "] has ", g.numel(), " elements, expected ",
+                      g_numel, compact_grads ? " (one per selected element, as exp_avgs, with compact_grads)"
+                                             : " (as params)");
     const at::Tensor& bits = mask_bits[i];
     const at::Tensor& dir = chunk_offsets[i];
     const int64_t nchunks = (n + kChunk - 1) / kChunk;
@@ -404,6 +408,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   args.table_len = table_len;
   args.error = err.data_ptr<int>();
   args.maximize = maximize;
+  args.compact_grads = compact_grads;
   check_ok(masked_adamw(dt, reinterpret_cast<const AdamwTensorMeta*>(dev.data_ptr<uint8_t>()),
                         static_cast<int>(meta.size()), total_chunks, amsgrad, args,
                         at::cuda::getCurrentCUDAStream()));
@@ -415,6 +420,38 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                     "be partially updated");
 }
 // ---- end masked_adamw_ ----------------------------------------------------------------------------
+
+// ---- gather_masked_ (compact gradients) -----------------------------------------------------------
+// One launch (csrc/cuda/gather_masked.cu), no synchronisation: chunk_offsets[-1] lives on the
+// device, so out.numel() is not compared with it here (wagle_ext.ops.gather_masked skips that host
+// read on CUDA too); the kernel never writes outside out or a chunk's directory range.
+void gather_masked_cuda(at::Tensor& out, const at::Tensor& src, const at::Tensor& bits,
+                        const at::Tensor& chunk_offsets, bool accumulate) {
+  constexpr int64_t kChunk = 4096;
+  TORCH_CHECK_VALUE(src.defined() && src.is_cuda(), "gather_masked_: src must be a CUDA tensor");
+  const at::Device device = src.device();
+  const int dt = dtype_code(src, "gather_masked_: src");
+  check_cuda(out, "gather_masked_: out", device);
+  check_cuda(bits, "gather_masked_: bits", device);
+  check_cuda(chunk_offsets, "gather_masked_: chunk_offsets", device);
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "gather_masked_: out must be float32, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "gather_masked_: out must be contiguous");
+  TORCH_CHECK_VALUE(src.is_contiguous(), "gather_masked_: src must be contiguous");
+  const int64_t n = src.numel();
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  TORCH_CHECK_VALUE(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.numel() == (n + 7) / 8,
+                    "gather_masked_: bits must be a contiguous uint8 tensor with ", (n + 7) / 8, " bytes for src of ",
+                    n, " elements, got ", bits.numel());
+  TORCH_CHECK_VALUE(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.is_contiguous() &&
+                        chunk_offsets.numel() == nchunks + 1,
+                    "gather_masked_: chunk_offsets must be a contiguous int64 tensor with ", nchunks + 1,
+                    " entries (masked_adamw_chunk_offsets of bits), got ", chunk_offsets.numel());
+  TORCH_CHECK_VALUE(nchunks <= 0x7FFFFFFFLL, "gather_masked_: src has too many elements (", n, ")");
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(device);
+  check_ok(gather_masked(dt, src.data_ptr(), n, bits.data_ptr<uint8_t>(), chunk_offsets.data_ptr<int64_t>(),
+                         out.data_ptr<float>(), out.numel(), accumulate, at::cuda::getCurrentCUDAStream()));
+}
 }  // namespace
 }  // namespace cuda
 }  // namespace wagle
@@ -428,5 +465,6 @@ TORCH_LIBRARY_IMPL(wagle, CUDA, m) {
   m.impl("pack_bits", &wagle::cuda::pack_bits_cuda);
   m.impl("unpack_bits", &wagle::cuda::unpack_bits_cuda);
   m.impl("popcount_bits", &wagle::cuda::popcount_bits_cuda);
-  m.impl("masked_adamw_", &wagle::cuda::masked_adamw_cuda);  // owner: gpu2
+  m.impl("masked_adamw_", &wagle::cuda::masked_adamw_cuda);
+  m.impl("gather_masked_", &wagle::cuda::gather_masked_cuda);
 }

@@ -87,6 +87,22 @@ inline int grid_blocks(int64_t work, int64_t per_block) {
   return static_cast<int>(blocks > 0 ? blocks : 1);
 }
 
+// 32 mask bits of elements [e, e+32) (e a multiple of 8) of a tensor of n elements (bits beyond
+// n read as 0, like the CPU op's load_word: padding bits are never trusted). Byte loads: no
+// alignment requirement. Used by masked_adamw.cu and gather_masked.cu (the compact-slot prefix of kernels.md 4.3).
+__device__ __forceinline__ uint32_t load_word32(const uint8_t* bits, int64_t e, int64_t n) {
+  if (e >= n) return 0u;
+  const int64_t nbytes = (n + 7) / 8;
+  const int64_t b0 = e / 8;
+  uint32_t w = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (b0 + j < nbytes) w |= static_cast<uint32_t>(__ldg(bits + b0 + j)) << (8 * j);
+  const int64_t cnt = n - e;
+  if (cnt < 32) w &= (1u << cnt) - 1u;
+  return w;
+}
+
 // Flushes a block's shared 2049-bin uint32 histogram into the global int64 one (nonzero bins).
 __device__ __forceinline__ void flush_hist(const uint32_t* sh, unsigned long long* hist) {
   for (int i = threadIdx.x; i < kHistSize; i += blockDim.x)

@@ -58,12 +58,13 @@ cudaError_t unpack_bits(const uint8_t* bits, int64_t n, uint8_t* mask, cudaStrea
 cudaError_t popcount_bits(const uint8_t* bits, int64_t n, unsigned long long* count,
                           cudaStream_t stream);
 
-// ---- masked AdamW (masked_adamw.cu; owner: gpu2) ----------------------------------------------
+// ---- masked AdamW (masked_adamw.cu) -----------------------------------------------------------
 // One tensor of a masked_adamw_ list, as the kernel reads it from device memory (the launcher
 // copies an array of these, one per tensor, to the device before the single launch).
 struct AdamwTensorMeta {
   void* p;                 // params (DType of the call), n elements, contiguous
-  void* g;                 // grads, same dtype and size (written back with grad_scale)
+  void* g;                 // grads, same dtype and size (written back with grad_scale); with
+                           // AdamwListArgs::compact_grads float32[nnz] at the compact slot
   float* m;                // compact exp_avg, nnz entries
   float* v;                // compact exp_avg_sq, nnz entries
   float* vmax;             // compact max_exp_avg_sq (amsgrad), else null
@@ -88,6 +89,7 @@ struct AdamwListArgs {
   int* error;               // device int32[2], ADDED to: [0] chunks whose dir disagrees with the
                             // bits, [1] elements whose step offset is outside [0, step)
   bool maximize;
+  bool compact_grads;       // grads are float32[nnz] indexed like m/v (gather_masked's layout)
 };
 
 // One masked AdamW step over num_tensors tensors of one dtype in ONE launch (one block per
@@ -95,6 +97,14 @@ struct AdamwListArgs {
 // meta[i].chunk_begin their prefix sums). Same arithmetic as the CPU op, bit for bit.
 cudaError_t masked_adamw(int dtype, const AdamwTensorMeta* meta, int num_tensors, int64_t total_chunks,
                          bool amsgrad, const AdamwListArgs& args, cudaStream_t stream);
+
+// ---- compact gradients (gather_masked.cu) -------------------------------------------------------
+// out[k] = float(src[e_k]) (accumulate: out[k] += float(src[e_k]), one float32 add) for the k-th
+// selected element e_k of bits (n elements of dtype, contiguous; bits ceil(n/8) bytes, dir
+// ceil(n/4096)+1 entries as masked_adamw's, on the device). Writes only out[0..nnz), inside each
+// chunk's [dir[c], dir[c+1]); a directory that disagrees with the bits is not reported. One launch.
+cudaError_t gather_masked(int dtype, const void* src, int64_t n, const uint8_t* bits, const int64_t* dir,
+                          float* out, int64_t nnz, bool accumulate, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace wagle

@@ -15,6 +15,9 @@
 // element 32*word + j with slot base + popc(word & lanemask_lt). m/v for one word are one
 // contiguous run (coalesced); p/g lines are only touched where a selected element lives.
 //
+// Compact gradients (args.compact_grads): g is float32[nnz], read and written back at the slot k
+// like m/v (one contiguous run per word) instead of at the element; nothing else changes.
+//
 // Arithmetic: bit-identical to the CPU op (csrc/cpu/masked_adamw.cpp) and torch's fused CPU AdamW:
 // the coefficients come from the same host function adamw_coeffs() (double pow of the C library,
 // float rounding), the per-element formulas from common/adamw_math.h (adamw_lerp_m and
@@ -62,21 +65,6 @@ __device__ __forceinline__ void store_f(void* p, int64_t i, float x) {
   } else {
     static_cast<uint16_t*>(p)[i] = f32_to_fp16_bits(x);
   }
-}
-
-// 32 mask bits of elements [e, e+32) of a tensor of n elements (bits beyond n read as 0, like the
-// CPU op's load_word: padding bits are never trusted). Byte loads: no alignment requirement.
-__device__ __forceinline__ uint32_t load_word32(const uint8_t* bits, int64_t e, int64_t n) {
-  if (e >= n) return 0u;
-  const int64_t nbytes = (n + 7) / 8;
-  const int64_t b0 = e / 8;
-  uint32_t w = 0;
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-    if (b0 + j < nbytes) w |= static_cast<uint32_t>(__ldg(bits + b0 + j)) << (8 * j);
-  const int64_t cnt = n - e;
-  if (cnt < 32) w &= (1u << cnt) - 1u;
-  return w;
 }
 
 // Dense tensor: every element of [e, e+32) below n is selected.
@@ -160,10 +148,12 @@ __global__ void __launch_bounds__(kAdamwThreads)
       c.neg_step_size = a.step_table[2 * s];
       c.bc2_sqrt = a.step_table[2 * s + 1];
     }
-    float g = load_f<D>(t.g, e);
+    // Compact grads (gather_masked's layout): float32 at the slot k, like m/v.
+    float g = a.compact_grads ? static_cast<const float*>(t.g)[k] : load_f<D>(t.g, e);
     if (a.grad_scale != nullptr) {
       g = __fdiv_rn(g, *a.grad_scale);  // torch fused: grad / scale, written back
-      store_f<D>(t.g, e, g);
+      if (a.compact_grads) static_cast<float*>(t.g)[k] = g;
+      else store_f<D>(t.g, e, g);
     }
     if (a.maximize) g = -g;
     const float p1 = __fmul_rn(load_f<D>(t.p, e), c.decay);  // rounded: never fused into the add below

@@ -13,7 +13,8 @@ try:
 
     from .attribution_score import attribution_score
     from .bits import pack_bits, popcount_bits, unpack_bits
-    from .masked_adamw import masked_adamw_  # owner: gpu2
+    from .gather_masked import gather_masked_
+    from .masked_adamw import masked_adamw_
     from .select_topk import count_key, radix_histogram, topk_mask_bits
 
     AVAILABLE = True
@@ -24,4 +25,4 @@ except Exception as exc:  # triton missing or broken: not an error, just not a b
 
 __all__ = ["AVAILABLE", "IMPORT_ERROR", "attribution_score", "radix_histogram", "count_key",
            "topk_mask_bits", "pack_bits", "unpack_bits", "popcount_bits",
-           "masked_adamw_"]  # masked_adamw_: owner gpu2
+           "masked_adamw_", "gather_masked_"]

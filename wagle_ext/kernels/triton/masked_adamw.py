@@ -21,6 +21,11 @@ The interpreter's ``tl.fma`` is ``a*b + c`` with two roundings; under ``TRITON_I
 kernel therefore emulates a correctly rounded fma in float64 (exact product, round-to-odd sum,
 as ``reference._fma32``), which is what the GPU's fma instruction computes.
 
+Compact gradients (``compact_grads=True``, written by ``gather_masked_``): g is float32 and read
+(and, with grad_scale, written back) at the element's compact slot, like m/v, instead of at its
+dense offset; the rest of the arithmetic is unchanged (bf16/fp16 grads are widened exactly, so a
+compact fp32 copy of them gives the same update).
+
 One launch per tensor (the interpreter cannot load pointers from memory, so there is no
 tensor-list metadata here; the CUDA op of csrc/cuda/masked_adamw.cu launches once per list).
 A directory that disagrees with the bits, or a step offset outside ``[0, step)``, is counted in
@@ -52,7 +57,8 @@ def _masked_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, bits_ptr, dir_ptr
                          DTYPE: tl.constexpr, DENSE: tl.constexpr, AMSGRAD: tl.constexpr,
                          MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
                          HAS_OFFS: tl.constexpr, DECAY_ALL: tl.constexpr, LERP_SMALL: tl.constexpr,
-                         EMU_FMA: tl.constexpr, BLOCK: tl.constexpr, CHUNK_: tl.constexpr):
+                         EMU_FMA: tl.constexpr, COMPACT_G: tl.constexpr, BLOCK: tl.constexpr,
+                         CHUNK_: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors beyond 2^31 elements
     skip = 0
     if HAS_FOUND:
@@ -91,16 +97,22 @@ def _masked_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, bits_ptr, dir_ptr
                 act = cnt + 1  # every slice: unselected weights decay too
                 pmask = sel | valid
             if act > 0:
-                # ---- load p, g (bf16 widened by a shift: exact)
+                # ---- load p, g (bf16 widened by a shift: exact); compact g: float32 at the slot
                 if DTYPE == 1:
                     p = (tl.load(p_ptr + offs, mask=pmask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-                    g = (tl.load(g_ptr + offs, mask=sel, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
                 else:
                     p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
+                if COMPACT_G:
+                    g = tl.load(g_ptr + slot, mask=sel, other=0.0)
+                elif DTYPE == 1:
+                    g = (tl.load(g_ptr + offs, mask=sel, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                else:
                     g = tl.load(g_ptr + offs, mask=sel, other=0.0).to(tl.float32)
                 if HAS_SCALE:
                     g = tl.math.div_rn(g, tl.zeros_like(g) + scale)
-                    if DTYPE == 1:
+                    if COMPACT_G:
+                        tl.store(g_ptr + slot, g, mask=sel)
+                    elif DTYPE == 1:
                         gb = g.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
                         gb = (gb + (((gb >> 16) & 1) + 0x7FFF)) >> 16
                         gb = tl.where(g != g, 0x7FC0, gb)
@@ -220,7 +232,7 @@ def _masked_adamw_op(
     mask_bits: list[torch.Tensor], chunk_offsets: list[torch.Tensor], step_offsets: list[torch.Tensor],
     lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool,
     maximize: bool, weight_decay_mode: str, grad_scale: Optional[torch.Tensor],
-    found_inf: Optional[torch.Tensor], torch_tail: int,
+    found_inf: Optional[torch.Tensor], torch_tail: int, compact_grads: bool = False,
 ) -> None:
     if not params:
         return
@@ -267,7 +279,8 @@ def _masked_adamw_op(
             nss, bc2s, eps32, decay, w1, w1m1, c2, b2,
             DTYPE=_DTYPE_CODE[p.dtype], DENSE=dense, AMSGRAD=amsgrad, MAXIMIZE=maximize,
             HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None, HAS_OFFS=has_offs,
-            DECAY_ALL=decay_all, LERP_SMALL=lerp_small, EMU_FMA=interpreting(), BLOCK=bl, CHUNK_=CHUNK,
+            DECAY_ALL=decay_all, LERP_SMALL=lerp_small, EMU_FMA=interpreting(), COMPACT_G=compact_grads,
+            BLOCK=bl, CHUNK_=CHUNK,
             enable_fp_fusion=False)
     bad_dir, bad_offs = err.tolist()  # one synchronisation per call
     if bad_dir:
@@ -300,6 +313,7 @@ def masked_adamw_(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     torch_tail: int = 8,
+    compact_grads: bool = False,
 ) -> None:
     """Triton ``masked_adamw_``: same contract as ``kernels.reference.masked_adamw_`` (layout:
     csrc/ops.cpp). params/grads contiguous fp32/bf16/fp16 (one dtype per call); m/v/vmax contiguous
@@ -307,8 +321,13 @@ def masked_adamw_(
     empty ``step_offsets`` = tensor-wide step; state_steps already incremented (read on the host:
     keep them on the CPU, as MaskedAdamW does, to avoid a synchronisation per tensor).
 
+    With ``compact_grads`` grads[i] is a contiguous float32[nnz] tensor (the selected elements'
+    gradients in flat order, as ``gather_masked_`` writes them; float32[numel] for a dense param),
+    read and (with grad_scale) written at the compact slot like exp_avg, whatever the params' dtype.
+
     Mutates params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and, with ``grad_scale``, the selected
-    entries of grads. ``found_inf == 1`` (read on the device) skips everything.
+    entries of grads (every entry of compact grads). ``found_inf == 1`` (read on the device) skips
+    everything.
     """
     if weight_decay_mode not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
@@ -327,9 +346,18 @@ def masked_adamw_(
     if dtype not in _DTYPE_CODE:
         raise TypeError(f"masked_adamw_: params must be float32, bfloat16 or float16, got {dtype}")
     for i, (p, g) in enumerate(zip(params, grads)):
-        if p.dtype != dtype or g.dtype != dtype:
+        if p.dtype != dtype:
+            raise TypeError(f"masked_adamw_: params[{i}] is {p.dtype} but params[0] is {dtype} (one call per dtype)")
+        if compact_grads:
+            if g.dtype != torch.float32:
+                raise TypeError(f"masked_adamw_: grads[{i}] must be float32 with compact_grads=True, got {g.dtype}")
+            if not (p.is_contiguous() and g.is_contiguous()) or g.numel() != exp_avgs[i].numel():
+                raise ValueError(f"masked_adamw_: params[{i}] must be contiguous and grads[{i}] a contiguous tensor "
+                                 f"with one entry per selected element ({exp_avgs[i].numel()}, as exp_avgs[{i}]) "
+                                 f"with compact_grads=True, got {g.numel()}")
+        elif g.dtype != dtype:
             raise TypeError(f"masked_adamw_: params[{i}] and grads[{i}] must both be {dtype} (one call per dtype)")
-        if not (p.is_contiguous() and g.is_contiguous()) or g.numel() != p.numel():
+        elif not (p.is_contiguous() and g.is_contiguous()) or g.numel() != p.numel():
             raise ValueError(f"masked_adamw_: params[{i}] and grads[{i}] must be contiguous with equal numel")
         n = p.numel()
         dense = mask_bits[i].numel() == 0 and chunk_offsets[i].numel() == 0
@@ -356,4 +384,4 @@ def masked_adamw_(
                      steps, [b.contiguous() for b in mask_bits], [d.contiguous() for d in chunk_offsets],
                      [o.contiguous() for o in step_offsets], float(lr), float(beta1), float(beta2),
                      float(weight_decay), float(eps), bool(amsgrad), bool(maximize), weight_decay_mode,
-                     grad_scale, found_inf, int(torch_tail))
+                     grad_scale, found_inf, int(torch_tail), bool(compact_grads))
