@@ -32,15 +32,21 @@ def llama(args):
     return LlamaForCausalLM(cfg)
 
 
-def random_mask(model, ratio: float, gen):
-    """A random MaskSet of density ~ratio, built one tensor at a time so no N-sized score buffer
-    inflates the peak (scoring and selection have their own benches)."""
+def random_mask(model, ratio: float, gen, slice_elems: int = 1 << 20):
+    """A random MaskSet of density ~ratio, built in slices of ``slice_elems`` elements (bits packed
+    per slice) so neither an N-sized score buffer nor a tensor-sized random temporary inflates the
+    peak or leaves freed heap behind (scoring and selection have their own benches)."""
     import torch
 
     import wagle_ext
 
-    return wagle_ext.MaskSet({n: wagle_ext.PackedMask.from_bool(torch.rand(p.shape, generator=gen) < ratio)
-                              for n, p in model.named_parameters()})
+    masks = {}
+    for n, p in model.named_parameters():
+        numel = p.numel()
+        parts = [wagle_ext.pack_bits(torch.rand(min(slice_elems, numel - i), generator=gen) < ratio)
+                 for i in range(0, numel, slice_elems)]  # slice_elems % 8 == 0: slices pack back to back
+        masks[n] = wagle_ext.PackedMask(torch.cat(parts), p.shape)
+    return wagle_ext.MaskSet(masks)
 
 
 def graddiff_data(args, gen):

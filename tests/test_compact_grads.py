@@ -197,13 +197,22 @@ def test_trainer_compact_equals_dense(setup, tmp_path, ga, clip):
             if clip:  # dense mode logs the masked norm it clipped with; compact mode the same
                 assert logged == pytest.approx(dense_logged, rel=1e-5)
     masks = mask.for_model(runs["compact"].model)
+    worst = 0.0
     for (n, a), (_, b) in zip(runs["dense"].model.named_parameters(), runs["compact"].model.named_parameters()):
-        assert torch.equal(a, b), n
+        if ga == 1:
+            # one micro-batch: the forget and retain contributions add in either order, bit-identical
+            assert torch.equal(a, b), n
+        else:
+            # with accumulation the dense run adds (f1 + r1) + (f2 + r2), the compact run
+            # ((f1 + r1) + f2) + r2 (terms are backpropagated one at a time): fp32 rounding only
+            worst = max(worst, float((a - b).detach().abs().max()))
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), n
         sel = masks[n].to_bool()
         assert torch.equal(b.detach()[~sel], before[n][~sel]), n
         if masks[n].nnz == 0:
             assert not b.requires_grad and b.grad is None, n
     assert sum(int((b.detach() != before[n]).sum()) for n, b in runs["compact"].model.named_parameters()) > 0
+    print(f"ga={ga} clip={clip}: largest |dense - compact| = {worst:.2e}")
 
 
 def test_trainer_step_in_backward_equals_dense(setup, tmp_path):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -567,8 +567,15 @@ class Objective:
         return self.forget_keys + (("retain",) if self.retain != "none" else ())
 
     # -- call ---------------------------------------------------------------------------------------
-    def __call__(self, model: nn.Module, batch: Mapping[str, Any],
-                 ref_model: Optional[nn.Module] = None) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any], ref_model: Optional[nn.Module] = None,
+                 backward: Optional[Callable[[Tensor], None]] = None) -> tuple[Tensor, dict[str, float]]:
+        """``backward``: when given, each weighted term (``gamma * forget``, then ``alpha * retain``)
+        is passed to it (e.g. ``Tensor.backward``) as soon as it is computed, and the returned loss
+        is detached. Same gradient as one backward of the sum, but the forget pass's graph is freed
+        before the retain pass runs, and -- the reason it exists -- autograd never holds the retain
+        pass's gradient of every weight while it waits for the forget pass's contribution (a single
+        backward through two forward passes keeps one dense gradient per parameter alive until both
+        branches reach it, which defeats compact gradients)."""
         if self.needs_reference and ref_model is None:
             why = "its forget term" if self.forget_needs_reference else f"retain={self.retain!r}"
             raise ValueError(f"objective {self.name!r} needs a frozen reference model ({why}); pass "
@@ -582,10 +589,17 @@ class Objective:
                                  f"{None if seq is None else sorted(seq)}")
         forget_loss, logs = self.forget_term(model, batch, ref_model)
         loss = self.gamma * forget_loss
+        if backward is not None:
+            backward(loss)
+            loss = loss.detach()
         logs = {"forget_loss": _f(forget_loss), **logs}
         if self.retain != "none":
             retain_loss = self.retain_term(model, batch["retain"], ref_model)
-            loss = loss + self.alpha * retain_loss
+            term = self.alpha * retain_loss
+            if backward is not None:
+                backward(term)
+                term = term.detach()
+            loss = loss + term
             logs["retain_loss"] = _f(retain_loss)
         logs["loss"] = _f(loss)
         return loss, logs

@@ -24,6 +24,7 @@ that parameter right away, so no gradient outlives its hook.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -150,6 +151,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._cgrads: dict = {}       # param -> float32[nnz] compact gradient buffer
         self._cgrad_ready: set = set()  # params whose buffer holds this step's gradient
         self._hooks: dict = {}        # param -> hook handle (compact mode)
+        self._hold = False            # accumulate_only(): step_in_backward hooks only accumulate
         self._frozen: set = set()     # params this optimizer set requires_grad_(False)
         self._sync_hooks()
 
@@ -320,6 +322,18 @@ class MaskedAdamW(torch.optim.Optimizer):
         self.grad_mode = "dense"
         self.step_in_backward = False
 
+    @contextlib.contextmanager
+    def accumulate_only(self):
+        """With ``step_in_backward``: inside this context the hooks only accumulate compact
+        gradients; the first backward after it updates each parameter with the accumulated plus
+        its new gradient (for losses backpropagated one term at a time). A parameter that no later
+        backward reaches is updated by :meth:`step`."""
+        held, self._hold = self._hold, True
+        try:
+            yield self
+        finally:
+            self._hold = held
+
     @torch.no_grad()
     def _grad_hook(self, p: torch.Tensor) -> None:
         g = p.grad
@@ -327,12 +341,22 @@ class MaskedAdamW(torch.optim.Optimizer):
             return
         if g.is_sparse:
             raise TypeError("MaskedAdamW does not support sparse gradients")
-        if self.step_in_backward:
-            self._step_now(p, g)
+        if self.step_in_backward and not self._hold:
+            if p in self._cgrad_ready:  # earlier terms of this step were accumulated
+                self._gather(p, g, accumulate=True)
+                self._cgrad_ready.discard(p)
+                self._step_now(p, self._cgrads[p], compact=True)
+            else:
+                self._step_now(p, g, compact=False)
             p.grad = None
             return
+        self._gather(p, g, accumulate=p in self._cgrad_ready)
+        self._cgrad_ready.add(p)
+        p.grad = None
+
+    def _gather(self, p: torch.Tensor, g: torch.Tensor, accumulate: bool) -> None:
+        """Compact ``g`` (the dense gradient of ``p``) into ``p``'s buffer, or add it there."""
         mask = self._masks.get(p)
-        accumulate = p in self._cgrad_ready
         if mask is None:
             if accumulate:
                 self._cgrads[p].add_(g.reshape(-1))
@@ -349,8 +373,6 @@ class MaskedAdamW(torch.optim.Optimizer):
                 torch.ops.wagle.gather_masked_(buf, g, mask.bits, d, accumulate)  # shapes validated at set-up
             else:
                 ops.gather_masked(g, mask.bits, d, out=buf, accumulate=accumulate)
-        self._cgrad_ready.add(p)
-        p.grad = None
 
     def compact_grad(self, param: torch.Tensor) -> Optional[torch.Tensor]:
         """The accumulated compact gradient of ``param`` since the last step: float32[nnz] in flat
@@ -399,15 +421,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._cgrad_ready.clear()
 
-    def _step_now(self, p: torch.Tensor, g: torch.Tensor) -> None:
-        """step_in_backward: one masked AdamW step of ``p`` alone, with its dense gradient ``g``."""
+    def _step_now(self, p: torch.Tensor, g: torch.Tensor, compact: bool) -> None:
+        """step_in_backward: one masked AdamW step of ``p`` alone, with its gradient ``g`` (dense,
+        or compact float32[nnz])."""
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             raise RuntimeError("MaskedAdamW(step_in_backward=True) does not support GradScaler")
         group = getattr(self, "_group_of", {}).get(p)
         if group is None:
             self._group_of = {q: grp for grp in self.param_groups for q in grp["params"]}
             group = self._group_of[p]
-        self._step_group(group, [(p, g)], compact=False, grad_scale=None, found_inf=None)
+        self._step_group(group, [(p, g)], compact=compact, grad_scale=None, found_inf=None)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

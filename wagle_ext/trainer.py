@@ -13,6 +13,7 @@ bf16 autocast, ``torch.compile``, checkpoints, ``resume_from_checkpoint``, DDP u
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -210,11 +211,40 @@ class UnlearnTrainer(transformers.Trainer):
             dev = next(model.parameters()).device
             if next(ref.parameters()).device != dev:
                 ref.to(dev)
-        loss, logs = self.objective(model, inputs, ref_model=ref)
+        per_term = self.grad_mode == "compact" and model.training and torch.is_grad_enabled()
+        loss, logs = self.objective(model, inputs, ref_model=ref,
+                                    backward=self._term_backward() if per_term else None)
+        if per_term:
+            loss = loss.detach().requires_grad_(True)
         for k, v in logs.items():
             self._objective_logs[k] += float(v)
         self._objective_log_count += 1
         return (loss, None) if return_outputs else loss
+
+    def _term_backward(self):
+        """Backward of each objective term as soon as it is computed (``Objective(backward=)``), for
+        compact mode: a single backward through the forget and the retain passes would hold one
+        dense gradient per parameter until both branches reach it. Same gradients; Trainer's own
+        backward then runs on a detached leaf (a no-op). Scaled as Trainer scales the loss
+        (``loss / GA``). With step_in_backward, only the last term's backward updates."""
+        ga = self.current_gradient_accumulation_steps
+        n_terms = 1 + (self.objective.retain != "none")
+        calls = [0]
+        opt = self._masked_optimizer()
+
+        def backward(term):
+            calls[0] += 1
+            hold = self.step_in_backward and calls[0] < n_terms
+            with opt.accumulate_only() if hold else contextlib.nullcontext():
+                self.accelerator.backward(term / ga)
+
+        return backward
+
+    def _masked_optimizer(self):
+        opt = self.optimizer
+        while not hasattr(opt, "compact_grad") and hasattr(opt, "optimizer"):
+            opt = opt.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+        return opt
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if self._objective_log_count and "loss" in logs:
@@ -288,9 +318,7 @@ class UnlearnTrainer(transformers.Trainer):
     def _compact_grads(self, model) -> list:
         """(name, compact gradient) of every parameter with a pending one, in model order."""
         unwrapped = self.accelerator.unwrap_model(model)
-        opt = self.optimizer
-        while not hasattr(opt, "compact_grad") and hasattr(opt, "optimizer"):
-            opt = opt.optimizer  # accelerate's AcceleratedOptimizer wraps ours
+        opt = self._masked_optimizer()
         out = []
         for name, p in unwrapped.named_parameters():
             g = opt.compact_grad(p)
