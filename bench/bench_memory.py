@@ -68,38 +68,9 @@ def mem_available() -> int:
 
 
 def worker(args) -> dict:
-    import resource
+    from bench_unlearn import run_case
 
-    import torch
-
-    from bench_unlearn import graddiff_data, llama, mask_grads_callback, random_mask, step_timer, training_args
-    from wagle_ext import memory_report
-    from wagle_ext.trainer import UnlearnTrainer
-
-    torch.manual_seed(0)
-    model = llama(args)
-    n_params = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(1)
-    mask = random_mask(model, args.ratio, g)
-    data, collate = graddiff_data(args, g)
-    times = []
-    if args.mode == "hf_adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
-        tr = UnlearnTrainer(model=model, args=training_args(args), objective="graddiff", train_dataset=data,
-                            data_collator=collate, optimizers=(opt, None),
-                            callbacks=[step_timer(times), mask_grads_callback(model, mask)])
-    else:
-        kw = {"grad_mode": "dense" if args.mode == "masked_dense" else "compact",
-              "step_in_backward": args.mode == "compact_sib"}
-        targs = training_args(args, max_grad_norm=0.0 if args.mode == "compact_sib" else 1.0)
-        tr = UnlearnTrainer(model=model, args=targs, objective="graddiff", mask=mask, train_dataset=data,
-                            data_collator=collate, callbacks=[step_timer(times)], **kw)
-    tr.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report = memory_report(tr.model, tr.optimizer)
-    steady = sorted(times[1:]) if len(times) > 1 else times
-    return {"mode": args.mode, "params": n_params, "nnz": sum(m.nnz for m in mask.values()), "peak_rss_B": peak,
-            "step_s": steady[len(steady) // 2], "first_step_s": times[0], "memory_report_after": report}
+    return run_case(args, args.mode)
 
 
 def main(argv=None) -> None:

@@ -107,11 +107,22 @@ def training_args(args, **kw):
     return transformers.TrainingArguments(**base)
 
 
-def worker(args) -> dict:
+def run_case(args, mode: str) -> dict:
+    """Build the model, a random mask of ``args.ratio`` and GradDiff data, then run ``args.steps``
+    unlearning steps in this process, as ``mode``:
+
+      ``hf_adamw``:     Trainer loop + ``torch.optim.AdamW`` + ``p.grad *= mask`` (WAGLE's way);
+      ``masked_dense``: UnlearnTrainer + MaskedAdamW (dense gradients);
+      ``compact``:      the same with ``grad_mode="compact"``;
+      ``compact_sib``:  the same with ``step_in_backward=True`` (and ``max_grad_norm=0``).
+
+    Returns params, nnz, peak RSS (``ru_maxrss``, bytes), step times (median after the first) and
+    ``memory_report`` after the run."""
     import resource
 
     import torch
 
+    from wagle_ext import memory_report
     from wagle_ext.trainer import UnlearnTrainer
 
     torch.manual_seed(0)
@@ -120,21 +131,29 @@ def worker(args) -> dict:
     g = torch.Generator().manual_seed(1)
     mask = random_mask(model, args.ratio, g)
     data, collate = graddiff_data(args, g)
-    targs = training_args(args)
     times = []
-    if args.mode == "wagle_way":
+    if mode == "hf_adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
-        tr = UnlearnTrainer(model=model, args=targs, objective="graddiff", train_dataset=data,
+        tr = UnlearnTrainer(model=model, args=training_args(args), objective="graddiff", train_dataset=data,
                             data_collator=collate, optimizers=(opt, None),
                             callbacks=[step_timer(times), mask_grads_callback(model, mask)])
     else:
+        kw = {"grad_mode": "dense" if mode == "masked_dense" else "compact", "step_in_backward": mode == "compact_sib"}
+        targs = training_args(args, max_grad_norm=0.0 if mode == "compact_sib" else 1.0)
         tr = UnlearnTrainer(model=model, args=targs, objective="graddiff", mask=mask, train_dataset=data,
-                            data_collator=collate, callbacks=[step_timer(times)])
+                            data_collator=collate, callbacks=[step_timer(times)], **kw)
     tr.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     steady = sorted(times[1:]) if len(times) > 1 else times
-    return {"mode": args.mode, "ratio": args.ratio, "params": n_params, "peak_rss_B": peak,
-            "step_s": steady[len(steady) // 2], "first_step_s": times[0]}
+    return {"mode": mode, "ratio": args.ratio, "params": n_params, "nnz": sum(m.nnz for m in mask.values()),
+            "peak_rss_B": peak, "step_s": steady[len(steady) // 2], "first_step_s": times[0],
+            "memory_report_after": memory_report(tr.model, tr.optimizer)}
+
+
+def worker(args) -> dict:
+    out = run_case(args, {"wagle_way": "hf_adamw", "masked": "masked_dense"}[args.mode])
+    out["mode"] = args.mode
+    return out
 
 
 def main(argv=None) -> None:

@@ -336,30 +336,17 @@ class UnlearnTrainer(transformers.Trainer):
 
     def _clip_grad_norm(self, model):
         if self.grad_mode == "compact":
-            # The dense path below, on the compact buffers: same values, same order, same result.
-            sq = None
-            grads = []
-            for _, g in self._compact_grads(model):
-                if g.numel() == 0:
-                    continue
-                grads.append(g)
-                part = g.pow(2).sum()
-                sq = part if sq is None else sq + part
-            if sq is None:
-                return torch.tensor(0.0)
-            total = sq.sqrt()
-            coef = torch.clamp(self.args.max_grad_norm / (total + 1e-6), max=1.0)
-            for g in grads:
-                g.mul_(coef.to(g.dtype))
-            return total
+            # The compact buffers hold exactly the entries the dense path below counts, in the
+            # same order: same norm, same scaling.
+            grads = [g for _, g in self._compact_grads(model) if g.numel()]
+            return self._scale_to_max_norm(grads, (g.pow(2).sum() for g in grads))
         if self.mask is None or self.clip_before_mask:
             return super()._clip_grad_norm(model)
         # Norm of the gradient restricted to the selected weights (frozen entries never move, so
         # they should not shrink the step), then the usual clip_grad_norm_ scaling.
         unwrapped = self.accelerator.unwrap_model(model)
         masks = self._model_masks(unwrapped)
-        sq = None
-        grads = []
+        grads, parts = [], []
         for name, p in unwrapped.named_parameters():
             if p.grad is None:
                 continue
@@ -367,11 +354,16 @@ class UnlearnTrainer(transformers.Trainer):
             grads.append(g)
             m = masks.get(name)
             if m is None:
-                part = g.detach().float().pow(2).sum()
-            elif m.nnz == 0:
-                continue
-            else:
-                part = g.detach().reshape(-1)[m.to_bool().reshape(-1)].float().pow(2).sum()
+                parts.append(g.detach().float().pow(2).sum())
+            elif m.nnz:
+                parts.append(g.detach().reshape(-1)[m.to_bool().reshape(-1)].float().pow(2).sum())
+        return self._scale_to_max_norm(grads, parts)
+
+    def _scale_to_max_norm(self, grads, squared_parts):
+        """``clip_grad_norm_`` with a given norm: total = sqrt(sum of parts, in order); scale
+        ``grads`` in place by ``min(1, max_grad_norm / (total + 1e-6))``; return total."""
+        sq = None
+        for part in squared_parts:
             sq = part if sq is None else sq + part
         if sq is None:
             return torch.tensor(0.0)
