@@ -301,9 +301,10 @@ class MaskedAdamW(torch.optim.Optimizer):
                     self._frozen.discard(p)
                     p.requires_grad_(True)
                 self._hooks[p] = p.register_post_accumulate_grad_hook(self._grad_hook)
-                if self._masks.get(p) is not None and not self.step_in_backward:
+                if self._masks.get(p) is not None:
                     # Allocate the compact buffer now, not between two dense gradients in the first
                     # backward, where long-lived small blocks fragment the heap those come from.
+                    # (step_in_backward needs it too: for all but the last backward of a step.)
                     self._cgrads[p] = torch.empty(self._nnz(p), dtype=torch.float32, device=p.device)
             elif not movable and p.requires_grad:
                 h = self._hooks.pop(p, None)
