@@ -54,9 +54,9 @@ def tensor_bytes(mode: str, shapes: list, ratio: float) -> int:
     if mode == "masked_dense":
         return weights + 4 * n + state
     largest = 4 * max(sizes)  # the one dense gradient alive at a time
-    if mode == "compact":
-        return weights + 4 * nnz + largest + state
-    return weights + largest + state  # compact_sib: no compact buffers
+    # compact and compact_sib: the compact buffers are allocated up front in both (step_in_backward
+    # accumulates the forget term's gradient there until the retain term's backward updates)
+    return weights + 4 * nnz + largest + state
 
 
 def mem_available() -> int:
