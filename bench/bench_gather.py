@@ -6,8 +6,10 @@ entries) vs PyTorch's ways of doing the same, per tensor over model-like shapes 
   index_select:  ``torch.index_select(g.view(-1), 0, idx, out=buf)`` (int64 indices kept, 8 B/selected)
 
 Densities 0.05 / 0.2; random masks (independent bits) and clustered (256-element runs). Bandwidth:
-bytes of one full pass (4 B/param read + 1/8 B of bits + 4 B per selected element written), as a
-fraction of a copy probe measured in the same run.
+the bytes the kernel must move -- 1/8 B/param of bits, the 64-byte lines of the gradient that hold a
+selected element (read), 4 B per selected element (written) -- as a fraction of a copy probe
+measured in the same run. (A clustered mask skips most lines: the time of a full pass over the
+gradient, 4 B/param, is the other yardstick: ``full-pass BW``.)
 
     python bench/bench_gather.py [--size 1e8] [--densities 0.05 0.2] [--reps 5]
 """
@@ -43,6 +45,7 @@ def main(argv=None) -> None:
     for density in args.densities:
         for kind in args.kinds:
             bools, packed, dirs, idxs, outs = [], [], [], [], []
+            lines = 0  # 64-byte lines of the gradients holding a selected element
             for g in grads:
                 n = g.numel()
                 if kind == "random":
@@ -50,6 +53,8 @@ def main(argv=None) -> None:
                 else:
                     sel = (torch.rand((n + 255) // 256, generator=gen) < density).repeat_interleave(256)[:n]
                 bools.append(sel.view(g.shape))
+                pad = (-n) % 16
+                lines += int(torch.cat([sel, sel.new_zeros(pad)]).view(-1, 16).any(1).sum())
                 pm = PackedMask.from_bool(sel)
                 packed.append(pm.bits)
                 dirs.append(ops.masked_adamw_chunk_offsets(pm.bits, n))
@@ -76,17 +81,20 @@ def main(argv=None) -> None:
             ref = [o.clone() for o in outs]
             masked_select()
             assert all(torch.equal(a, b) for a, b in zip(ref, outs))
-            nbytes = 4 * n_total + n_total / 8 + 4 * nnz
+            nbytes = 64 * lines + n_total / 8 + 4 * nnz
+            full = 4 * n_total + n_total / 8 + 4 * nnz
             rows.append({"density": density, "kind": kind, "nnz": nnz, "ours_ms": 1e3 * t["ours"],
                          "masked_select_ms": 1e3 * t["masked_select"], "index_select_ms": 1e3 * t["index_select"],
                          "vs_masked_select": t["masked_select"] / t["ours"],
                          "vs_index_select": t["index_select"] / t["ours"], "bw_frac": nbytes / t["ours"] / bw,
+                         "full_pass_bw_frac": full / t["ours"] / bw, "lines_touched_frac": lines / (n_total / 16),
                          "mask_bytes_ours": sum(b.numel() for b in packed) + 8 * sum(d.numel() for d in dirs),
                          "mask_bytes_bool": n_total, "mask_bytes_index": 8 * nnz})
     print_table(rows, [("density", "density", ".2f"), ("kind", "mask", "s"), ("ours_ms", "ours ms", ".1f"),
                        ("masked_select_ms", "masked_select ms", ".1f"), ("vs_masked_select", "speed-up", ".2f"),
                        ("index_select_ms", "index_select ms", ".1f"), ("vs_index_select", "speed-up", ".2f"),
-                       ("bw_frac", "of copy BW", ".0%")])
+                       ("lines_touched_frac", "lines read", ".0%"), ("bw_frac", "of copy BW", ".0%"),
+                       ("full_pass_bw_frac", "full-pass BW", ".0%")])
     write_json("bench_gather", {"config": {"size": n_total, "tensors": len(shapes), "reps": args.reps},
                                 "copy_bandwidth_Bps": bw, "rows": rows}, args.json)
 
