@@ -109,5 +109,15 @@ __device__ __forceinline__ void flush_hist(const uint32_t* sh, unsigned long lon
     if (sh[i]) atomicAdd(hist + i, static_cast<unsigned long long>(sh[i]));
 }
 
+// Inclusive prefix sum of one int per lane across a full warp (Hillis-Steele with shuffles).
+__device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
+#pragma unroll
+  for (int off = 1; off < kWarp; off *= 2) {
+    const int up = __shfl_up_sync(0xFFFFFFFFu, v, off);
+    if (lane >= off) v += up;
+  }
+  return v;
+}
+
 }  // namespace cuda
 }  // namespace wagle

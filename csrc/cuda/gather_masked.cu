@@ -39,12 +39,7 @@ __global__ void __launch_bounds__(kGatherThreads)
   // ---- compact slots: word popcounts, warp scan, quarter totals through shared memory
   const uint32_t my_word = load_word32(bits, e_warp + 32 * lane, n);
   const int my_pc = __popc(my_word);
-  int incl = my_pc;
-#pragma unroll
-  for (int off = 1; off < kWarp; off *= 2) {
-    const int up = __shfl_up_sync(0xFFFFFFFFu, incl, off);
-    if (lane >= off) incl += up;
-  }
+  const int incl = warp_inclusive_sum(my_pc, lane);
   __shared__ int quarter_total[kGatherThreads / kWarp];
   if (lane == kWarp - 1) quarter_total[warp] = incl;
   __syncthreads();

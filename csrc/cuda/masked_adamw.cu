@@ -98,12 +98,7 @@ __global__ void __launch_bounds__(kAdamwThreads)
   // ---- compact slots: word popcounts, warp scan, quarter totals through shared memory
   const uint32_t my_word = dense ? valid_word32(e_warp + 32 * lane, t.n) : load_word32(t.bits, e_warp + 32 * lane, t.n);
   const int my_pc = __popc(my_word);
-  int incl = my_pc;
-#pragma unroll
-  for (int off = 1; off < kWarp; off *= 2) {
-    const int up = __shfl_up_sync(0xFFFFFFFFu, incl, off);
-    if (lane >= off) incl += up;
-  }
+  const int incl = warp_inclusive_sum(my_pc, lane);
   __shared__ int quarter_total[kAdamwThreads / kWarp];
   if (lane == kWarp - 1) quarter_total[warp] = incl;
   __syncthreads();
