@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "cpu/cpu_dispatch.h"
+#include "cpu/mask_words.h"
 #include "cpu/load_float.h"
 
 #if WAGLE_X86
@@ -32,9 +33,6 @@ namespace wagle {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = 4096;  // elements per directory entry (as masked_adamw_)
-constexpr int64_t kWord = 64;
-
 struct GatherArgs {
   const void* src;
   float* out;
@@ -43,17 +41,6 @@ struct GatherArgs {
   int64_t n;
   bool accumulate;
 };
-
-WAGLE_ALWAYS_INLINE uint64_t load_word(const uint8_t* bits, int64_t e, int64_t cnt) {
-  uint64_t w = 0;
-  if (cnt == kWord) {
-    std::memcpy(&w, bits + e / 8, 8);
-  } else {
-    std::memcpy(&w, bits + e / 8, static_cast<size_t>((cnt + 7) / 8));
-    w &= (uint64_t(1) << cnt) - 1;
-  }
-  return w;
-}
 
 #if WAGLE_X86
 // 16 elements of src starting at s, widened to fp32 (only lanes in km are read).

@@ -31,6 +31,7 @@
 #include "common/adamw_math.h"
 #include "common/score_math.h"
 #include "cpu/cpu_dispatch.h"
+#include "cpu/mask_words.h"
 
 #if WAGLE_X86
 #include <immintrin.h>
@@ -45,8 +46,6 @@ namespace {
 constexpr int kVecMinBits = 24;
 
 
-constexpr int64_t kChunk = 4096;  // elements per directory entry (64 words of 64 bits)
-constexpr int64_t kWord = 64;
 constexpr int64_t kPrefetchAhead = 4 * kWord;  // sparse masks: prefetch p/g lines this far ahead
 
 template <typename T>
@@ -92,17 +91,6 @@ struct StepArgs {
   bool has_scale;
   float scale;
 };
-
-WAGLE_ALWAYS_INLINE uint64_t load_word(const uint8_t* bits, int64_t e, int64_t cnt) {
-  uint64_t w = 0;
-  if (cnt == kWord) {
-    std::memcpy(&w, bits + e / 8, 8);
-  } else {
-    std::memcpy(&w, bits + e / 8, static_cast<size_t>((cnt + 7) / 8));
-    w &= (uint64_t(1) << cnt) - 1;
-  }
-  return w;
-}
 
 // Gradient as used by the update: unscaled (and written back, as torch does), then negated for
 // maximize.
