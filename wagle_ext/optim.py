@@ -389,17 +389,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         """Bytes held by the compact gradient buffers (kept between steps and reused)."""
         return sum(b.numel() * b.element_size() for b in self._cgrads.values())
 
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
-        """Scale the pending gradients so that their total L2 norm is at most ``max_norm``, as
-        ``torch.nn.utils.clip_grad_norm_`` does (``coef = min(1, max_norm / (norm + eps))``), counting
-        only the weights that move: the compact buffers in compact mode, ``p.grad`` restricted to
-        the selected elements in dense mode. Returns the norm before clipping (float32 scalar)."""
-        parts, targets = [], []
+    def _pending_grads(self) -> tuple:
+        """(gradients to scale, squared-norm parts counting only the weights that move), in
+        parameter order: the compact buffers in compact mode; in dense mode every ``p.grad``, with
+        its norm restricted to the selected elements (a compact buffer holds exactly those, in the
+        same order, so both modes give the same norm)."""
+        targets, parts = [], []
         for p in self._all_params():
             if self.grad_mode == "compact":
                 g = self.compact_grad(p)
-                if g is None:
+                if g is None or g.numel() == 0:
                     continue
                 targets.append(g)
                 parts.append(g.pow(2).sum())
@@ -412,9 +411,31 @@ class MaskedAdamW(torch.optim.Optimizer):
                 parts.append(p.grad.detach().float().pow(2).sum())
             elif self._nnz(p):
                 parts.append(p.grad.detach().reshape(-1)[mask.to_bool().reshape(-1)].float().pow(2).sum())
+        return targets, parts
+
+    @staticmethod
+    def _total(parts: list) -> torch.Tensor:
+        sq = None
+        for part in parts:
+            sq = part if sq is None else sq + part.to(sq.device)
+        return torch.tensor(0.0) if sq is None else sq.sqrt()
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """L2 norm of the pending gradients over the weights that move (see :meth:`clip_grad_norm_`),
+        float32 scalar; nothing is changed."""
+        return self._total(self._pending_grads()[1])
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+        """Scale the pending gradients so that their total L2 norm is at most ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` does (``coef = min(1, max_norm / (norm + eps))``), counting
+        only the weights that move: the compact buffers in compact mode, ``p.grad`` restricted to
+        the selected elements in dense mode. Returns the norm before clipping (float32 scalar)."""
+        targets, parts = self._pending_grads()
         if not parts:
             return torch.tensor(0.0)
-        total = torch.stack([t.to(parts[0].device) for t in parts]).sum().sqrt()
+        total = self._total(parts)
         coef = torch.clamp(max_norm / (total + eps), max=1.0)
         for g in targets:
             g.mul_(coef.to(g.device, g.dtype))

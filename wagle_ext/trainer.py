@@ -315,63 +315,20 @@ class UnlearnTrainer(transformers.Trainer):
             self._param_masks = dict(self.mask.for_model(model))
         return self._param_masks
 
-    def _compact_grads(self, model) -> list:
-        """(name, compact gradient) of every parameter with a pending one, in model order."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        opt = self._masked_optimizer()
-        out = []
-        for name, p in unwrapped.named_parameters():
-            g = opt.compact_grad(p)
-            if g is not None:
-                out.append((name, g))
-        return out
-
     def _get_grad_norm(self, model, grad_norm=None):
         if self.grad_mode == "compact" and grad_norm is None:
             if self.step_in_backward:
                 return None  # the gradients were consumed inside backward
-            parts = [g.pow(2).sum() for _, g in self._compact_grads(model) if g.numel()]
-            grad_norm = torch.stack(parts).sum().sqrt() if parts else torch.tensor(0.0)
+            grad_norm = self._masked_optimizer().grad_norm()  # p.grad is None: the compact norm
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _clip_grad_norm(self, model):
-        if self.grad_mode == "compact":
-            # The compact buffers hold exactly the entries the dense path below counts, in the
-            # same order: same norm, same scaling.
-            grads = [g for _, g in self._compact_grads(model) if g.numel()]
-            return self._scale_to_max_norm(grads, (g.pow(2).sum() for g in grads))
         if self.mask is None or self.clip_before_mask:
             return super()._clip_grad_norm(model)
         # Norm of the gradient restricted to the selected weights (frozen entries never move, so
-        # they should not shrink the step), then the usual clip_grad_norm_ scaling.
-        unwrapped = self.accelerator.unwrap_model(model)
-        masks = self._model_masks(unwrapped)
-        grads, parts = [], []
-        for name, p in unwrapped.named_parameters():
-            if p.grad is None:
-                continue
-            g = p.grad
-            grads.append(g)
-            m = masks.get(name)
-            if m is None:
-                parts.append(g.detach().float().pow(2).sum())
-            elif m.nnz:
-                parts.append(g.detach().reshape(-1)[m.to_bool().reshape(-1)].float().pow(2).sum())
-        return self._scale_to_max_norm(grads, parts)
-
-    def _scale_to_max_norm(self, grads, squared_parts):
-        """``clip_grad_norm_`` with a given norm: total = sqrt(sum of parts, in order); scale
-        ``grads`` in place by ``min(1, max_grad_norm / (total + 1e-6))``; return total."""
-        sq = None
-        for part in squared_parts:
-            sq = part if sq is None else sq + part
-        if sq is None:
-            return torch.tensor(0.0)
-        total = sq.sqrt()
-        coef = torch.clamp(self.args.max_grad_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
-        return total
+        # they should not shrink the step), then the usual clip_grad_norm_ scaling; the same in
+        # dense and compact mode (MaskedAdamW.clip_grad_norm_).
+        return self._masked_optimizer().clip_grad_norm_(self.args.max_grad_norm)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
