@@ -5,7 +5,6 @@ Each rank scores only its contiguous block of parameters (``partition_names``) a
 so every rank holds the full MaskSet. Tie-heavy cases (``gradient`` scores have exact zeros on
 unused embedding rows; ``magnitude`` on rounded weights) check the rank-major tie rule."""
 import os
-import socket
 from collections import OrderedDict
 
 import pytest
@@ -27,12 +26,6 @@ CASES = [  # (kind, ratio, scope)
     ("random", 0.01, "global"),
     ("snip", 0.4, "per_tensor"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _all_scores(seed: int, names=None):
@@ -57,8 +50,10 @@ def _all_scores(seed: int, names=None):
     return model, out
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, outdir: str) -> None:
+    # File rendezvous: no TCP port to pick, so parallel runs cannot race for one.
+    rendezvous = "file://" + os.path.join(outdir, "rendezvous")
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         # Scores of the whole model were computed once by the parent (per-tensor scoring of a block,
@@ -95,7 +90,7 @@ def test_two_process_masks_equal_single_process(tmp_path, gen):
         assert list(part[kind]) == block1
         assert all(torch.equal(part[kind][n], scores[kind][n]) for n in block1)
     torch.save({k: dict(v) for k, v in scores.items()}, tmp_path / "scores.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     for i, (kind, ratio, scope) in enumerate(CASES):
         single = build_mask(scores[kind], ratio, scope=scope, model=model)

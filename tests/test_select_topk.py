@@ -2,7 +2,6 @@
 (reference.select_topk_bits), the C++ primitives against their reference, validation, opcheck,
 SIMD paths and multi-process selection over gloo."""
 import os
-import socket
 import tempfile
 
 import pytest
@@ -411,12 +410,6 @@ def test_cpu_isa_paths_identical(isa, gen, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- multi-process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mp_cases(seed):
     """(name, full list of scores, split index: rank 0 gets [:split], rank 1 the rest, k)."""
     g = torch.Generator().manual_seed(seed)
@@ -432,10 +425,12 @@ def _mp_cases(seed):
     ]
 
 
-def _mp_worker(rank, world, port, seed, out_dir, backends):
+def _mp_worker(rank, world, seed, out_dir, backends):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # File rendezvous: no TCP port to pick, so parallel runs cannot race for one.
+    rendezvous = "file://" + os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
         results = {}
         for backend in backends:
@@ -455,7 +450,7 @@ def test_multi_process_gloo_matches_single_process():
         pytest.skip("torch.distributed not available")
     seed = int.from_bytes(os.urandom(4), "little")
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_mp_worker, args=(2, _free_port(), seed, d, BACKENDS), nprocs=2, join=True)
+        mp.spawn(_mp_worker, args=(2, seed, d, BACKENDS), nprocs=2, join=True)
         r0 = torch.load(os.path.join(d, "rank0.pt"))
         r1 = torch.load(os.path.join(d, "rank1.pt"))
     for backend in BACKENDS:

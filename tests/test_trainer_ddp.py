@@ -1,7 +1,12 @@
-"""UnlearnTrainer under `accelerate launch` with 2 CPU processes (DDP over gloo)."""
+"""UnlearnTrainer as a 2-process CPU DDP job (gloo), launched by torchrun.
+
+The launcher is ``torch.distributed.run --standalone`` (what ``accelerate launch --multi_gpu`` calls
+underneath): its c10d rendezvous binds port 0 in the agent and hands the bound store to the workers,
+so there is no pick-a-free-port-then-release race between parallel test runs. ``accelerate launch``
+with a fixed or ``0`` ``--main_process_port`` picks a port and releases it before torchrun binds it.
+The Trainer inside the workers goes through accelerate exactly as under ``accelerate launch``.
+"""
 import os
-import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,18 +17,9 @@ pytest.importorskip("accelerate")
 
 
 def test_two_process_ddp_same_mask_same_weights(tmp_path):
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    if launcher is None:
-        pytest.skip("accelerate CLI not found")
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_unlearn_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    with socket.socket() as sock:  # a free localhost port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # `--multi_gpu` is accelerate's torchrun launcher; with TrainingArguments(use_cpu=True,
-    # ddp_backend="gloo") the processes form a CPU DDP group (accelerate's --cpu flag would start one).
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
            worker, str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
