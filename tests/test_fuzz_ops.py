@@ -638,11 +638,9 @@ def test_masked_adamw_triton(case, seed):
 
 
 # ----------------------------------------------------------------------------- regressions found by fuzzing
-# Triton: e_nss = tl.zeros_like(g) + nss turns nss = -0.0 (lr = 0) into +0.0 (kernels/triton/masked_adamw.py,
-# tensor-wide step path; the step-offset table path is right). strict: remove the mark once that is fixed.
-_TRITON_LR0 = pytest.param("triton", marks=pytest.mark.xfail(
-    strict=True, reason="Triton masked_adamw_: zeros_like(g) + nss loses the sign of nss = -(lr/bc1) = -0.0 at lr=0"))
-ADAMW_BACKENDS = cpu_backends("masked_adamw_") + ([_TRITON_LR0] if _can_force("triton", "masked_adamw_") else [])
+# Triton once built the step coefficient as tl.zeros_like(g) + nss, which turns nss = -0.0 (lr = 0) into
+# +0.0 (kernels/triton/masked_adamw.py, tensor-wide step path); fixed with tl.full.
+ADAMW_BACKENDS = cpu_backends("masked_adamw_") + (["triton"] if _can_force("triton", "masked_adamw_") else [])
 
 
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)

@@ -52,7 +52,13 @@ def make_mask(kind, n, gen):
 
 
 def _same(a, b) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+    """Bit-identical, except that NaN payloads are not compared: the reference widens fp16 with
+    torch's ``.float()``, whose CPU kernel gives one NaN pattern in its vector body and another in
+    the tail (n % 8), so a NaN's bits depend on its position, not on the kernel under test."""
+    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.isnan(), b.isnan()):
+        return False
+    keep = ~a.isnan()
+    return torch.equal(a[keep].view(torch.int32), b[keep].view(torch.int32))
 
 
 def _problem(shape, kind, dtype, gen):

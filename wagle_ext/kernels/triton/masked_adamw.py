@@ -125,7 +125,9 @@ def _masked_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, bits_ptr, dir_ptr
                     g = -g
                 p1 = p * decay  # rounded on its own (no contraction: enable_fp_fusion=False)
                 # ---- coefficients: tensor-wide, or per element from the step table
-                e_nss = tl.zeros_like(g) + nss
+                # tl.full keeps the sign of nss = -(lr/bc1) = -0.0 at lr = 0; zeros_like(g) + nss
+                # would give +0.0 and flip the sign of +-0 weights against the reference.
+                e_nss = tl.full(g.shape, nss, tl.float32)
                 e_bc2s = tl.zeros_like(g) + bc2s
                 if HAS_OFFS:
                     off = tl.load(offs_ptr + slot, mask=sel, other=0).to(tl.int64)
