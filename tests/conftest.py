@@ -4,6 +4,7 @@ Backends under test: every back end that can run an op on CPU tensors here. ``cp
 compiled extension; ``triton`` needs triton and runs under TRITON_INTERPRET=1 (set in that test
 module before the kernels are imported).
 """
+import json
 import os
 
 import torch
@@ -37,6 +38,75 @@ def use_backend(monkeypatch):
         monkeypatch.setenv("WAGLE_BACKEND", name)
 
     return _set
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistical tests (outcome depends on training dynamics): seeds, threads, recorded statistics
+# ------------------------------------------------------------------------------------------------
+
+def test_seed(offset: int = 0) -> int:
+    """Seed of a statistical test's fixtures: ``WAGLE_TEST_SEED`` (default 0) plus ``offset``.
+
+    CI runs seed 0; ``tools/stress_tests.sh`` reruns the statistical tests with other seeds and CPU
+    configurations, and ``tools/calibrate_stats.py`` summarises the statistics they record."""
+    return int(os.environ.get("WAGLE_TEST_SEED", "0")) + offset
+
+
+test_seed.__test__ = False  # not a test, despite the name
+
+
+def test_threads() -> int:
+    """Threads for statistical fixtures: ``OMP_NUM_THREADS`` when set, else 2. Pinned so that a
+    many-core CI machine runs the same reduction orders as the 2-core machines the bounds were
+    calibrated on."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+test_threads.__test__ = False
+
+
+@pytest.fixture(scope="module")
+def pinned_threads():
+    """``torch.set_num_threads(test_threads())`` for a module's statistical fixtures, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(test_threads())
+    yield test_threads()
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def record_stat(request):
+    """record_stat(name, value): keep a statistic that a threshold bounds.
+
+    It is attached to the test report (printed with the seed when the test fails) and, when
+    ``WAGLE_STATS_FILE`` is set, appended as one JSON line with the seed and CPU configuration, for
+    tools/calibrate_stats.py to summarise across seeds and configurations."""
+    assert request.node.get_closest_marker("statistical") is not None, (
+        "a test that records bounded statistics must be marked @pytest.mark.statistical, so the stress "
+        "script reruns it for every seed")
+    request.node.user_properties.append(("seed", test_seed()))
+
+    def _record(name: str, value: float) -> None:
+        value = float(value)
+        request.node.user_properties.append((name, value))
+        path = os.environ.get("WAGLE_STATS_FILE")
+        if path:
+            row = {"test": request.node.nodeid, "stat": name, "value": value, "seed": test_seed(),
+                   "threads": test_threads(), "aten_cpu": os.environ.get("ATEN_CPU_CAPABILITY", ""),
+                   "wagle_isa": os.environ.get("WAGLE_CPU_ISA", "")}
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return _record
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test prints the seeds and statistics it recorded (``gen``, ``record_stat``)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and item.user_properties:
+        report.sections.append(("seeds and statistics", "\n".join(f"{k} = {v}" for k, v in item.user_properties)))
 
 
 @pytest.fixture

@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 
-import wagle_ext
+transformers = pytest.importorskip("transformers", reason="UnlearnTrainer needs transformers")
+
+import wagle_ext  # noqa: E402
 from wagle_ext import ForgetRetainDataset, MaskedAdamW, MaskSet, QACollator, memory_report
 from wagle_ext.fictitious_authors import make_fictitious_authors
 from wagle_ext.trainer import UnlearnTrainer
 
 from tiny_models import char_tokenizer, tiny_llama
-
-transformers = pytest.importorskip("transformers")
 
 
 # ----------------------------------------------------------------------------- optimizer level

@@ -24,7 +24,8 @@ from wagle_ext.evaluation import (
 )
 from wagle_ext.fictitious_authors import make_fictitious_authors
 
-from tiny_models import char_tokenizer, finetune_on_qa, tiny_llama
+from conftest import test_seed
+from tiny_models import answer_ce, char_tokenizer, finetune_on_qa, tiny_llama
 
 LN2 = math.log(2.0)
 
@@ -275,11 +276,14 @@ def test_greedy_generate_left_padding_matches_one_by_one(gen):
         greedy_generate(model, tok, qs, 2, 0)
 
 
-def test_greedy_generate_reproduces_memorised_answers():
+@pytest.mark.statistical
+def test_greedy_generate_reproduces_memorised_answers(pinned_threads, record_stat):
     tok = char_tokenizer()
-    model = tiny_llama(len(tok), hidden=64, intermediate=128, seed=0)
+    model = tiny_llama(len(tok), hidden=64, intermediate=128, seed=test_seed())
     items = [{"question": "Q1?", "answer": "Blue fox."}, {"question": "Where now?", "answer": "Red hen."}]
-    finetune_on_qa(model, tok, items, steps=150, batch_size=2, lr=3e-3)
+    finetune_on_qa(model, tok, items, steps=150, batch_size=2, lr=3e-3, seed=test_seed())
+    # Margin of the memorisation that the exact-generation check relies on (docs/testing.md).
+    record_stat("answer_ce", answer_ce(model, tok, items))
     # the model stops at </s>, which is not part of the decoded text
     assert greedy_generate(model, tok, [it["question"] for it in items], 2, 30) == ["Blue fox.", "Red hen."]
 
@@ -325,10 +329,11 @@ def _trained(items, seed):
     return finetune_on_qa(model, tok, items, steps=120, batch_size=8, lr=3e-3, seed=seed), tok
 
 
-def test_evaluate_tofu_end_to_end(tmp_path):
+@pytest.mark.statistical
+def test_evaluate_tofu_end_to_end(tmp_path, pinned_threads, record_stat):
     data = _tofu_data()
-    target, tok = _trained(data["forget10"] + data["retain"] + data["world_facts"], seed=0)
-    retain_model, _ = _trained(data["retain"] + data["world_facts"], seed=1)
+    target, tok = _trained(data["forget10"] + data["retain"] + data["world_facts"], seed=test_seed(0))
+    retain_model, _ = _trained(data["retain"] + data["world_facts"], seed=test_seed(1))
     kw = dict(forget_split="forget10", retain_sets=("retain", "world_facts"), holdout="holdout10",
               batch_size=8, max_new_tokens=48, progress=False)
 
@@ -379,6 +384,7 @@ def test_evaluate_tofu_end_to_end(tmp_path):
     hm = 0.0 if min(comps) == 0 else len(comps) / sum(1 / c for c in comps)
     assert summary["model_utility"] == pytest.approx(hm)
     # the target was trained on the forget set, the retain model was not
+    record_stat("forget_prob_target_minus_retain_model", summary["forget_Q_A_Prob"] - ref_summary["forget_Q_A_Prob"])
     assert summary["forget_Q_A_Prob"] > ref_summary["forget_Q_A_Prob"]
     assert logs["mia_min_k"]["agg_value"] == summary["mia_min_k"]
     assert 0.0 <= summary["forget_quality"] <= 1.0 and 0.0 <= summary["mia_min_k"] <= 1.0
