@@ -58,7 +58,7 @@ def test_json_lines_under_json_name_and_jsonl(tmp_path, items):
 
 
 def test_parquet(tmp_path, items):
-    import pyarrow as pa
+    pa = pytest.importorskip("pyarrow", reason="parquet files need pyarrow")
     import pyarrow.parquet as pq
 
     p = tmp_path / "retain.parquet"

@@ -13,6 +13,14 @@ import torch
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
+
+def _require_hf() -> None:
+    """Skip (not fail) the calling test where the Hugging Face stack is not installed."""
+    import pytest
+
+    pytest.importorskip("transformers", reason="tiny Hugging Face models need transformers")
+    pytest.importorskip("tokenizers", reason="the character tokenizer needs tokenizers")
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: {{ m['content'] }}</s>{% endif %}"
@@ -22,6 +30,7 @@ CHAT_TEMPLATE = (
 
 def char_tokenizer(chat_template: bool = True):
     """Character-level tokenizer: every printable ASCII character is one token."""
+    _require_hf()
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
@@ -40,6 +49,7 @@ def char_tokenizer(chat_template: bool = True):
 def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: int = 64,
                max_positions: int = 256, seed: int = 0, tie_word_embeddings: bool = False):
     """A small randomly initialised LlamaForCausalLM (fp32, eval mode off)."""
+    _require_hf()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
