@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 DEMO_ARGS ?=
 
-.PHONY: test build deps bench clean cuda-check demo
+.PHONY: test build deps bench clean cuda-check demo sanitize
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ demo: build
 
 cuda-check:
 	bash tools/check_cuda_compile.sh
+
+# C++ op tests against an ASan+UBSan build of the extension (out of tree, build/sanitize/).
+sanitize: deps
+	PYTHON=$(PY) MAX_JOBS=$(MAX_JOBS) bash tools/sanitize.sh $(PYTEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info wagle_ext/*.so

@@ -5,6 +5,8 @@ Environment variables
 WAGLE_NO_EXT=1        pure-Python install: no compiler needed, the reference ops are used.
 WAGLE_CUDA=auto|0|1   build csrc/cuda/* (auto: only with a CUDA build of torch and CUDA_HOME).
 DEBUG=1               -O0 -g instead of -O3 -g0.
+WAGLE_SANITIZE=1      ASan + UBSan build of the CPU ops (-fsanitize=address,undefined -O1 -g);
+                      use it through `make sanitize` / tools/sanitize.sh (needs LD_PRELOAD).
 MAX_JOBS              parallel compile jobs (torch.utils.cpp_extension convention).
 
 Build with ``pip install --no-build-isolation .`` so the extension compiles against the torch
@@ -50,12 +52,18 @@ def get_extensions():
         return [], {}
 
     debug = os.environ.get("DEBUG", "0") == "1"
+    sanitize = os.environ.get("WAGLE_SANITIZE", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0", "-DNDEBUG"]
+    if sanitize:  # tools/sanitize.sh. -fno-wrapv undoes Python's CFLAGS -fwrapv, which would
+        # define signed overflow and so switch off UBSan's signed-integer-overflow check.
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-wrapv"]
     # OpenMP drives at::parallel_for; libgomp is the same soname torch itself loads.
     # No -march=native: SIMD is chosen at run time (csrc/cpu/cpu_dispatch.h).
     cxx += ["-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
-    if debug:
+    if sanitize:
+        link += ["-fsanitize=address,undefined", "-g"]
+    elif debug:
         link.append("-g")
     else:
         link.append("-Wl,--strip-debug")
