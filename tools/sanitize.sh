@@ -105,7 +105,9 @@ export PYTHONDONTWRITEBYTECODE=1
 # sys.path[0], whereas `python -m pytest` would put the cwd (and its in-tree wagle_ext) there.
 # --capture=sys: pytest's default fd-level capture would swallow a sanitizer report (written to
 # fd 2 by the runtime just before it aborts the process).
-printf 'import sys\nimport pytest\nsys.exit(pytest.main())\n' >"$LIB/_wagle_pytest.py"
+# The __main__ guard matters: mp.spawn children (test_select_topk's gloo test) re-import __main__.
+printf 'import sys\nimport pytest\nif __name__ == "__main__":\n    sys.exit(pytest.main())\n' \
+  >"$LIB/_wagle_pytest.py"
 set +e
 "$PY" "$LIB/_wagle_pytest.py" -p _wagle_sanitize_check -p no:cacheprovider --capture=sys -q \
   "${TESTS[@]}" "$@"
