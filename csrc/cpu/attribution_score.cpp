@@ -1,5 +1,5 @@
 // CPU kernel of wagle::attribution_score(_out): one pass over the inputs that writes the fp32
-// score and accumulates the 11-bit key histogram used by selection (kernels.md 4.1).
+// score and accumulates the 11-bit key histogram used by selection (docs/kernels.md 4.1).
 //
 // Bytes per element (fp32 in, fp32 out): 16 (wagle: w, g_f, g_r read, s written); 20 with a
 // Hessian tensor. The histogram lives in L1 (4 interleaved 2049-bin uint32 copies per thread, so

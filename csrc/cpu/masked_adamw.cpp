@@ -1,5 +1,5 @@
 // CPU kernel of wagle::masked_adamw_: AdamW on the elements selected by a bit mask, with compact
-// optimizer state (kernels.md 4.3) and the exact arithmetic of torch's fused CPU AdamW
+// optimizer state (docs/kernels.md 4.3) and the exact arithmetic of torch's fused CPU AdamW
 // (common/adamw_math.h).
 //
 // Layout per tensor of n elements:

@@ -1,4 +1,4 @@
-// CPU kernels of the exact top-k selection primitives (kernels.md 4.2): radix_histogram,
+// CPU kernels of the exact top-k selection primitives (docs/kernels.md 4.2): radix_histogram,
 // count_key and topk_mask_bits over a LIST of score tensors. The orchestration (which digit, which
 // threshold, tie quotas, multi-process all-reduce) lives in wagle_ext/ops.py::_select_bits.
 //

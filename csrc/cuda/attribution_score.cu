@@ -1,4 +1,4 @@
-// CUDA kernel of wagle::attribution_score(_out) (kernels.md 4.1): one pass over the inputs that
+// CUDA kernel of wagle::attribution_score(_out) (docs/kernels.md 4.1): one pass over the inputs that
 // writes the fp32 score and accumulates the 11-bit key histogram used by selection.
 //
 // Grid-stride over 8-element vectors (16-byte loads: 2 x float4 for fp32, 1 x uint4 for bf16/fp16)

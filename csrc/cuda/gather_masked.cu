@@ -1,6 +1,6 @@
 // CUDA kernel of wagle::gather_masked_ (compact gradients): out[k] (+)= float(src[e_k]) for the
 // k-th selected element e_k of a bit mask, with the compact-slot addressing of masked_adamw.cu
-// (kernels.md 4.3), so out is laid out exactly like the compact exp_avg.
+// (docs/kernels.md 4.3), so out is laid out exactly like the compact exp_avg.
 //
 // One block per 4096-element directory chunk (128 threads = 4 warps, warp q owns elements
 // [1024q, 1024q+1024)): lane l loads 32-bit mask word l of its quarter and popcounts it; a warp

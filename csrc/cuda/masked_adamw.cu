@@ -1,4 +1,4 @@
-// CUDA kernel of wagle::masked_adamw_ (kernels.md 4.3): AdamW on the elements selected by a bit
+// CUDA kernel of wagle::masked_adamw_ (docs/kernels.md 4.3): AdamW on the elements selected by a bit
 // mask, with compact fp32 state, for a whole list of tensors in ONE launch.
 //
 // Multi-tensor launch: the launcher (bindings.cpp) copies an array of AdamwTensorMeta (pointers,

@@ -43,7 +43,7 @@ FORCED_GEOMETRY = None
 
 def block(gpu_block: int) -> int:
     """Elements per program: ``gpu_block`` on a GPU; 16384 in the interpreter, which costs about
-    0.5 ms per program whatever its size (environment.md), so fewer, larger programs are faster."""
+    0.5 ms per program whatever its size (docs/pitfalls.md K17), so fewer, larger programs are faster."""
     if FORCED_GEOMETRY is not None:
         return FORCED_GEOMETRY[0]
     return 16384 if interpreting() else gpu_block

@@ -1,4 +1,4 @@
-"""Triton kernel of ``attribution_score`` (kernels.md 4.1): fp32 scores and the int64[2049] key
+"""Triton kernel of ``attribution_score`` (docs/kernels.md 4.1): fp32 scores and the int64[2049] key
 histogram (``key >> 21``; NaN counter at 2048) in one pass, one launch per tensor.
 
 Bit-exact with the reference and the C++/CUDA kernels: fp32 math in the same order, true division

@@ -1,6 +1,6 @@
 """Triton kernel of ``gather_masked_`` (compact gradients): ``out[k] (+)= float(src[e_k])`` for the
 k-th selected element ``e_k`` of a PackedMask, with the compact-slot addressing of
-``masked_adamw_`` (kernels.md 4.3).
+``masked_adamw_`` (docs/kernels.md 4.3).
 
 One program per 4096-element directory chunk, walked in slices of ``BLOCK`` elements (1024 on a
 GPU, the whole chunk in the interpreter, which costs ~0.5 ms per slice whatever its size): the
@@ -29,7 +29,7 @@ from . import _launch
 from ._launch import interpreting, lazy_jit
 
 CHUNK = 4096  # elements per directory entry (reference.MASKED_ADAMW_CHUNK)
-GPU_BLOCK = 1024  # kernels.md 4.3
+GPU_BLOCK = 1024  # docs/kernels.md 4.3
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 

@@ -1,4 +1,4 @@
-"""Triton kernel of ``masked_adamw_`` (kernels.md 4.3): AdamW on the elements selected by a
+"""Triton kernel of ``masked_adamw_`` (docs/kernels.md 4.3): AdamW on the elements selected by a
 PackedMask, with compact fp32 state addressed through the per-chunk offset directory.
 
 One program per 4096-element directory chunk, walked in ``BLOCK=1024`` slices: the mask bits of a
@@ -45,7 +45,7 @@ from torch.library import triton_op, wrap_triton
 from ._launch import interpreting, lazy_jit
 
 CHUNK = 4096  # elements per directory entry (reference.MASKED_ADAMW_CHUNK)
-GPU_BLOCK = 1024  # kernels.md 4.3
+GPU_BLOCK = 1024  # docs/kernels.md 4.3
 WEIGHT_DECAY_MODES = ("masked", "all", "none")
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
