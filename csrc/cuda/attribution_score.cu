@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (zeros) atomicAdd(sh + kZeroBucket, zeros);
   __syncthreads();
-  flush_hist(sh, hist);
+  if (hist != nullptr) flush_hist(sh, hist);  // null: scores only (an empty hist tensor)
 }
 
 bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
