@@ -222,7 +222,7 @@ def select_topk_bits(scores: Sequence[torch.Tensor], k: int, largest: bool) -> l
 # ----------------------------------------------------------------------------- masked AdamW
 import math  # noqa: E402
 
-MASKED_ADAMW_CHUNK = 4096  # elements per chunk_offsets entry
+MASKED_ADAMW_CHUNK = 4096  # elements per chunk_offsets entry (kDirChunk in csrc/common/layout.h)
 WEIGHT_DECAY_MODES = ("masked", "all", "none")
 
 
