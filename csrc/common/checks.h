@@ -257,6 +257,15 @@ inline bool check_step_offsets(const at::Tensor& offs, int64_t nnz, size_t i, co
   return true;
 }
 
+// The values of step_offsets[i] in host memory: each in [0, step), so every element's own step count
+// `step - offset` is >= 1 (the CUDA and Triton kernels flag the same condition on the device).
+inline void check_step_offset_values(const int32_t* offs, int64_t nnz, double step, size_t i) {
+  int64_t bad = 0;
+  for (int64_t k = 0; k < nnz; ++k) bad += (offs[k] < 0 || static_cast<double>(offs[k]) >= step) ? 1 : 0;
+  TORCH_CHECK_VALUE(bad == 0, "masked_adamw_: ", bad, " step_offsets[", i, "] entries are outside [0, step) (step ",
+                    step, ")");
+}
+
 // ---- gather_masked_ --------------------------------------------------------------------------------
 // Everything but the directory's values and out's size (nnz = dir[last], host memory on CPU only).
 inline void check_gather(const at::Tensor& out, const at::Tensor& src, const at::Tensor& bits,

@@ -459,7 +459,10 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       checks::check_state(max_exp_avg_sqs[i], nnz, "max_exp_avg_sqs", i, cpu);
       a.vmax = max_exp_avg_sqs[i].data_ptr<float>();
     }
-    if (checks::check_step_offsets(step_offsets[i], nnz, i, cpu)) a.offsets = step_offsets[i].data_ptr<int32_t>();
+    if (checks::check_step_offsets(step_offsets[i], nnz, i, cpu)) {
+      a.offsets = step_offsets[i].data_ptr<int32_t>();
+      checks::check_step_offset_values(a.offsets, nnz, a.step, i);
+    }
     if (nnz == 0 && !(mode == kDecayAll && a.c.decay != 1.0f)) {
       chunk_start.push_back(chunk_start.back());  // nothing to read or write
     } else {
