@@ -153,3 +153,19 @@ def require_cpp():
         if os.environ.get("CI") == "true" and os.environ.get("WAGLE_NO_EXT") != "1":
             pytest.fail("the C++ extension did not load in CI: " + str(ops._CPP_ERROR))
         pytest.skip("C++ extension not built")
+
+
+def run_triton_compile_script(script: str):
+    """Run ``script`` (argv[1] = the repository root) in a fresh interpreter without
+    TRITON_INTERPRET, so Triton compiles for a GPU target (its bundled ptxas; no GPU needed). Skips
+    when Triton cannot compile for CUDA here; returns the CompletedProcess otherwise."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", script, root], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
+        pytest.skip(f"Triton cannot compile for CUDA here: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r

@@ -2,15 +2,14 @@
 kernel on every SIMD path, the Triton kernel in the interpreter (and its GPU code generation), the
 CUDA kernel and compiled Triton on a GPU; accumulate, odd sizes, empty tensors, non-contiguous
 sources, validation, opcheck."""
-import os
-
 import pytest
 import torch
 
 from wagle_ext import ops
 from wagle_ext.kernels import reference as ref
 
-from conftest import _triton_kernels, backend_params, cpu_backends, cuda_only, op_impl, require_cpp, same_floats
+from conftest import (_triton_kernels, backend_params, cpu_backends, cuda_only, op_impl, require_cpp,
+                      run_triton_compile_script, same_floats)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 7, 64, 65, 4095, 4096 + 45, 3 * 4096 + 333, 100003]
@@ -144,7 +143,8 @@ KIND_BACKENDS = backend_params("gather_masked_", ("cpp", "triton"))
 TRITON_ONLY = backend_params("gather_masked_", ("triton",))
 
 
-def make_kind_mask(kind, n, gen):
+def make_kind_mask(kind, n, gen, max_run=700):
+    """Masks by kind: full, empty, random (0.4), sparse (0.002), clustered (runs of < max_run)."""
     if kind == "full":
         return torch.ones(n, dtype=torch.bool)
     if kind == "empty":
@@ -156,7 +156,7 @@ def make_kind_mask(kind, n, gen):
     sel = torch.zeros(n, dtype=torch.bool)  # clustered runs, like rows of an attribution mask
     i = 0
     while i < n:
-        run = int(torch.randint(1, 700, (1,), generator=gen))
+        run = int(torch.randint(1, max_run, (1,), generator=gen))
         sel[i:i + run] = bool(torch.rand(1, generator=gen) < 0.3)
         i += run
     return sel
@@ -295,16 +295,7 @@ for dtype, src_t in ((0, "*fp32"), (1, "*i16"), (2, "*fp16")):
 def test_gpu_codegen(backend):
     """The kernel compiles for sm_90 as launched on a GPU (no GPU needed: Triton's bundled ptxas),
     for every src dtype: float32 adds only with accumulate, and no fma anywhere."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, root], env=env, capture_output=True, text=True,
-                       timeout=300)
-    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
-        pytest.skip(f"Triton cannot compile for CUDA here: {r.stderr[-300:]}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_triton_compile_script(_COMPILE_SCRIPT)
     rows = [tuple(int(x) for x in line.split()) for line in r.stdout.split("\n") if line.strip()]
     assert len(rows) == 6, r.stdout
     for dtype, acc, adds, fmas in rows:
@@ -322,21 +313,7 @@ def _gather_fn(backend):
 
 
 def _gather_mask(kind, n, gen):
-    if kind == "full":
-        return torch.ones(n, dtype=torch.bool)
-    if kind == "empty":
-        return torch.zeros(n, dtype=torch.bool)
-    if kind == "sparse":  # mostly all-zero 32-element words
-        return torch.rand(n, generator=gen) < 0.002
-    if kind == "random":
-        return torch.rand(n, generator=gen) < 0.4
-    sel = torch.zeros(n, dtype=torch.bool)  # clustered
-    i = 0
-    while i < n:
-        run = int(torch.randint(1, 3000, (1,), generator=gen))
-        sel[i:i + run] = bool(torch.rand(1, generator=gen) < 0.3)
-        i += run
-    return sel
+    return make_kind_mask(kind, n, gen, max_run=3000)
 
 
 @pytest.mark.cuda

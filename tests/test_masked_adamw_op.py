@@ -1,7 +1,7 @@
-"""masked_adamw_ op: C++ kernel vs the reference (bit-exact), vs torch._fused_adamw_, validation,
+"""masked_adamw_ op: every back end vs the reference (bit-exact) -- the C++ kernel on every SIMD path,
+the Triton kernel in the interpreter (and its GPU code generation), the CUDA kernel and compiled
+Triton on a GPU --, the C++ op vs torch._fused_adamw_, validation,
 opcheck."""
-import os
-
 import pytest
 import torch
 
@@ -9,7 +9,7 @@ import wagle_ext
 from wagle_ext import ops
 from wagle_ext.kernels import reference as ref
 
-from conftest import _triton_kernels, backend_params, cuda_only, op_impl, require_cpp
+from conftest import _triton_kernels, backend_params, cuda_only, op_impl, require_cpp, run_triton_compile_script
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(0,), (1,), (7,), (33, 17), (4096 * 2 + 77,), (20011,)]
@@ -369,21 +369,10 @@ TRITON_ONLY = backend_params("masked_adamw_", ("triton",))
 
 
 def make_list_mask(kind, n, gen):
-    if kind == "dense":
-        return None
-    if kind == "empty":
-        return torch.zeros(n, dtype=torch.bool)
+    """make_mask's kinds, plus "random" at a random density below 0.6."""
     if kind == "random":
         return torch.rand(n, generator=gen) < float(torch.rand(1, generator=gen)) * 0.6
-    # clustered: contiguous runs of random length, like rows of an attribution mask
-    sel = torch.zeros(n, dtype=torch.bool)
-    i = 0
-    while i < n:
-        run = int(torch.randint(1, 700, (1,), generator=gen))
-        if bool(torch.rand(1, generator=gen) < 0.3):
-            sel[i:i + run] = True
-        i += run
-    return sel
+    return make_mask(kind, n, gen)
 
 
 class Problems:
@@ -701,16 +690,7 @@ def test_gpu_codegen_is_exact(backend):
     with dense fp32 grads and with compact_grads (bf16 params), and check the PTX: IEEE division and square root only, explicit fmas only, and every other float
     multiply/add in its non-contractable .rn form (enable_fp_fusion=False), so ptxas cannot fuse
     p * decay into the final add."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, root], env=env, capture_output=True, text=True,
-                       timeout=300)
-    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
-        pytest.skip(f"Triton cannot compile for CUDA here: {r.stderr[-300:]}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_triton_compile_script(_COMPILE_SCRIPT)
     for compact in ("0", "1"):  # dense grads, compact_grads
         counts = {line.split()[1]: int(line.split()[2]) for line in r.stdout.split("\n")
                   if line.strip() and line.split()[0] == compact}

@@ -53,28 +53,20 @@ def _radix_histogram_kernel(s_ptr, hist_ptr, n, prefix_s, PREFIX_BITS: tl.conste
 
 
 @lazy_jit
-def _count_key_kernel(s_ptr, count_ptr, n, key_s, BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _count_key_kernel(s_ptr, count_ptr, n, key_s, PER_PROGRAM: tl.constexpr, BF16: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """The number of keys equal to ``key_s``: added to ``count_ptr[0]``, or with PER_PROGRAM stored at
+    ``count_ptr[pid]`` for program pid's block (the tie counts of a mask pass with a quota)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     x = load_f32(s_ptr, offs, m, BF16)
-    is_nan = x != x
-    ks = signed_key(x)
-    eq = m & ~is_nan & (ks == key_s)
-    tl.atomic_add(count_ptr, tl.sum(eq.to(tl.int64), axis=0))
-
-
-@lazy_jit
-def _count_ties_kernel(s_ptr, ties_ptr, n, thr_s, BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """ties_ptr[pid] = number of keys equal to the threshold in program pid's block."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    x = load_f32(s_ptr, offs, m, BF16)
-    is_nan = x != x
-    ks = signed_key(x)
-    eq = m & ~is_nan & (ks == thr_s)
-    tl.store(ties_ptr + pid, tl.sum(eq.to(tl.int64), axis=0))
+    eq = m & (x == x) & (signed_key(x) == key_s)
+    c = tl.sum(eq.to(tl.int64), axis=0)
+    if PER_PROGRAM:
+        tl.store(count_ptr + pid, c)
+    else:
+        tl.atomic_add(count_ptr, c)
 
 
 @lazy_jit
@@ -156,7 +148,7 @@ def _count_key_op(scores: list[torch.Tensor], key: int) -> torch.Tensor:
         if n:
             s, bf16 = _as_loadable(t)
             wrap_triton(_count_key_kernel.kernel())[(triton.cdiv(n, bl),)](
-                s, counts[i:], n, _signed(key), BF16=bf16, BLOCK=bl)
+                s, counts[i:], n, _signed(key), PER_PROGRAM=False, BF16=bf16, BLOCK=bl)
     return counts
 
 
@@ -187,7 +179,8 @@ def _topk_mask_bits_op(scores: list[torch.Tensor], threshold_key: int, largest: 
         programs = triton.cdiv(n, bl)
         if take > 0:
             ties = torch.empty(programs, dtype=torch.int64, device=t.device)
-            wrap_triton(_count_ties_kernel.kernel())[(programs,)](s, ties, n, thr_s, BF16=bf16, BLOCK=bl)
+            wrap_triton(_count_key_kernel.kernel())[(programs,)](s, ties, n, thr_s, PER_PROGRAM=True, BF16=bf16,
+                                                                  BLOCK=bl)
             ties_before = torch.cumsum(ties, 0) - ties  # exclusive prefix: ties in earlier blocks
             mode = 2
         else:
