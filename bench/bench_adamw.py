@@ -26,7 +26,7 @@ import wagle_ext  # noqa: E402
 from wagle_ext import MaskedAdamW, PackedMask  # noqa: E402
 
 DENSE_STATE_BYTES = 8  # fp32 exp_avg + exp_avg_sq per param
-DENSE_TRAFFIC = 28     # B/param/step of fused AdamW (kernels.md 2.3)
+DENSE_TRAFFIC = 28     # B/param/step of fused AdamW (docs/kernels.md 2.3)
 
 
 def make_masks(params, density: float, kind: str, gen: torch.Generator) -> list:

@@ -123,7 +123,7 @@ def run_case(args, mode: str) -> dict:
     import torch
 
     from wagle_ext import memory_report
-    from wagle_ext.trainer import UnlearnTrainer
+    from wagle_ext.unlearn.trainer import UnlearnTrainer
 
     torch.manual_seed(0)
     model = llama(args)

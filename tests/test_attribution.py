@@ -58,7 +58,7 @@ def _model(tok, gen, **kw):
 
 
 def manual_grads(model, batches, square=False, reduction="sum"):
-    """WAGLE's loop (algorithms.md 1.4 pseudo-code), in fp32: zero_grad, backward, add .grad."""
+    """WAGLE's loop (docs/algorithms.md 1.4 pseudo-code), in fp32: zero_grad, backward, add .grad."""
     model.eval()
     acc = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in model.named_parameters()}
     for b in batches:
@@ -307,7 +307,7 @@ def test_term_log_and_norms(grads, caplog):
     assert math.isclose(t["retain_term_norm"], float(r.norm()), rel_tol=1e-6)
     assert math.isclose(t["frac_weight_dominant"], float((w.float().abs() > r.float().abs()).double().mean()),
                         rel_tol=1e-9)
-    # With WAGLE's gamma = 1e-6 on summed gradients the retain term dominates (algorithms.md 1.2);
+    # With WAGLE's gamma = 1e-6 on summed gradients the retain term dominates (docs/algorithms.md 1.2);
     # with a huge gamma the weight term does.
     assert t["dominant"] == "retain_gradient"
     assert compute_scores(model, g_f, g_r, kind="wagle", gamma=1e9).info["terms"]["dominant"] == "weight"

@@ -1,4 +1,5 @@
-"""attribution_scores: every CPU back end against the reference, plus validation and opcheck."""
+"""attribution_scores: every back end against the reference (reference, cpp, triton in the
+interpreter, cuda and compiled Triton on a GPU), plus validation and opcheck."""
 import pytest
 import torch
 
@@ -6,7 +7,8 @@ import wagle_ext
 from wagle_ext import ops
 from wagle_ext.kernels import reference as ref
 
-from conftest import cpu_backends, require_cpp
+from conftest import (backend_device, backend_params, cpu_backends, cuda_only, op_impl, require_cpp, run_on_cpu,
+                      same_floats)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KINDS = ["wagle", "wagle_hessian", "snip", "gradient", "magnitude"]
@@ -212,3 +214,180 @@ def test_mixed_gradient_dtypes_are_widened_exactly(backend, gen, use_backend):
     (s,) = wagle_ext.attribution_scores([w], [gf], [gr], hessian=[h])
     rs, _ = ref.attribution_score(w, gf, gr, h, "wagle_hessian", 1e-6, 1e-8)
     torch.testing.assert_close(s, rs, rtol=0, atol=0)
+
+
+# ---- every back end on small inputs (Triton in the interpreter; CUDA marked and skipped here) ---------
+SMALL = backend_params("attribution_score", ("cpp", "triton", "cuda"))
+
+
+def _scores_ref_sum(ws, gfs, grs, hs, kind, gamma, eps):
+    """Reference scores of a list and their summed histogram (CPU)."""
+    hist = torch.zeros(ref.HIST_SIZE, dtype=torch.int64)
+    out = []
+    for w, gf, gr, h in zip(ws, gfs, grs, hs):
+        rs, rh = ref.attribution_score(w, gf, gr, h, kind, gamma, eps)
+        out.append(rs)
+        hist += rh
+    return out, hist
+
+
+@pytest.mark.parametrize("backend", backend_params("attribution_score", ("cpp", "triton")))
+def test_forced_backend_is_used(backend, use_backend):
+    use_backend(backend)
+    cpu = backend_device(backend)
+    for op in ("attribution_score", "radix_histogram", "count_key", "topk_mask_bits", "pack_bits", "unpack_bits",
+               "popcount_bits", "masked_adamw_", "gather_masked_"):
+        assert ops.resolve_backend(op, cpu) == backend
+    assert wagle_ext.backend_info()[backend] is True
+
+
+@pytest.mark.parametrize("backend", backend_params("attribution_score", ("triton",)))
+def test_forced_triton_on_cpu_needs_the_interpreter(backend, use_backend, monkeypatch):
+    use_backend(backend)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        ops.resolve_backend("attribution_score", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", SMALL)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_list_of_odd_shapes_matches_reference(backend, kind, dtype, gen, use_backend):
+    """Several odd sizes in one call (one launch per tensor on GPU back ends): empty, tails, more
+    than one program; histograms summed over the list."""
+    use_backend(backend)
+    dev = backend_device(backend)
+    shapes = [(0,), (1,), (7,), (33, 17), (3, 5, 129), (70001,)]
+    ws = [(torch.randn(*s, generator=gen) * 0.05).to(dtype) for s in shapes]
+    gfs = [(torch.randn(*s, generator=gen) * 1e-3).to(dtype) for s in shapes]
+    grs = [(torch.randn(*s, generator=gen) * 1e-6).to(dtype) for s in shapes]
+    hs = [(torch.rand(*s, generator=gen) * 1e-3).to(dtype) for s in shapes]
+    on = lambda ts: [t.to(dev) for t in ts]  # noqa: E731
+    if kind == "wagle_hessian":
+        scores, hist = wagle_ext.attribution_scores(on(ws), on(gfs), on(grs), kind="wagle", hessian=on(hs), eps=1e-8,
+                                                    return_histogram=True)
+    else:
+        scores, hist = wagle_ext.attribution_scores(on(ws), on(gfs), on(grs), kind=kind, gamma=3e-6,
+                                                    return_histogram=True)
+    want, want_hist = _scores_ref_sum(ws, gfs, grs, hs, kind, 3e-6, 1e-8)
+    for s, w, rs in zip(scores, ws, want):
+        assert s.dtype == torch.float32 and s.shape == w.shape and s.device.type == dev.type
+        assert same_floats(s, rs)
+    assert torch.equal(hist.cpu(), want_hist)
+
+
+@pytest.mark.parametrize("backend", SMALL)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_denormals_and_signed_zeros(backend, dtype, gen, use_backend):
+    """Denormals of each dtype survive widening (the Triton interpreter's own bf16 conversion does
+    not: the kernels widen bf16 by a bit shift), and -0.0 scores land in the +0.0 bucket."""
+    use_backend(backend)
+    dev = backend_device(backend)
+    tiny = torch.finfo(dtype).smallest_normal
+    w = torch.tensor([tiny / 2, -tiny / 4, tiny / 64, -0.0, 0.0, tiny, -1.0, 3.0], dtype=torch.float32).to(dtype)
+    w = torch.cat([w, (torch.randn(997, generator=gen) * tiny).to(dtype)])
+    gf = torch.full_like(w, -1.0)
+    for kind in ("magnitude", "snip", "gradient"):
+        (s,), hist = wagle_ext.attribution_scores([w.to(dev)], [gf.to(dev)], kind=kind, return_histogram=True)
+        rs, rh = ref.attribution_score(w, gf, None, None, kind, 1.0, 0.0)
+        assert same_floats(s, rs)
+        assert torch.equal(hist.cpu(), rh)
+    assert torch.equal(op_impl("radix_histogram", backend)([w.to(dev)], 0, 0).cpu(), ref.radix_histogram([w], 0, 0))
+
+
+@pytest.mark.parametrize("backend", SMALL)
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, inside the Triton interpreter
+def test_nan_inf_mixed_dtypes_noncontiguous(backend, gen, use_backend):
+    use_backend(backend)
+    dev = backend_device(backend)
+    n = 5000
+    w = (torch.randn(n, 3, generator=gen) * 0.05).to(torch.bfloat16)[:, 1]  # non-contiguous bf16
+    gf = torch.randn(n, generator=gen) * 1e-3  # fp32 accumulators beside bf16 weights
+    gr = torch.randn(n, generator=gen) * 1e-6
+    w[:7] = float("inf")
+    gf[:3] = 0.0  # inf * 0 = NaN scores
+    gf[10:13] = float("nan")
+    w_dev = w.to(dev) if dev.type == "cpu" else torch.stack([w, w], 1).to(dev)[:, 0]
+    assert not w_dev.is_contiguous()
+    (s,), hist = wagle_ext.attribution_scores([w_dev], [gf.to(dev)], [gr.to(dev)], gamma=1e-5, return_histogram=True)
+    rs, rh = ref.attribution_score(w, gf, gr, None, "wagle", 1e-5, 0.0)
+    assert same_floats(s, rs)
+    assert torch.equal(hist.cpu(), rh)
+    assert int(hist[ref.HIST_BINS]) == 6  # 3 x (inf * 0) + 3 x NaN gradient
+
+
+@pytest.mark.parametrize("backend", SMALL)
+def test_out_buffer_is_filled(backend, gen, use_backend):
+    use_backend(backend)
+    dev = backend_device(backend)
+    w = torch.randn(1000, generator=gen)
+    gf = torch.randn(1000, generator=gen)
+    out = [torch.full((1000,), -1.0, device=dev)]
+    (s,) = wagle_ext.attribution_scores([w.to(dev)], [gf.to(dev)], kind="snip", out=out)
+    assert s.data_ptr() == out[0].data_ptr()
+    assert same_floats(out[0], ref.attribution_score(w, gf, None, None, "snip", 1.0, 0.0)[0])
+
+
+@pytest.mark.parametrize("backend", backend_params("attribution_score", ("triton",)))
+def test_triton_ops_registered_and_opcheck(backend, gen, use_backend):
+    use_backend(backend)
+    for name in ("attribution_score", "radix_histogram", "count_key", "topk_mask_bits", "pack_bits",
+                 "unpack_bits", "popcount_bits"):
+        assert hasattr(torch.ops.wagle_triton, name)
+    w = torch.randn(300, generator=gen)
+    gf = torch.randn(300, generator=gen)
+    gr = torch.randn(300, generator=gen)
+    # Schema only: under the interpreter wrap_triton returns the interpreted kernel itself, which
+    # then runs on FakeTensors, so the fake-tensor check needs compiled Triton (a GPU).
+    torch.library.opcheck(torch.ops.wagle_triton.attribution_score.default, (w, gf, gr, None, "wagle", 1e-3, 0.0),
+                          test_utils=("test_schema",))
+    torch.library.opcheck(torch.ops.wagle_triton.topk_mask_bits.default, ([w.abs(), gf.abs()], 2**31, True, [-1, 3]),
+                          test_utils=("test_schema",))
+
+
+# ---- GPU back ends (cuda, compiled Triton) on CUDA tensors against the CPU result ----------------------
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_scores(gpu_backend, kind, dtype, gen):
+    cuda = torch.device("cuda")
+    shapes = [(0,), (1,), (7,), (33, 17), (3, 5, 129), (1 << 20) + 3]
+    mk = lambda s, scale: (torch.randn(s, generator=gen) * scale).to(dtype)  # noqa: E731
+    ws = [mk(s, 0.05) for s in shapes]
+    gfs = [mk(s, 1e-3) for s in shapes]
+    grs = [mk(s, 1e-6) for s in shapes]
+    hs = [(torch.rand(s, generator=gen) * 1e-3).to(dtype) for s in shapes]
+    kw = dict(kind="wagle", hessian=None, return_histogram=True)
+    if kind == "wagle_hessian":
+        kw["hessian"] = hs
+    else:
+        kw["kind"] = kind
+    s_cpu, h_cpu = run_on_cpu(wagle_ext.attribution_scores, ws, gfs, grs, gamma=3e-6, **kw)
+    if kw["hessian"] is not None:
+        kw["hessian"] = [h.to(cuda) for h in hs]
+    s_gpu, h_gpu = wagle_ext.attribution_scores([w.to(cuda) for w in ws], [g.to(cuda) for g in gfs],
+                                                [g.to(cuda) for g in grs], gamma=3e-6, **kw)
+    for a, b in zip(s_gpu, s_cpu):
+        assert a.is_cuda and same_floats(a, b)
+    assert h_gpu.is_cuda and torch.equal(h_gpu.cpu(), h_cpu)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_gpu_scores_misaligned_noncontiguous_out_and_stream(gpu_backend, gen):
+    cuda = torch.device("cuda")
+    n = 100003
+    base = torch.randn(n + 1, generator=gen)
+    w = base[1:]
+    gf = torch.randn(n, 2, generator=gen)[:, 0]  # non-contiguous
+    gr = torch.randn(n, generator=gen) * 1e-6
+    ref_s, ref_h = run_on_cpu(wagle_ext.attribution_scores, [w], [gf], [gr], return_histogram=True)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # launches must follow the current stream
+        out = [torch.empty(n, device=cuda)]
+        w_gpu = base.to(cuda)[1:]  # storage offset 1: not 16-byte aligned -> scalar path of the CUDA kernel
+        gf_gpu = torch.stack([gf, gf], 1).to(cuda)[:, 0]  # non-contiguous on the GPU too
+        s, h = wagle_ext.attribution_scores([w_gpu], [gf_gpu], [gr.to(cuda)], out=out, return_histogram=True)
+    stream.synchronize()
+    assert same_floats(s[0], ref_s[0]) and torch.equal(h.cpu(), ref_h)

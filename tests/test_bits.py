@@ -1,12 +1,13 @@
-"""Bit-array helpers (pack_bits, unpack_bits, popcount_bits): every CPU back end against the
+"""Bit-array helpers (pack_bits, unpack_bits, popcount_bits): every back end against the
 reference, edge sizes, non-contiguous inputs, validation and opcheck."""
 import pytest
 import torch
 
+import wagle_ext
 from wagle_ext import ops
 from wagle_ext.kernels import reference as ref
 
-from conftest import cpu_backends, require_cpp
+from conftest import backend_device, backend_params, cpu_backends, cuda_only, require_cpp
 
 SIZES = [0, 1, 7, 8, 9, 63, 64, 65, 1000, 65536 * 8 + 13]
 
@@ -84,3 +85,37 @@ def test_cpp_errors_and_opcheck(gen):
     torch.library.opcheck(W.unpack_bits, (bits, 129))
     # popcount_bits returns a Python int whose fake value is an unbacked symbol: schema check only.
     torch.library.opcheck(W.popcount_bits, (bits, 129), test_utils=("test_schema",))
+
+
+# ---- every back end on small inputs (Triton in the interpreter; CUDA marked and skipped here) ---------
+@pytest.mark.parametrize("backend", backend_params("pack_bits", ("cpp", "triton", "cuda")))
+def test_public_entry_points_every_backend(backend, gen, use_backend):
+    use_backend(backend)
+    dev = backend_device(backend)
+    for n in (0, 1, 7, 8, 9, 1000, 40003):
+        mask = torch.rand(n, generator=gen) < 0.3
+        bits = wagle_ext.pack_bits(mask.to(dev))
+        assert bits.device.type == dev.type and torch.equal(bits.cpu(), ref.pack_bits(mask))
+        assert torch.equal(wagle_ext.unpack_bits(bits, n).cpu(), mask)
+        assert wagle_ext.popcount_bits(bits, n) == int(mask.sum())
+    # Bits beyond numel are not counted or unpacked.
+    full = torch.full((5,), 0xFF, dtype=torch.uint8, device=dev)
+    assert wagle_ext.popcount_bits(full, 37) == 37
+    assert wagle_ext.unpack_bits(full, 37).all() and wagle_ext.unpack_bits(full, 37).numel() == 37
+    with pytest.raises(TypeError, match="bool"):
+        wagle_ext.pack_bits(torch.zeros(3, device=dev))
+    with pytest.raises(ValueError, match="cannot hold"):
+        wagle_ext.unpack_bits(full, 41)
+
+
+# ---- GPU back ends (cuda, compiled Triton) on CUDA tensors -------------------------------------------
+@pytest.mark.cuda
+@cuda_only
+def test_gpu_bits(gpu_backend, gen):
+    cuda = torch.device("cuda")
+    for n in (0, 1, 7, 9, 1000, 1 << 20 | 5):
+        mask = torch.rand(n, generator=gen) < 0.3
+        bits = wagle_ext.pack_bits(mask.to(cuda))
+        assert torch.equal(bits.cpu(), ref.pack_bits(mask))
+        assert torch.equal(wagle_ext.unpack_bits(bits, n).cpu(), mask)
+        assert wagle_ext.popcount_bits(bits, n) == int(mask.sum())

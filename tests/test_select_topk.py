@@ -1,5 +1,5 @@
-"""Exact top-k selection: every CPU back end against the stable-sort oracle
-(reference.select_topk_bits), the C++ primitives against their reference, validation, opcheck,
+"""Exact top-k selection: every back end against the stable-sort oracle
+(reference.select_topk_bits), the primitives of every back end against their reference, validation, opcheck,
 SIMD paths and multi-process selection over gloo."""
 import os
 import tempfile
@@ -12,7 +12,8 @@ import wagle_ext
 from wagle_ext import ops
 from wagle_ext.kernels import reference as ref
 
-from conftest import cpu_backends, require_cpp
+from conftest import (backend_device, backend_params, cpu_backends, cuda_only, op_impl, require_cpp, run_on_cpu,
+                      same_floats)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = cpu_backends("topk_mask_bits")
@@ -470,3 +471,213 @@ def test_process_group_without_init():
         pytest.skip("a process group is already initialised")
     with pytest.raises(ValueError, match="not initialised"):
         wagle_ext.select_topk_mask([torch.rand(4)], k=1, process_group=True)
+
+
+# ---- every back end on small inputs (Triton in the interpreter; CUDA marked and skipped here) ---------
+PRIMITIVES = backend_params("topk_mask_bits", ("cpp", "triton", "cuda"))
+PUBLIC = backend_params("topk_mask_bits", ("reference", "cpp", "triton", "cuda"))
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+
+
+def _scores_with_specials(n: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """Signed scores with heavy ties, -0.0/+0.0, infinities and denormals, for key/tie edge cases."""
+    x = torch.randn(n, generator=gen)
+    if n == 0:
+        return x.to(dtype)
+    x = torch.where(torch.rand(n, generator=gen) < 0.3, torch.round(x * 4) / 4, x)  # many ties
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 1.0, -1.0])
+    pick = torch.randint(0, n, (min(n, 64),), generator=gen)
+    x[pick] = specials[torch.randint(0, len(specials), (len(pick),), generator=gen)]
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("backend", PRIMITIVES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_radix_histogram_all_levels_with_specials(backend, dtype, gen):
+    dev = backend_device(backend)
+    impl = op_impl("radix_histogram", backend)
+    scores = [_scores_with_specials(n, gen, dtype) for n in (0, 1, 13, 40001)]
+    scores[3][::997] = float("nan")
+    on = [s.to(dev) for s in scores]
+    assert torch.equal(impl(on, 0, 0).cpu(), ref.radix_histogram(scores, 0, 0))
+    # Prefixes taken from real keys (the most common ones), so the prefix filter matters.
+    keys = ref.float_key(scores[3][~torch.isnan(scores[3].float())])
+    for pb in (11, 22):
+        prefix = int(torch.mode(keys >> (32 - pb)).values)
+        want = ref.radix_histogram(scores, prefix, pb)
+        assert int(want.sum()) > 0
+        assert torch.equal(impl(on, prefix, pb).cpu(), want)
+    with pytest.raises(ValueError, match="prefix_bits"):
+        impl(on, 0, 5)
+
+
+@pytest.mark.parametrize("backend", PRIMITIVES)
+def test_count_key_with_specials(backend, gen):
+    dev = backend_device(backend)
+    impl = op_impl("count_key", backend)
+    scores = [_scores_with_specials(n, gen) for n in (0, 9, 40001, 333)]
+    on = [s.to(dev) for s in scores]
+    for value in (0.0, 0.25, -1.0, float("inf"), 1e-40):
+        key = int(ref.float_key(torch.tensor([value]))[0])
+        assert torch.equal(impl(on, key).cpu(), ref.count_key(scores, key))
+    assert int(impl(on, int(ref.float_key(torch.tensor([0.0]))[0])).sum()) > 0
+
+
+@pytest.mark.parametrize("backend", PRIMITIVES)
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_mask_bits_tie_quotas(backend, largest, dtype, gen):
+    # Few distinct values: the threshold key has thousands of ties spread over several programs.
+    dev = backend_device(backend)
+    impl = op_impl("topk_mask_bits", backend)
+    scores = [(torch.randint(-3, 4, (n,), generator=gen).float() / 2).to(dtype) for n in (40001, 0, 17, 9999)]
+    scores[0][5] = float("nan")  # never selected
+    scores[0][100] = -0.0  # ties with +0.0
+    on = [s.to(dev) for s in scores]
+    thr = int(ref.float_key(torch.tensor([0.0]))[0])
+    counts = ref.count_key(scores, thr).tolist()
+    assert counts[0] > 3000  # about 1/7 of 40001
+    for take in ([-1, -1, -1, -1], [0, 0, 0, 0], [1, 0, 3, 0], [counts[0] // 2 + 1, 0, counts[2], 7],
+                 [counts[0], 0, 0, counts[3]]):
+        got = impl(on, thr, largest, take)
+        want = ref.topk_mask_bits(scores, thr, largest, take)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.device.type == dev.type and _bits_equal(g, w)
+
+
+@pytest.mark.parametrize("backend", PUBLIC)
+@pytest.mark.parametrize("largest", [True, False])
+def test_select_topk_mask_quota_across_tensors(backend, largest, gen, use_backend):
+    use_backend(backend)
+    dev = backend_device(backend)
+    sizes = [(257, 31), (0,), (1,), (40001,), (999,)]
+    scores = [torch.randn(*s, generator=gen).abs() for s in sizes]
+    scores[3] = torch.round(scores[3] * 8) / 8  # ties at the boundary: quota across tensors
+    n = sum(s.numel() for s in scores)
+    for k in (0, 1, 37, n // 3, n // 2 + 1, n - 1, n):
+        masks = wagle_ext.select_topk_mask([s.to(dev) for s in scores], k=k, largest=largest)
+        want = ref.select_topk_bits(scores, k, largest)
+        assert sum(m.nnz for m in masks) == k
+        for m, w, s in zip(masks, want, scores):
+            assert m.shape == s.shape
+            assert _bits_equal(m.bits, w)
+
+
+@pytest.mark.parametrize("backend", PUBLIC)
+def test_select_topk_mask_bf16_histogram_and_per_tensor(backend, gen, use_backend):
+    use_backend(backend)
+    dev = backend_device(backend)
+    w = [torch.randn(3001, generator=gen).to(torch.bfloat16), torch.randn(77, 13, generator=gen)]
+    gf = [torch.randn(3001, generator=gen).to(torch.bfloat16), torch.randn(77, 13, generator=gen)]
+    scores, hist = wagle_ext.attribution_scores([t.to(dev) for t in w], [t.to(dev) for t in gf], kind="snip",
+                                                return_histogram=True)
+    masks = wagle_ext.select_topk_mask(scores, ratio=0.1, histogram=hist)
+    cpu_scores = [s.cpu() for s in scores]
+    want = ref.select_topk_bits(cpu_scores, int(sum(s.numel() for s in scores) * 0.1), True)
+    for m, b in zip(masks, want):
+        assert _bits_equal(m.bits, b)
+    low = [torch.round(torch.randn(2000, generator=gen) * 3).to(torch.bfloat16) for _ in range(2)]
+    for m, s in zip(wagle_ext.select_topk_mask([t.to(dev) for t in low], k=150, scope="per_tensor", largest=False),
+                    low):
+        assert _bits_equal(m.bits, ref.select_topk_bits([s], 150, False)[0])
+
+
+@pytest.mark.parametrize("backend", PUBLIC)
+def test_select_nan_scores_rejected_on_every_backend(backend, use_backend):
+    use_backend(backend)
+    s = torch.tensor([1.0, float("nan"), 2.0], device=backend_device(backend))
+    with pytest.raises(ValueError, match="NaN"):
+        wagle_ext.select_topk_mask([s], k=1)
+
+
+@pytest.mark.parametrize("backend", backend_params("topk_mask_bits", ("triton",)))
+def test_gpu_geometry_in_the_interpreter(backend, monkeypatch, gen, use_backend):
+    # On a GPU the Triton kernels use small blocks, many programs and several blocks per histogram
+    # program; the interpreter defaults to one large block. Force a GPU-like geometry here so the
+    # multi-block loops, partial last programs and cross-program tie ranks are exercised too.
+    from wagle_ext.kernels.triton import _launch
+
+    use_backend(backend)
+    tk_hist, tk_count, tk_mask = (op_impl(o, backend) for o in ("radix_histogram", "count_key", "topk_mask_bits"))
+    monkeypatch.setattr(_launch, "FORCED_GEOMETRY", (256, 3))
+    n = 20001
+    w, gf, gr = (torch.randn(n, generator=gen) for _ in range(3))
+    w[::101] = float("nan")
+    (s,), hist = wagle_ext.attribution_scores([w], [gf], [gr], gamma=1e-2, return_histogram=True)
+    rs, rh = ref.attribution_score(w, gf, gr, None, "wagle", 1e-2, 0.0)
+    assert same_floats(s, rs) and torch.equal(hist, rh)
+    scores = [_scores_with_specials(m, gen) for m in (n, 777)]
+    keys = ref.float_key(scores[0])
+    for pb in (0, 11, 22):
+        prefix = int(torch.mode(keys >> (32 - pb)).values) if pb else 0
+        want = ref.radix_histogram(scores, prefix, pb)
+        assert int(want.sum()) > 0 and torch.equal(tk_hist(scores, prefix, pb), want)
+    thr = int(ref.float_key(torch.tensor([0.25]))[0])
+    c = ref.count_key(scores, thr).tolist()
+    assert torch.equal(tk_count(scores, thr), ref.count_key(scores, thr))
+    for take in ([c[0] // 2 + 1, 3], [-1, 0]):
+        for a, b in zip(tk_mask(scores, thr, True, take), ref.topk_mask_bits(scores, thr, True, take)):
+            assert _bits_equal(a, b)
+    mask = torch.rand(n, generator=gen) < 0.5
+    bits = wagle_ext.pack_bits(mask)
+    assert _bits_equal(bits, ref.pack_bits(mask)) and torch.equal(wagle_ext.unpack_bits(bits, n), mask)
+    assert wagle_ext.popcount_bits(bits, n) == int(mask.sum())
+    masks = wagle_ext.select_topk_mask(scores, k=5000)
+    for m, o in zip(masks, ref.select_topk_bits(scores, 5000, True)):
+        assert _bits_equal(m.bits, o)
+
+
+# ---- GPU back ends (cuda, compiled Triton) on CUDA tensors against the CPU result ----------------------
+def _scores_with_ties(n, gen, dtype=torch.float32):
+    x = torch.randint(-3, 4, (n,), generator=gen).float() / 2
+    x = torch.where(torch.rand(n, generator=gen) < 0.5, torch.randn(n, generator=gen), x)
+    return x.to(dtype)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_selection_primitives(gpu_backend, dtype, gen):
+    cuda = torch.device("cuda")
+    impl = ops._impl
+    scores = [_scores_with_ties(n, gen, dtype) for n in (0, 1, 17, 8191, 8193, 300001)]
+    scores[-1][::1009] = float("nan")
+    g = [s.to(cuda) for s in scores]
+    assert torch.equal(impl("radix_histogram", cuda)(g, 0, 0).cpu(), ref.radix_histogram(scores, 0, 0))
+    keys = ref.float_key(scores[-1][~torch.isnan(scores[-1].float())])
+    for pb in (11, 22):
+        prefix = int(torch.mode(keys >> (32 - pb)).values)
+        assert torch.equal(impl("radix_histogram", cuda)(g, prefix, pb).cpu(), ref.radix_histogram(scores, prefix, pb))
+    thr = int(ref.float_key(torch.tensor([0.5]))[0])
+    counts = ref.count_key(scores, thr)
+    assert torch.equal(impl("count_key", cuda)(g, thr).cpu(), counts)
+    c = counts.tolist()
+    for largest in (True, False):
+        for take in ([-1] * 6, [0] * 6, [0, 0, 1, c[3], c[4] // 2, c[5] // 3 + 1], [0, 0, 0, 0, 0, c[5]]):
+            got = impl("topk_mask_bits", cuda)(g, thr, largest, take)
+            want = ref.topk_mask_bits(scores, thr, largest, take)
+            for a, b in zip(got, want):
+                assert a.is_cuda and torch.equal(a.cpu(), b)
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("largest", [True, False])
+def test_gpu_select_topk_mask_end_to_end(gpu_backend, largest, gen):
+    cuda = torch.device("cuda")
+    shapes = [(1031, 77), (0,), (5,), (1 << 20,), (4097,)]
+    scores = [torch.randn(s, generator=gen).abs() for s in shapes]
+    scores[3] = torch.round(scores[3] * 16) / 16  # heavy ties at the boundary
+    n = sum(s.numel() for s in scores)
+    g = [s.to(cuda) for s in scores]
+    for k in (0, 1, 1000, n // 3, n // 2 + 7, n):
+        masks = wagle_ext.select_topk_mask(g, k=k, largest=largest)
+        cpu_masks = run_on_cpu(wagle_ext.select_topk_mask, scores, k=k, largest=largest)
+        oracle = ref.select_topk_bits(scores, k, largest)
+        for m, cm, o in zip(masks, cpu_masks, oracle):
+            assert m.bits.is_cuda
+            assert torch.equal(m.bits.cpu(), cm.bits) and torch.equal(cm.bits, o)

@@ -7,11 +7,10 @@
 """
 from __future__ import annotations
 
-import string
-
 import torch
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+from wagle_ext.app.embedded_benchmark import CHAT_TEMPLATE, SPECIAL_TOKENS as SPECIALS  # noqa: F401
+from wagle_ext.app.embedded_benchmark import char_tokenizer as _benchmark_char_tokenizer
 
 
 def _require_hf() -> None:
@@ -21,28 +20,14 @@ def _require_hf() -> None:
     pytest.importorskip("transformers", reason="tiny Hugging Face models need transformers")
     pytest.importorskip("tokenizers", reason="the character tokenizer needs tokenizers")
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: {{ m['content'] }}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
-)
-
 
 def char_tokenizer(chat_template: bool = True):
-    """Character-level tokenizer: every printable ASCII character is one token."""
+    """Character-level tokenizer: every printable ASCII character is one token (the embedded
+    benchmark's, optionally without its chat template)."""
     _require_hf()
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
-    if chat_template:
-        fast.chat_template = CHAT_TEMPLATE
+    fast = _benchmark_char_tokenizer()
+    if not chat_template:
+        fast.chat_template = None
     return fast
 
 

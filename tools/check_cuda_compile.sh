@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-check every torch-free CUDA source (csrc/cuda/*.cu) for sm_80 and sm_90 with the
 # machine's nvcc, warnings as errors, into a temporary directory (nothing is kept). This is how
-# CUDA code is checked on CPU-only machines (kernels.md 7.4); csrc/cuda/bindings.cpp includes
+# CUDA code is checked on CPU-only machines (docs/kernels.md 7.4); csrc/cuda/bindings.cpp includes
 # torch CUDA headers and is only built in CUDA builds (setup.py, WAGLE_CUDA).
 #
 # Usage: tools/check_cuda_compile.sh [file.cu ...]      (default: all of csrc/cuda/*.cu)

@@ -1,11 +1,20 @@
 """wagle-ext: weight-attribution-guided LLM unlearning with fused kernels.
 
-Pipeline (data flows one way): model + data -> gradients (:func:`accumulate_gradients`) -> scores
+Layers (data flows one way, and no module imports a layer above its own; see docs/layers.md):
+``ops`` (kernels) -> ``attribution`` -> ``masks`` -> ``optim`` / ``memory`` -> ``unlearn`` -> ``eval``
+-> ``app``, over the foundation modules ``_checks``, ``naming``, ``plotting``, ``_util``.
+
+Pipeline: model + data -> gradients (:func:`accumulate_gradients`) -> scores
 (:func:`compute_scores` / :func:`attribution_scores`) -> mask (:func:`build_mask` /
 :func:`select_topk_mask` -> :class:`MaskSet` of :class:`PackedMask`) -> optimizer
 (:class:`MaskedAdamW`) -> trainer (:class:`UnlearnTrainer` with an :class:`Objective`).
 """
-# kernels
+from . import _compat
+from ._version import __version__
+
+_compat.install()  # old module paths (wagle_ext.trainer, wagle_ext.cli, ...) keep importing
+
+# kernels and masks
 from .ops import (
     attribution_scores,
     backend_info,
@@ -13,12 +22,11 @@ from .ops import (
     popcount_bits,
     resolve_backend,
     score_histogram,
-    select_topk_mask,
     unpack_bits,
 )
-from .packed_mask import PackedMask
+from .masks import MaskSet, PackedMask, build_mask, model_fingerprint, partition_names, select_topk_mask
 
-# attribution and masks
+# attribution
 from .attribution import (
     accumulate_gradients,
     collect_input_norms,
@@ -26,25 +34,21 @@ from .attribution import (
     estimate_hessian_diagonal,
     score_model,
 )
-from .masks import MaskSet, build_mask, model_fingerprint, partition_names
 
 # optimizer, objectives and data
 from .optim import MaskedAdamW
 from .memory import memory_report
-from .data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
-from .objectives import OBJECTIVES, Objective, get_objective
+from .unlearn.data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
+from .unlearn.objectives import OBJECTIVES, Objective, get_objective
 
 # evaluation
-from .evaluation import evaluate_tofu, forget_quality, model_utility, truth_ratio
-from .tofu_data import load_qa_split, load_tofu_eval_sets
-
-__version__ = "0.1.0"
+from .eval import evaluate_tofu, forget_quality, load_qa_split, load_tofu_eval_sets, model_utility, truth_ratio
 
 
 def __getattr__(name: str):
     # The trainer imports transformers: load it on first use, not at `import wagle_ext`.
     if name in ("UnlearnTrainer", "frozen_reference"):
-        from . import trainer
+        from .unlearn import trainer
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'wagle_ext' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """MaskedAdamW: AdamW that updates only the weights selected by a mask, with compact state.
 
-Why not ``p.grad *= mask`` + ``torch.optim.AdamW`` (WAGLE, SalUn)? That leaks (kernels.md section 5,
-pitfalls 1-2): decoupled weight decay still shrinks frozen weights by ``(1 - lr*wd)`` every step,
+Why not ``p.grad *= mask`` + ``torch.optim.AdamW`` (WAGLE, SalUn)? That leaks (docs/kernels.md section 5,
+docs/pitfalls.md K1-K2): decoupled weight decay still shrinks frozen weights by ``(1 - lr*wd)`` every step,
 stale moments keep moving weights whose gradient is masked, and the optimizer stores 8 B of state
 per weight whether it moves or not (56 GB at 7B parameters).
 
@@ -11,16 +11,21 @@ per-4096-element directory built from the mask bits, and runs one fused pass per
 bias corrections in double, eps after ``sqrt(v)/sqrt(bc2)``, decay ``p *= 1 - lr*wd`` before the
 update), so a full mask with ``weight_decay_mode="all"`` reproduces ``torch.optim.AdamW(fused=True)``.
 
-Conventions (torch's): decoupled decay is scaled by the scheduled ``lr`` (pitfall 5); ``eps`` is
-added after the bias correction (pitfall 4, not the ``lr*sqrt(bc2)/bc1`` form of SparseAdam/SpIEL).
+Conventions (torch's): decoupled decay is scaled by the scheduled ``lr`` (docs/pitfalls.md K5); ``eps`` is
+added after the bias correction (docs/pitfalls.md K4, not the ``lr*sqrt(bc2)/bc1`` form of SparseAdam/SpIEL).
 
-Compact gradients (``grad_mode="compact"``, kernels.md 4.3 / SIFT, LOMO): autograd still produces
+Compact gradients (``grad_mode="compact"``, docs/kernels.md 4.3 / SIFT, LOMO): autograd still produces
 one dense gradient per parameter, but a ``register_post_accumulate_grad_hook`` compacts its
 selected entries into a float32[nnz] buffer (``wagle::gather_masked_``, one pass) and frees
 ``p.grad`` at once, so at most one dense gradient is alive at a time instead of one per parameter
 (4 B/param for fp32); parameters whose mask selects nothing get ``requires_grad_(False)`` and never
 have a gradient. ``step_in_backward=True`` goes further (LOMO/SIFT): the hook applies the update of
 that parameter right away, so no gradient outlives its hook.
+
+Long file: one class. The compact state, the mask directories, the gradient hooks, the step and the
+checkpoint format share one invariant (state entry ``j`` of a parameter is its ``j``-th selected
+element); split over modules, each part would have to re-derive it. The kernels and their argument
+checks are in ``wagle_ext.ops``; the rules shared with the trainer and the config in ``_checks``.
 """
 from __future__ import annotations
 
@@ -30,12 +35,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .packed_mask import PackedMask
+from ._checks import GRAD_MODES, check_grad_mode, check_weight_decay_mode
+from .ops import PackedMask
 
 __all__ = ["MaskedAdamW", "GRAD_MODES"]
 
 MaskLike = Union[PackedMask, torch.Tensor, None]
-GRAD_MODES = ("dense", "compact")
 
 
 def _to_packed(mask: MaskLike, param: torch.Tensor, what: str) -> Optional[PackedMask]:
@@ -128,15 +133,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid betas: both must be in [0, 1), got {betas}")
         if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay: must be >= 0, got {weight_decay}")
-        if weight_decay_mode not in ops.WEIGHT_DECAY_MODES:
-            raise ValueError(f"weight_decay_mode must be one of {ops.WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
-        if grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-        if grad_mode == "compact" and weight_decay_mode == "all":
-            raise ValueError("grad_mode='compact' does not support weight_decay_mode='all' (frozen weights have "
-                             "no gradient to carry their decay); use grad_mode='dense'")
-        if step_in_backward and grad_mode != "compact":
-            raise ValueError("step_in_backward=True needs grad_mode='compact'")
+        check_weight_decay_mode(weight_decay_mode)
+        check_grad_mode(grad_mode, step_in_backward, weight_decay_mode)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, weight_decay_mode=weight_decay_mode)
         super().__init__(params, defaults)
@@ -373,11 +371,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             buf = self._cgrads.get(p)
             if buf is None or buf.device != p.device:
                 buf = self._cgrads[p] = torch.empty(self._nnz(p), dtype=torch.float32, device=p.device)
-            d = self._directory(p)
-            if g.is_contiguous() and ops.resolve_backend("gather_masked_", p.device) == "cpp":
-                torch.ops.wagle.gather_masked_(buf, g, mask.bits, d, accumulate)  # shapes validated at set-up
-            else:
-                ops.gather_masked(g, mask.bits, d, out=buf, accumulate=accumulate)
+            # Shapes were validated when the mask was set: the ops may skip their Python checks.
+            ops.gather_masked_prevalidated_(buf, g, mask.bits, self._directory(p), accumulate)
 
     def compact_grad(self, param: torch.Tensor) -> Optional[torch.Tensor]:
         """The accumulated compact gradient of ``param`` since the last step: float32[nnz] in flat
@@ -531,22 +526,10 @@ class MaskedAdamW(torch.optim.Optimizer):
                          weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
                          amsgrad=amsgrad, maximize=group["maximize"], weight_decay_mode=mode,
                          grad_scale=gs, found_inf=fi)
-            if (ops.resolve_backend("masked_adamw_", device) == "cpp"
-                    and all(p.is_contiguous() and g.is_contiguous() for p, g in zip(lst["p"], lst["g"]))):
-                # The lists were built here from validated masks and state: skip the Python
-                # checks of ops.masked_adamw_ (the C++ op still checks sizes and dtypes), which
-                # matter at low density where the kernel itself takes a few ms.
-                e8 = torch.empty(0, dtype=torch.uint8, device=device)
-                e64 = torch.empty(0, dtype=torch.int64, device=device)
-                e32 = torch.empty(0, dtype=torch.int32, device=device)
-                torch.ops.wagle.masked_adamw_(
-                    lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps,
-                    [e8 if b is None else b for b in lst["bits"]], [e64 if d is None else d for d in lst["dir"]],
-                    [e32 if o is None else o for o in lst["offs"]], torch_tail=ops.torch_fused_adamw_tail(),
-                    compact_grads=compact, **hyper)
-            else:
-                ops.masked_adamw_(lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps, lst["bits"],
-                                  lst["dir"], lst["offs"], compact_grads=compact, **hyper)
+            # The lists were built here from validated masks and state: the ops may skip their
+            # Python checks (the kernels still check sizes and dtypes).
+            ops.masked_adamw_prevalidated_(lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps, lst["bits"],
+                                           lst["dir"], lst["offs"], compact_grads=compact, **hyper)
             if fi is not None:
                 # torch's fused path: undo the step increment of a skipped step.
                 torch._foreach_sub_(steps, [fi.to(steps[0].device, torch.float32)] * len(steps))

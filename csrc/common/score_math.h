@@ -5,11 +5,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__CUDACC__)
-#define WAGLE_HD __host__ __device__ __forceinline__
-#else
-#define WAGLE_HD inline __attribute__((always_inline))
-#endif
+#include "common/layout.h"  // WAGLE_HD
 
 namespace wagle {
 

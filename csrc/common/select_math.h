@@ -1,7 +1,7 @@
 // Per-element math of exact top-k selection, shared by the CPU (csrc/cpu/select_topk.cpp) and a
 // CUDA twin. Torch-free and WAGLE_HD, like score_math.h (whose float_key these build on).
 //
-// Radix levels of the MSD select (kernels.md 4.2; wagle_ext/kernels/reference.py RADIX_LEVELS):
+// Radix levels of the MSD select (docs/kernels.md 4.2; wagle_ext/kernels/reference.py RADIX_LEVELS):
 //   prefix_bits  0: digit = key >> 21            (11 bits; the score kernel's histogram)
 //   prefix_bits 11: digit = (key >> 10) & 0x7FF  (11 bits) among keys whose top 11 bits match
 //   prefix_bits 22: digit = key & 0x3FF          (10 bits) among keys whose top 22 bits match

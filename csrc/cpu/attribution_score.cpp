@@ -1,5 +1,5 @@
 // CPU kernel of wagle::attribution_score(_out): one pass over the inputs that writes the fp32
-// score and accumulates the 11-bit key histogram used by selection (kernels.md 4.1).
+// score and accumulates the 11-bit key histogram used by selection (docs/kernels.md 4.1).
 //
 // Bytes per element (fp32 in, fp32 out): 16 (wagle: w, g_f, g_r read, s written); 20 with a
 // Hessian tensor. The histogram lives in L1 (4 interleaved 2049-bin uint32 copies per thread, so
@@ -19,10 +19,10 @@
 #include <immintrin.h>
 #endif
 
+#include "common/checks.h"
 #include "common/score_math.h"
 #include "cpu/cpu_dispatch.h"
 #include "cpu/load_float.h"
-#include "cpu/tensor_checks.h"
 
 namespace wagle {
 namespace cpu {
@@ -179,58 +179,17 @@ RangeFn pick(at::ScalarType tw, at::ScalarType tg, int kind, Isa isa, bool strea
   }
 }
 
-int parse_kind(c10::string_view kind) {
-  if (kind == "wagle") return kScoreWagle;
-  if (kind == "wagle_hessian") return kScoreWagleHessian;
-  if (kind == "snip") return kScoreSnip;
-  if (kind == "gradient") return kScoreGradient;
-  if (kind == "magnitude") return kScoreMagnitude;
-  TORCH_CHECK_VALUE(false, "attribution_score: unknown kind '", std::string(kind),
-                    "' (expected wagle, wagle_hessian, snip, gradient or magnitude)");
-}
-
 void attribution_score_out_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& grad_forget,
                                const c10::optional<at::Tensor>& grad_retain,
                                const c10::optional<at::Tensor>& hessian, c10::string_view kind_s,
                                double gamma, double eps, at::Tensor& out, at::Tensor& hist) {
-  const int kind = parse_kind(kind_s);
-  const bool need_gf = kind != kScoreMagnitude;
-  const bool need_w = kind != kScoreGradient;
-  const bool need_gr = kind == kScoreWagle || kind == kScoreWagleHessian;
-  const bool need_h = kind == kScoreWagleHessian;
+  TORCH_CHECK_VALUE(weight.defined() && weight.device().is_cpu(), "weight must be a CPU tensor for the CPU kernel");
+  const checks::ScoreInputs in = checks::score_inputs(weight, grad_forget, grad_retain, hessian, kind_s, out, hist);
+  const int kind = in.kind;
+  const bool want_hist = in.want_hist;
+  const at::Tensor &w = in.w, &gf = in.gf, &gr = in.gr, &h = in.h;
+  const at::ScalarType tg = in.grad_dtype;
   const int64_t n = weight.numel();
-  check_float_tensor(weight, "weight");
-  // An empty `hist` means "scores only": the histogram work is skipped.
-  const bool want_hist = hist.numel() != 0;
-  if (want_hist) check_out_hist(hist);
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == n,
-                    "attribution_score_out: out must be a contiguous float32 tensor with ", n,
-                    " elements");
-  at::ScalarType tg = at::kFloat;
-  auto grad_like = [&](const c10::optional<at::Tensor>& t, const char* name, bool needed) {
-    if (!needed) return at::Tensor();
-    TORCH_CHECK_VALUE(t.has_value() && t->defined(), "attribution_score: kind '", std::string(kind_s),
-                      "' needs ", name);
-    check_float_tensor(*t, name);
-    TORCH_CHECK_VALUE(t->numel() == n, "attribution_score: ", name, " has ", t->numel(),
-                      " elements, weight has ", n);
-    return t->contiguous();
-  };
-  at::Tensor w = need_w ? weight.contiguous() : at::Tensor();
-  at::Tensor gf = grad_like(grad_forget, "grad_forget", need_gf);
-  at::Tensor gr = grad_like(grad_retain, "grad_retain", need_gr);
-  at::Tensor h = grad_like(hessian, "hessian", need_h);
-  // g_f, g_r and h share one dtype in the kernel. Mixed dtypes (rare: accumulators are normally
-  // all fp32) are widened to fp32, which is exact, so results still equal the reference.
-  if (gf.defined()) tg = gf.scalar_type();
-  else if (gr.defined()) tg = gr.scalar_type();
-  const bool mixed = (gr.defined() && gr.scalar_type() != tg) || (h.defined() && h.scalar_type() != tg);
-  if (mixed) {
-    tg = at::kFloat;
-    if (gf.defined()) gf = gf.to(at::kFloat);
-    if (gr.defined()) gr = gr.to(at::kFloat);
-    if (h.defined()) h = h.to(at::kFloat);
-  }
   if (n == 0) return;
 
   ScoreArgs args{w.defined() ? w.data_ptr() : nullptr, gf.defined() ? gf.data_ptr() : nullptr,

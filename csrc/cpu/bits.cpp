@@ -10,6 +10,7 @@
 #include <array>
 #include <cstring>
 
+#include "common/checks.h"
 #include "common/select_math.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -23,15 +24,11 @@ namespace {
 constexpr int64_t kGrainBytes = int64_t(1) << 16;
 
 void check_bits(const at::Tensor& bits, int64_t numel, const char* op) {
-  TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, op, ": bits must be uint8, got ", bits.scalar_type());
-  TORCH_CHECK_VALUE(bits.device().is_cpu(), op, ": bits must be a CPU tensor for the CPU kernel");
-  TORCH_CHECK_VALUE(numel >= 0, op, ": numel must be >= 0, got ", numel);
-  TORCH_CHECK_VALUE(numel <= bits.numel() * 8, op, ": ", bits.numel(), " bytes cannot hold ", numel, " bits");
+  checks::check_bits(bits, numel, op, at::Device(at::kCPU));
 }
 
 at::Tensor pack_bits_cpu(const at::Tensor& mask) {
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "pack_bits: mask must be bool, got ", mask.scalar_type());
-  TORCH_CHECK_VALUE(mask.device().is_cpu(), "pack_bits: mask must be a CPU tensor for the CPU kernel");
+  checks::check_bool_mask(mask, at::Device(at::kCPU));
   const at::Tensor m = mask.contiguous();
   const int64_t n = m.numel();
   const int64_t nbytes = (n + 7) / 8;

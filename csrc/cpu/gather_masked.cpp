@@ -21,6 +21,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/checks.h"
 #include "cpu/cpu_dispatch.h"
 #include "cpu/mask_words.h"
 #include "cpu/load_float.h"
@@ -167,30 +168,13 @@ RangeFn pick(at::ScalarType dt, Isa isa) {
 
 void gather_masked_cpu(const at::Tensor& out, const at::Tensor& src, const at::Tensor& bits,
                        const at::Tensor& chunk_offsets, bool accumulate) {
+  checks::check_gather(out, src, bits, chunk_offsets, at::Device(at::kCPU));
   const at::ScalarType dt = src.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                   "gather_masked_: src must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK_VALUE(src.device().is_cpu() && out.device().is_cpu() && bits.device().is_cpu() &&
-                        chunk_offsets.device().is_cpu(),
-                    "gather_masked_: every tensor must be on the CPU for the CPU kernel");
-  TORCH_CHECK_VALUE(src.is_contiguous(), "gather_masked_: src must be contiguous");
   const int64_t n = src.numel();
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  TORCH_CHECK_VALUE(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.numel() == (n + 7) / 8,
-                    "gather_masked_: bits must be a contiguous uint8 tensor with ", (n + 7) / 8, " bytes, got ",
-                    bits.scalar_type(), "[", bits.numel(), "]");
-  TORCH_CHECK_VALUE(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.is_contiguous() &&
-                        chunk_offsets.numel() == nchunks + 1,
-                    "gather_masked_: chunk_offsets must be a contiguous int64 tensor with ", nchunks + 1,
-                    " entries (one per ", kChunk, " elements, plus the total)");
+  const int64_t nchunks = dir_chunks(n);
   const int64_t* d = chunk_offsets.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(d[0] == 0, "gather_masked_: chunk_offsets[0] must be 0");
-  for (int64_t c = 0; c < nchunks; ++c)
-    TORCH_CHECK_VALUE(d[c + 1] >= d[c] && d[c + 1] - d[c] <= kChunk,
-                      "gather_masked_: chunk_offsets is not a valid directory (entry ", c + 1, ")");
-  const int64_t nnz = d[nchunks];
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == nnz,
-                    "gather_masked_: out must be a contiguous float32 tensor with ", nnz,
+  const int64_t nnz = checks::check_directory(d, nchunks, "gather_masked_: chunk_offsets");
+  TORCH_CHECK_VALUE(out.numel() == nnz, "gather_masked_: out must be a contiguous float32 tensor with ", nnz,
                     " entries (one per selected element), got ", out.scalar_type(), "[", out.numel(), "]");
   if (nnz == 0) return;
   GatherArgs a{src.data_ptr(), out.data_ptr<float>(), bits.data_ptr<uint8_t>(), d, n, accumulate};

@@ -1,16 +1,17 @@
 // Layout of a PackedMask as the masked CPU kernels walk it (masked_adamw_, gather_masked_): bit j of
-// byte i is element 8i+j; the directory (chunk_offsets) has one entry per kChunk elements; the
-// kernels read 64-bit words of the bit array.
+// byte i is element 8i+j; the directory (chunk_offsets) has one entry per kChunk elements
+// (common/layout.h); the kernels read 64-bit words of the bit array.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
+#include "common/layout.h"
 #include "cpu/cpu_dispatch.h"
 
 namespace wagle {
 namespace cpu {
 
-constexpr int64_t kChunk = 4096;  // elements per directory entry (64 words of 64 bits)
+constexpr int64_t kChunk = kDirChunk;  // elements per directory entry (common/layout.h): 64 words
 constexpr int64_t kWord = 64;
 
 // Bits [e, e + cnt) of the mask as one word (cnt <= 64; bits beyond cnt are zero).

@@ -1,5 +1,5 @@
 // CPU kernel of wagle::masked_adamw_: AdamW on the elements selected by a bit mask, with compact
-// optimizer state (kernels.md 4.3) and the exact arithmetic of torch's fused CPU AdamW
+// optimizer state (docs/kernels.md 4.3) and the exact arithmetic of torch's fused CPU AdamW
 // (common/adamw_math.h).
 //
 // Layout per tensor of n elements:
@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/adamw_math.h"
+#include "common/checks.h"
 #include "common/score_math.h"
 #include "cpu/cpu_dispatch.h"
 #include "cpu/mask_words.h"
@@ -388,22 +389,6 @@ RangeFn pick(at::ScalarType dt, bool amsgrad, Isa isa) {
   }
 }
 
-int parse_mode(c10::string_view mode) {
-  if (mode == "masked") return kDecayMasked;
-  if (mode == "all") return kDecayAll;
-  if (mode == "none") return kDecayNone;
-  TORCH_CHECK_VALUE(false, "masked_adamw_: weight_decay_mode must be 'masked', 'all' or 'none', got '",
-                    std::string(mode), "'");
-}
-
-void check_f32_state(const at::Tensor& t, int64_t want, const char* name, size_t i) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() &&
-                        t.numel() == want,
-                    "masked_adamw_: ", name, "[", i, "] must be a contiguous float32 CPU tensor with ",
-                    want, " elements (one per selected element), got ", t.scalar_type(), " with ",
-                    t.numel());
-}
-
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                       at::TensorList state_steps, at::TensorList mask_bits, at::TensorList chunk_offsets,
@@ -412,33 +397,25 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
                       const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads) {
   const size_t nt = params.size();
-  const int mode = parse_mode(weight_decay_mode);
-  TORCH_CHECK_VALUE(grads.size() == nt && exp_avgs.size() == nt && exp_avg_sqs.size() == nt &&
-                        state_steps.size() == nt && mask_bits.size() == nt &&
-                        chunk_offsets.size() == nt && step_offsets.size() == nt,
-                    "masked_adamw_: every tensor list must have ", nt, " entries (one per param)");
-  TORCH_CHECK_VALUE(amsgrad ? max_exp_avg_sqs.size() == nt : max_exp_avg_sqs.empty(),
-                    "masked_adamw_: max_exp_avg_sqs must have one tensor per param with amsgrad and be "
-                    "empty without");
-  TORCH_CHECK_VALUE(torch_tail >= 0, "masked_adamw_: torch_tail must be >= 0");
+  const at::Device cpu(at::kCPU);
+  const int mode = checks::parse_weight_decay_mode(weight_decay_mode);
+  checks::check_adamw_lists(nt, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), max_exp_avg_sqs.size(),
+                            state_steps.size(), mask_bits.size(), chunk_offsets.size(), step_offsets.size(), amsgrad,
+                            torch_tail);
   if (found_inf.has_value() && found_inf->defined()) {
-    TORCH_CHECK_VALUE(found_inf->numel() == 1 && found_inf->device().is_cpu(),
-                      "masked_adamw_: found_inf must be a one-element CPU tensor");
+    checks::check_scalar(*found_inf, "masked_adamw_: found_inf", cpu);
     // torch's fused kernels: `if (found_inf_ptr && *found_inf_ptr == 1) return;`
     if (found_inf->to(at::kFloat).item<float>() == 1.0f) return;
   }
   StepArgs s{lr, beta1, beta2, weight_decay, eps, mode, maximize, false, 1.0f};
   if (grad_scale.has_value() && grad_scale->defined()) {
-    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && grad_scale->device().is_cpu(),
-                      "masked_adamw_: grad_scale must be a one-element CPU tensor");
+    checks::check_scalar(*grad_scale, "masked_adamw_: grad_scale", cpu);
     s.has_scale = true;
     s.scale = grad_scale->to(at::kFloat).item<float>();
   }
   const double wd_eff = mode == kDecayNone ? 0.0 : weight_decay;
   if (nt == 0) return;
-  const at::ScalarType dt = params[0].scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                   "masked_adamw_: params must be float32, bfloat16 or float16, got ", dt);
+  const at::ScalarType dt = checks::adamw_param_dtype(params[0]);
 
   std::vector<TensorArgs> ts;
   std::vector<int64_t> chunk_start{0};
@@ -446,20 +423,10 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   for (size_t i = 0; i < nt; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK_TYPE(p.scalar_type() == dt && g.scalar_type() == (compact_grads ? at::kFloat : dt),
-                     "masked_adamw_: params[", i, "] must be ", dt, " and grads[", i, "] ",
-                     compact_grads ? at::kFloat : dt, ", got ", p.scalar_type(), " and ", g.scalar_type(),
-                     " (one call per dtype; compact grads are float32)");
-    TORCH_CHECK_VALUE(p.device().is_cpu() && g.device().is_cpu(), "masked_adamw_: params[", i,
-                      "] and grads[", i, "] must be CPU tensors for the CPU kernel");
-    TORCH_CHECK_VALUE(p.is_contiguous() && g.is_contiguous(), "masked_adamw_: params[", i,
-                      "] and grads[", i, "] must be contiguous");
+    checks::check_param_grad(p, g, dt, compact_grads, i, cpu);
     const int64_t n = p.numel();
-    TORCH_CHECK_VALUE(compact_grads || g.numel() == n, "masked_adamw_: grads[", i, "] has ", g.numel(),
-                      " elements, params[", i, "] has ", n);
     const at::Tensor& st = state_steps[i];
-    TORCH_CHECK_VALUE(st.numel() == 1 && st.device().is_cpu(), "masked_adamw_: state_steps[", i,
-                      "] must be a one-element CPU tensor");
+    checks::check_scalar(st, "masked_adamw_: state_steps[" + std::to_string(i) + "]", cpu);
     TensorArgs a{};
     a.p = p.data_ptr();
     a.g = g.data_ptr();
@@ -471,45 +438,30 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     int64_t nnz = n;
     const at::Tensor& bits = mask_bits[i];
     const at::Tensor& dir = chunk_offsets[i];
-    const int64_t nchunks = (n + kChunk - 1) / kChunk;
+    const int64_t nchunks = dir_chunks(n);
     if (bits.numel() > 0 || dir.numel() > 0) {
-      TORCH_CHECK_VALUE(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.device().is_cpu() &&
-                            bits.numel() == (n + 7) / 8,
-                        "masked_adamw_: mask_bits[", i, "] must be a contiguous uint8 CPU tensor with ",
-                        (n + 7) / 8, " bytes (an empty tensor for a dense param), got ", bits.numel());
-      TORCH_CHECK_VALUE(dir.scalar_type() == at::kLong && dir.is_contiguous() && dir.device().is_cpu() &&
-                            dir.numel() == nchunks + 1,
-                        "masked_adamw_: chunk_offsets[", i, "] must be a contiguous int64 CPU tensor with ",
-                        nchunks + 1, " entries (one per ", kChunk, " elements, plus the total)");
+      const std::string dir_name = "masked_adamw_: chunk_offsets[" + std::to_string(i) + "]";
+      checks::check_mask_layout(bits, dir, n, "masked_adamw_: mask_bits[" + std::to_string(i) + "]", dir_name, cpu);
       const int64_t* d = dir.data_ptr<int64_t>();
-      TORCH_CHECK_VALUE(d[0] == 0, "masked_adamw_: chunk_offsets[", i, "][0] must be 0");
-      for (int64_t c = 0; c < nchunks; ++c)
-        TORCH_CHECK_VALUE(d[c + 1] >= d[c] && d[c + 1] - d[c] <= kChunk, "masked_adamw_: chunk_offsets[",
-                          i, "] is not a valid directory (entry ", c + 1, ")");
-      nnz = d[nchunks];
+      nnz = checks::check_directory(d, nchunks, dir_name);
       a.bits = bits.data_ptr<uint8_t>();
       a.dir = d;
     }
     if (compact_grads) {
-      TORCH_CHECK_VALUE(g.numel() == nnz, "masked_adamw_: grads[", i, "] has ", g.numel(),
-                        " elements, compact grads need one per selected element (", nnz, ")");
+      checks::check_compact_grad_numel(g, nnz, i);
       a.gc = true;
     }
-    check_f32_state(exp_avgs[i], nnz, "exp_avgs", i);
-    check_f32_state(exp_avg_sqs[i], nnz, "exp_avg_sqs", i);
+    checks::check_state(exp_avgs[i], nnz, "exp_avgs", i, cpu);
+    checks::check_state(exp_avg_sqs[i], nnz, "exp_avg_sqs", i, cpu);
     a.m = exp_avgs[i].data_ptr<float>();
     a.v = exp_avg_sqs[i].data_ptr<float>();
     if (amsgrad) {
-      check_f32_state(max_exp_avg_sqs[i], nnz, "max_exp_avg_sqs", i);
+      checks::check_state(max_exp_avg_sqs[i], nnz, "max_exp_avg_sqs", i, cpu);
       a.vmax = max_exp_avg_sqs[i].data_ptr<float>();
     }
-    const at::Tensor& offs = step_offsets[i];
-    if (offs.numel() > 0) {
-      TORCH_CHECK_VALUE(offs.scalar_type() == at::kInt && offs.is_contiguous() && offs.device().is_cpu() &&
-                            offs.numel() == nnz,
-                        "masked_adamw_: step_offsets[", i, "] must be a contiguous int32 CPU tensor with ",
-                        nnz, " entries, or empty");
-      a.offsets = offs.data_ptr<int32_t>();
+    if (checks::check_step_offsets(step_offsets[i], nnz, i, cpu)) {
+      a.offsets = step_offsets[i].data_ptr<int32_t>();
+      checks::check_step_offset_values(a.offsets, nnz, a.step, i);
     }
     if (nnz == 0 && !(mode == kDecayAll && a.c.decay != 1.0f)) {
       chunk_start.push_back(chunk_start.back());  // nothing to read or write

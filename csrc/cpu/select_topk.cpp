@@ -1,4 +1,4 @@
-// CPU kernels of the exact top-k selection primitives (kernels.md 4.2): radix_histogram,
+// CPU kernels of the exact top-k selection primitives (docs/kernels.md 4.2): radix_histogram,
 // count_key and topk_mask_bits over a LIST of score tensors. The orchestration (which digit, which
 // threshold, tie quotas, multi-process all-reduce) lives in wagle_ext/ops.py::_select_bits.
 //
@@ -21,11 +21,11 @@
 #include <string>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/score_math.h"
 #include "common/select_math.h"
 #include "cpu/cpu_dispatch.h"
 #include "cpu/load_float.h"
-#include "cpu/tensor_checks.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "select_topk.cpp stores 64-bit mask words as little-endian bytes"
@@ -370,28 +370,14 @@ void for_parts(const WorkList& w, int parts, const F& fn) {
 }
 
 // ----------------------------------------------------------------------------- argument checks
+// (common/checks.h, shared with the CUDA bindings)
 std::vector<at::Tensor> prepare_scores(at::TensorList scores, const char* op) {
-  std::vector<at::Tensor> ts;
-  ts.reserve(scores.size());
-  for (size_t i = 0; i < scores.size(); ++i) {
-    const std::string name = std::string(op) + ": scores[" + std::to_string(i) + "]";
-    check_float_tensor(scores[i], name.c_str());
-    ts.push_back(scores[i].contiguous());
-  }
-  return ts;
-}
-
-void check_key(int64_t key, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(key >= 0 && key <= int64_t(0xFFFFFFFF), op, ": ", name,
-                    " must be a uint32 key in [0, 2^32), got ", key);
+  return checks::score_list(scores, op, at::Device(at::kCPU));
 }
 
 // ----------------------------------------------------------------------------- ops
 at::Tensor radix_histogram_cpu(at::TensorList scores, int64_t prefix, int64_t prefix_bits) {
-  TORCH_CHECK_VALUE(valid_prefix_bits(prefix_bits), "radix_histogram: prefix_bits must be 0, 11 or 22, got ",
-                    prefix_bits);
-  TORCH_CHECK_VALUE(prefix >= 0 && prefix < (int64_t(1) << prefix_bits), "radix_histogram: prefix ", prefix,
-                    " does not fit in prefix_bits=", prefix_bits);
+  checks::check_prefix(prefix, prefix_bits, "radix_histogram", /*allow_zero=*/true);
   const std::vector<at::Tensor> ts = prepare_scores(scores, "radix_histogram");
   at::Tensor hist = at::zeros({kHistSize}, at::TensorOptions().dtype(at::kLong));
   const WorkList w = make_work(ts, [](size_t) { return true; });
@@ -445,7 +431,7 @@ std::vector<int64_t> count_chunks(const std::vector<at::Tensor>& ts, const WorkL
 }
 
 at::Tensor count_key_cpu(at::TensorList scores, int64_t key) {
-  check_key(key, "count_key", "key");
+  checks::key_arg(key, "count_key", "key");
   const std::vector<at::Tensor> ts = prepare_scores(scores, "count_key");
   at::Tensor out = at::zeros({static_cast<int64_t>(ts.size())}, at::TensorOptions().dtype(at::kLong));
   const WorkList w = make_work(ts, [](size_t) { return true; });
@@ -457,14 +443,9 @@ at::Tensor count_key_cpu(at::TensorList scores, int64_t key) {
 
 std::vector<at::Tensor> topk_mask_bits_cpu(at::TensorList scores, int64_t threshold_key, bool largest,
                                            at::IntArrayRef ties_take) {
-  check_key(threshold_key, "topk_mask_bits", "threshold_key");
-  TORCH_CHECK_VALUE(ties_take.size() == scores.size(), "topk_mask_bits: ties_take has ", ties_take.size(),
-                    " entries but scores has ", scores.size(), " tensors");
-  for (size_t i = 0; i < ties_take.size(); ++i)
-    TORCH_CHECK_VALUE(ties_take[i] >= -1, "topk_mask_bits: ties_take[", i, "] must be >= -1, got ",
-                      ties_take[i]);
+  const uint32_t thr = checks::key_arg(threshold_key, "topk_mask_bits", "threshold_key");
+  checks::check_ties_take(ties_take, scores.size());
   const std::vector<at::Tensor> ts = prepare_scores(scores, "topk_mask_bits");
-  const uint32_t thr = static_cast<uint32_t>(threshold_key);
   std::vector<at::Tensor> outs;
   outs.reserve(ts.size());
   for (const at::Tensor& t : ts)
@@ -502,10 +483,7 @@ std::vector<at::Tensor> topk_mask_bits_cpu(at::TensorList scores, int64_t thresh
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> topk_mask_collect_cpu(
     at::TensorList scores, int64_t prefix, int64_t prefix_bits, bool largest) {
-  TORCH_CHECK_VALUE(prefix_bits == 11 || prefix_bits == 22,
-                    "topk_mask_collect: prefix_bits must be 11 or 22, got ", prefix_bits);
-  TORCH_CHECK_VALUE(prefix >= 0 && prefix < (int64_t(1) << prefix_bits), "topk_mask_collect: prefix ", prefix,
-                    " does not fit in prefix_bits=", prefix_bits);
+  checks::check_prefix(prefix, prefix_bits, "topk_mask_collect", /*allow_zero=*/false);
   const std::vector<at::Tensor> ts = prepare_scores(scores, "topk_mask_collect");
   const int pb = static_cast<int>(prefix_bits);
   const uint32_t pre = static_cast<uint32_t>(prefix);

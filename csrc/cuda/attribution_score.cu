@@ -1,4 +1,4 @@
-// CUDA kernel of wagle::attribution_score(_out) (kernels.md 4.1): one pass over the inputs that
+// CUDA kernel of wagle::attribution_score(_out) (docs/kernels.md 4.1): one pass over the inputs that
 // writes the fp32 score and accumulates the 11-bit key histogram used by selection.
 //
 // Grid-stride over 8-element vectors (16-byte loads: 2 x float4 for fp32, 1 x uint4 for bf16/fp16)
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (zeros) atomicAdd(sh + kZeroBucket, zeros);
   __syncthreads();
-  flush_hist(sh, hist);
+  if (hist != nullptr) flush_hist(sh, hist);  // null: scores only (an empty hist tensor)
 }
 
 bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

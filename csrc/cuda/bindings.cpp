@@ -15,6 +15,8 @@
 #include <vector>
 
 #include "common/adamw_math.h"
+#include "common/checks.h"
+#include "common/layout.h"
 #include "common/score_math.h"
 #include "cuda/kernels.h"
 
@@ -33,26 +35,10 @@ int dtype_code(const at::Tensor& t, const char* name) {
   return kF32;
 }
 
-void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.defined(), name, " is undefined");
-  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but the op runs on ", device);
-}
-
 void check_ok(cudaError_t err) { C10_CUDA_CHECK(err); }
 
 unsigned long long* hist_ptr(at::Tensor& hist) {
   return reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
-}
-
-int parse_kind(c10::string_view kind) {
-  if (kind == "wagle") return kScoreWagle;
-  if (kind == "wagle_hessian") return kScoreWagleHessian;
-  if (kind == "snip") return kScoreSnip;
-  if (kind == "gradient") return kScoreGradient;
-  if (kind == "magnitude") return kScoreMagnitude;
-  TORCH_CHECK_VALUE(false, "attribution_score: unknown kind '", std::string(kind),
-                    "' (expected wagle, wagle_hessian, snip, gradient or magnitude)");
-  return kScoreWagle;
 }
 
 // ---- attribution_score ----------------------------------------------------------------------------
@@ -60,47 +46,20 @@ void attribution_score_out_cuda(const at::Tensor& weight, const c10::optional<at
                                 const c10::optional<at::Tensor>& grad_retain,
                                 const c10::optional<at::Tensor>& hessian, c10::string_view kind_s, double gamma,
                                 double eps, at::Tensor& out, at::Tensor& hist) {
-  const int kind = parse_kind(kind_s);
-  const bool need_gf = kind != kScoreMagnitude;
-  const bool need_w = kind != kScoreGradient;
-  const bool need_gr = kind == kScoreWagle || kind == kScoreWagleHessian;
-  const bool need_h = kind == kScoreWagleHessian;
   TORCH_CHECK_VALUE(weight.defined() && weight.is_cuda(), "weight must be a CUDA tensor for the CUDA kernel");
+  const checks::ScoreInputs in = checks::score_inputs(weight, grad_forget, grad_retain, hessian, kind_s, out, hist);
   const at::Device device = weight.device();
   const int w_dtype = dtype_code(weight, "weight");
   const int64_t n = weight.numel();
-  check_cuda(out, "out", device);
-  check_cuda(hist, "hist", device);
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == n,
-                    "attribution_score_out: out must be a contiguous float32 tensor with ", n, " elements");
-  TORCH_CHECK_VALUE(hist.scalar_type() == at::kLong && hist.is_contiguous() && hist.numel() == kHistSize,
-                    "hist must be a contiguous int64 tensor with ", kHistSize, " entries");
-  auto grad_like = [&](const c10::optional<at::Tensor>& t, const char* name, bool needed) {
-    if (!needed) return at::Tensor();
-    TORCH_CHECK_VALUE(t.has_value() && t->defined(), "attribution_score: kind '", std::string(kind_s),
-                      "' needs ", name);
-    check_cuda(*t, name, device);
-    dtype_code(*t, name);
-    TORCH_CHECK_VALUE(t->numel() == n, "attribution_score: ", name, " has ", t->numel(), " elements, weight has ", n);
-    return t->contiguous();
-  };
   c10::cuda::CUDAGuard guard(device);
-  at::Tensor w = need_w ? weight.contiguous() : at::Tensor();
-  at::Tensor gf = grad_like(grad_forget, "grad_forget", need_gf);
-  at::Tensor gr = grad_like(grad_retain, "grad_retain", need_gr);
-  at::Tensor h = grad_like(hessian, "hessian", need_h);
-  // g_f, g_r and h share one dtype in the kernel (as on the CPU); convert the odd one out.
-  at::ScalarType tg = at::kFloat;
-  if (gf.defined()) tg = gf.scalar_type();
-  else if (gr.defined()) tg = gr.scalar_type();
-  if (gr.defined() && gr.scalar_type() != tg) gr = gr.to(tg);
-  if (h.defined() && h.scalar_type() != tg) h = h.to(tg);
+  const at::Tensor &w = in.w, &gf = in.gf, &gr = in.gr, &h = in.h;
+  const at::ScalarType tg = in.grad_dtype;
   if (n == 0) return;
   const int g_dtype = tg == at::kBFloat16 ? kBF16 : (tg == at::kHalf ? kF16 : kF32);
-  check_ok(attribution_score(kind, w_dtype, g_dtype, w.defined() ? w.data_ptr() : nullptr,
+  check_ok(attribution_score(in.kind, w_dtype, g_dtype, w.defined() ? w.data_ptr() : nullptr,
                              gf.defined() ? gf.data_ptr() : nullptr, gr.defined() ? gr.data_ptr() : nullptr,
                              h.defined() ? h.data_ptr() : nullptr, static_cast<float>(gamma),
-                             static_cast<float>(eps), out.data_ptr<float>(), n, hist_ptr(hist),
+                             static_cast<float>(eps), out.data_ptr<float>(), n, in.want_hist ? hist_ptr(hist) : nullptr,
                              at::cuda::getCurrentCUDAStream()));
 }
 
@@ -116,28 +75,18 @@ std::tuple<at::Tensor, at::Tensor> attribution_score_cuda(const at::Tensor& weig
 }
 
 // ---- selection primitives -------------------------------------------------------------------------
+// The device of a score list (the dispatcher cannot route an empty list here), every tensor checked.
 at::Device list_device(at::TensorList scores, const char* op) {
   TORCH_CHECK_VALUE(!scores.empty(), op, ": scores must not be empty");
   TORCH_CHECK_VALUE(scores[0].defined() && scores[0].is_cuda(), op, ": scores must be CUDA tensors");
   const at::Device device = scores[0].device();
-  for (size_t i = 0; i < scores.size(); ++i) {
-    check_cuda(scores[i], "scores[i]", device);
-    dtype_code(scores[i], "scores[i]");
-  }
+  checks::score_list(scores, op, device);
   return device;
-}
-
-uint32_t key_arg(int64_t key, const char* name) {
-  TORCH_CHECK_VALUE(key >= 0 && key <= 0xFFFFFFFFLL, name, " must be a uint32 key in [0, 2^32), got ", key);
-  return static_cast<uint32_t>(key);
 }
 
 at::Tensor radix_histogram_cuda(at::TensorList scores, int64_t prefix, int64_t prefix_bits) {
   const at::Device device = list_device(scores, "radix_histogram");
-  TORCH_CHECK_VALUE(prefix_bits == 0 || prefix_bits == 11 || prefix_bits == 22,
-                    "radix_histogram: prefix_bits must be 0, 11 or 22, got ", prefix_bits);
-  TORCH_CHECK_VALUE(prefix >= 0 && (prefix_bits == 0 ? prefix == 0 : prefix < (int64_t(1) << prefix_bits)),
-                    "radix_histogram: prefix ", prefix, " does not fit in ", prefix_bits, " bits");
+  checks::check_prefix(prefix, prefix_bits, "radix_histogram", /*allow_zero=*/true);
   c10::cuda::CUDAGuard guard(device);
   at::Tensor hist = at::zeros({kHistSize}, scores[0].options().dtype(at::kLong));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -151,7 +100,7 @@ at::Tensor radix_histogram_cuda(at::TensorList scores, int64_t prefix, int64_t p
 
 at::Tensor count_key_cuda(at::TensorList scores, int64_t key) {
   const at::Device device = list_device(scores, "count_key");
-  const uint32_t k = key_arg(key, "count_key: key");
+  const uint32_t k = checks::key_arg(key, "count_key", "key");
   c10::cuda::CUDAGuard guard(device);
   at::Tensor counts = at::zeros({static_cast<int64_t>(scores.size())}, scores[0].options().dtype(at::kLong));
   auto* c = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
@@ -166,9 +115,8 @@ at::Tensor count_key_cuda(at::TensorList scores, int64_t key) {
 std::vector<at::Tensor> topk_mask_bits_cuda(at::TensorList scores, int64_t threshold_key, bool largest,
                                             at::IntArrayRef ties_take) {
   const at::Device device = list_device(scores, "topk_mask_bits");
-  const uint32_t thr = key_arg(threshold_key, "topk_mask_bits: threshold_key");
-  TORCH_CHECK_VALUE(ties_take.size() == scores.size(), "topk_mask_bits: ties_take has ", ties_take.size(),
-                    " entries but scores has ", scores.size());
+  const uint32_t thr = checks::key_arg(threshold_key, "topk_mask_bits", "threshold_key");
+  checks::check_ties_take(ties_take, scores.size());
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   std::vector<at::Tensor> out;
@@ -189,7 +137,7 @@ std::vector<at::Tensor> topk_mask_bits_cuda(at::TensorList scores, int64_t thres
 // ---- bit arrays -----------------------------------------------------------------------------------
 at::Tensor pack_bits_cuda(const at::Tensor& mask) {
   TORCH_CHECK_VALUE(mask.defined() && mask.is_cuda(), "pack_bits: mask must be a CUDA tensor");
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "pack_bits expects a bool tensor, got ", mask.scalar_type());
+  checks::check_bool_mask(mask, mask.device());
   c10::cuda::CUDAGuard guard(mask.device());
   const at::Tensor m = mask.contiguous();
   at::Tensor bits = at::empty({(m.numel() + 7) / 8}, m.options().dtype(at::kByte));
@@ -200,9 +148,7 @@ at::Tensor pack_bits_cuda(const at::Tensor& mask) {
 
 void check_bits(const at::Tensor& bits, int64_t numel, const char* op) {
   TORCH_CHECK_VALUE(bits.defined() && bits.is_cuda(), op, ": bits must be a CUDA tensor");
-  TORCH_CHECK_TYPE(bits.scalar_type() == at::kByte, op, " expects uint8 bits, got ", bits.scalar_type());
-  TORCH_CHECK_VALUE(numel >= 0 && bits.numel() * 8 >= numel, op, ": ", bits.numel(), " bytes cannot hold ",
-                    numel, " bits");
+  checks::check_bits(bits, numel, op, bits.device());
 }
 
 at::Tensor unpack_bits_cuda(const at::Tensor& bits, int64_t numel) {
@@ -239,28 +185,16 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                        bool maximize, c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
                        const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads) {
-  constexpr int64_t kChunk = 4096;
   const size_t nt = params.size();
-  int mode = kDecayMasked;
-  if (weight_decay_mode == "all") {
-    mode = kDecayAll;
-  } else if (weight_decay_mode == "none") {
-    mode = kDecayNone;
-  } else {
-    TORCH_CHECK_VALUE(weight_decay_mode == "masked", "masked_adamw_: weight_decay_mode must be 'masked', 'all' or "
-                      "'none', got '", std::string(weight_decay_mode), "'");
-  }
-  TORCH_CHECK_VALUE(grads.size() == nt && exp_avgs.size() == nt && exp_avg_sqs.size() == nt &&
-                        state_steps.size() == nt && mask_bits.size() == nt && chunk_offsets.size() == nt &&
-                        step_offsets.size() == nt,
-                    "masked_adamw_: every tensor list must have ", nt, " entries (one per param)");
-  TORCH_CHECK_VALUE(amsgrad ? max_exp_avg_sqs.size() == nt : max_exp_avg_sqs.empty(),
-                    "masked_adamw_: max_exp_avg_sqs must have one tensor per param with amsgrad and be empty without");
-  TORCH_CHECK_VALUE(torch_tail >= 0, "masked_adamw_: torch_tail must be >= 0");
+  const int mode = checks::parse_weight_decay_mode(weight_decay_mode);
+  checks::check_adamw_lists(nt, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), max_exp_avg_sqs.size(),
+                            state_steps.size(), mask_bits.size(), chunk_offsets.size(), step_offsets.size(), amsgrad,
+                            torch_tail);
   if (nt == 0) return;
   TORCH_CHECK_VALUE(params[0].defined() && params[0].is_cuda(), "masked_adamw_: params must be CUDA tensors");
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
+  const at::ScalarType param_dtype = checks::adamw_param_dtype(params[0]);
   const int dt = dtype_code(params[0], "params[0]");
   const double wd_eff = mode == kDecayNone ? 0.0 : weight_decay;
 
@@ -271,8 +205,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
     std::vector<size_t> dev_idx;
     for (size_t i = 0; i < nt; ++i) {
       const at::Tensor& st = state_steps[i];
-      TORCH_CHECK_VALUE(st.defined() && st.numel() == 1 && (st.device().is_cpu() || st.device() == device),
-                        "masked_adamw_: state_steps[", i, "] must be a one-element CPU tensor or on ", device);
+      checks::check_scalar(st, "masked_adamw_: state_steps[" + std::to_string(i) + "]", device);
       if (st.device().is_cpu()) {
         steps[i] = static_cast<double>(st.to(at::kFloat).item<float>());
       } else {
@@ -294,56 +227,28 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   for (size_t i = 0; i < nt; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    check_cuda(p, "params", device);
-    check_cuda(g, "grads", device);
-    TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type() &&
-                         g.scalar_type() == (compact_grads ? at::kFloat : p.scalar_type()),
-                     "masked_adamw_: params[", i, "] must be ", params[0].scalar_type(), " (one call per dtype) and grads[",
-                     i, "] ", compact_grads ? "float32 (compact_grads)" : "of the same dtype", ", got ", p.scalar_type(),
-                     " and ", g.scalar_type());
-    TORCH_CHECK_VALUE(p.is_contiguous() && g.is_contiguous(), "masked_adamw_: params[", i, "] and grads[", i,
-                      "] must be contiguous");
+    checks::check_param_grad(p, g, param_dtype, compact_grads, i, device);
     const int64_t n = p.numel();
-    const int64_t g_numel = compact_grads ? exp_avgs[i].numel() : n;
-    TORCH_CHECK_VALUE(g.numel() == g_numel, "masked_adamw_: grads[", i, "] has ", g.numel(), " elements, expected ",
-                      g_numel, compact_grads ? " (one per selected element, as exp_avgs, with compact_grads)"
-                                             : " (as params)");
     const at::Tensor& bits = mask_bits[i];
     const at::Tensor& dir = chunk_offsets[i];
-    const int64_t nchunks = (n + kChunk - 1) / kChunk;
+    const int64_t nchunks = dir_chunks(n);
     const bool dense = bits.numel() == 0 && dir.numel() == 0;
-    const int64_t nnz = exp_avgs[i].numel();  // dir[last] is on the device: sizes are checked
-                                              // against the state, the kernel checks dir itself
-    auto check_state = [&](const at::Tensor& t, const char* name) {
-      check_cuda(t, name, device);
-      TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == nnz,
-                        "masked_adamw_: ", name, "[", i, "] must be a contiguous float32 tensor with ", nnz,
-                        " elements (as exp_avgs[", i, "])");
-    };
-    check_state(exp_avgs[i], "exp_avgs");
-    check_state(exp_avg_sqs[i], "exp_avg_sqs");
-    if (amsgrad) check_state(max_exp_avg_sqs[i], "max_exp_avg_sqs");
+    // dir[last] is on the device: sizes are checked against the state (nnz = exp_avgs[i].numel(),
+    // n for a dense param), and the kernel checks the directory itself (error flag below).
+    const int64_t nnz = dense ? n : exp_avgs[i].numel();
+    if (compact_grads) checks::check_compact_grad_numel(g, nnz, i);
+    checks::check_state(exp_avgs[i], nnz, "exp_avgs", i, device);
+    checks::check_state(exp_avg_sqs[i], nnz, "exp_avg_sqs", i, device);
+    if (amsgrad) checks::check_state(max_exp_avg_sqs[i], nnz, "max_exp_avg_sqs", i, device);
     AdamwTensorMeta a{};
-    if (dense) {
-      TORCH_CHECK_VALUE(nnz == n, "masked_adamw_: exp_avgs[", i, "] must have ", n, " elements for a dense param");
-    } else {
-      check_cuda(bits, "mask_bits", device);
-      check_cuda(dir, "chunk_offsets", device);
-      TORCH_CHECK_VALUE(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.numel() == (n + 7) / 8,
-                        "masked_adamw_: mask_bits[", i, "] must be a contiguous uint8 tensor with ", (n + 7) / 8,
-                        " bytes (an empty tensor for a dense param), got ", bits.numel());
-      TORCH_CHECK_VALUE(dir.scalar_type() == at::kLong && dir.is_contiguous() && dir.numel() == nchunks + 1,
-                        "masked_adamw_: chunk_offsets[", i, "] must be a contiguous int64 tensor with ",
-                        nchunks + 1, " entries (one per ", kChunk, " elements, plus the total)");
+    if (!dense) {
+      checks::check_mask_layout(bits, dir, n, "masked_adamw_: mask_bits[" + std::to_string(i) + "]",
+                                "masked_adamw_: chunk_offsets[" + std::to_string(i) + "]", device);
       a.bits = bits.data_ptr<uint8_t>();
       a.dir = dir.data_ptr<int64_t>();
     }
     const at::Tensor& offs = step_offsets[i];
-    if (offs.numel() > 0) {
-      check_cuda(offs, "step_offsets", device);
-      TORCH_CHECK_VALUE(offs.scalar_type() == at::kInt && offs.is_contiguous() && offs.numel() == nnz,
-                        "masked_adamw_: step_offsets[", i, "] must be a contiguous int32 tensor with ", nnz,
-                        " entries, or empty");
+    if (checks::check_step_offsets(offs, nnz, i, device)) {
       TORCH_CHECK_VALUE(steps[i] >= 1.0 && steps[i] == static_cast<double>(static_cast<int64_t>(steps[i])) &&
                             steps[i] < 1e8,
                         "masked_adamw_: per-element step offsets need an integral step in [1, 1e8), got ",
@@ -392,14 +297,12 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   at::Tensor scale_f, found_f;
   AdamwListArgs args{};
   if (grad_scale.has_value() && grad_scale->defined()) {
-    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && (grad_scale->device() == device || grad_scale->is_cpu()),
-                      "masked_adamw_: grad_scale must be a one-element tensor on ", device);
+    checks::check_scalar(*grad_scale, "masked_adamw_: grad_scale", device);
     scale_f = grad_scale->reshape({1}).to(device, at::kFloat);
     args.grad_scale = scale_f.data_ptr<float>();
   }
   if (found_inf.has_value() && found_inf->defined()) {
-    TORCH_CHECK_VALUE(found_inf->numel() == 1 && (found_inf->device() == device || found_inf->is_cpu()),
-                      "masked_adamw_: found_inf must be a one-element tensor on ", device);
+    checks::check_scalar(*found_inf, "masked_adamw_: found_inf", device);
     found_f = found_inf->reshape({1}).to(device, at::kFloat);
     args.found_inf = found_f.data_ptr<float>();
   }
@@ -427,25 +330,12 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 // read on CUDA too); the kernel never writes outside out or a chunk's directory range.
 void gather_masked_cuda(at::Tensor& out, const at::Tensor& src, const at::Tensor& bits,
                         const at::Tensor& chunk_offsets, bool accumulate) {
-  constexpr int64_t kChunk = 4096;
   TORCH_CHECK_VALUE(src.defined() && src.is_cuda(), "gather_masked_: src must be a CUDA tensor");
   const at::Device device = src.device();
+  checks::check_gather(out, src, bits, chunk_offsets, device);
   const int dt = dtype_code(src, "gather_masked_: src");
-  check_cuda(out, "gather_masked_: out", device);
-  check_cuda(bits, "gather_masked_: bits", device);
-  check_cuda(chunk_offsets, "gather_masked_: chunk_offsets", device);
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "gather_masked_: out must be float32, got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "gather_masked_: out must be contiguous");
-  TORCH_CHECK_VALUE(src.is_contiguous(), "gather_masked_: src must be contiguous");
   const int64_t n = src.numel();
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  TORCH_CHECK_VALUE(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.numel() == (n + 7) / 8,
-                    "gather_masked_: bits must be a contiguous uint8 tensor with ", (n + 7) / 8, " bytes for src of ",
-                    n, " elements, got ", bits.numel());
-  TORCH_CHECK_VALUE(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.is_contiguous() &&
-                        chunk_offsets.numel() == nchunks + 1,
-                    "gather_masked_: chunk_offsets must be a contiguous int64 tensor with ", nchunks + 1,
-                    " entries (masked_adamw_chunk_offsets of bits), got ", chunk_offsets.numel());
+  const int64_t nchunks = dir_chunks(n);
   TORCH_CHECK_VALUE(nchunks <= 0x7FFFFFFFLL, "gather_masked_: src has too many elements (", n, ")");
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);

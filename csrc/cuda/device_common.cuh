@@ -89,7 +89,7 @@ inline int grid_blocks(int64_t work, int64_t per_block) {
 
 // 32 mask bits of elements [e, e+32) (e a multiple of 8) of a tensor of n elements (bits beyond
 // n read as 0, like the CPU op's load_word: padding bits are never trusted). Byte loads: no
-// alignment requirement. Used by masked_adamw.cu and gather_masked.cu (the compact-slot prefix of kernels.md 4.3).
+// alignment requirement. Used by masked_adamw.cu and gather_masked.cu (the compact-slot prefix of docs/kernels.md 4.3).
 __device__ __forceinline__ uint32_t load_word32(const uint8_t* bits, int64_t e, int64_t n) {
   if (e >= n) return 0u;
   const int64_t nbytes = (n + 7) / 8;

@@ -1,6 +1,6 @@
 // CUDA kernel of wagle::gather_masked_ (compact gradients): out[k] (+)= float(src[e_k]) for the
 // k-th selected element e_k of a bit mask, with the compact-slot addressing of masked_adamw.cu
-// (kernels.md 4.3), so out is laid out exactly like the compact exp_avg.
+// (docs/kernels.md 4.3), so out is laid out exactly like the compact exp_avg.
 //
 // One block per 4096-element directory chunk (128 threads = 4 warps, warp q owns elements
 // [1024q, 1024q+1024)): lane l loads 32-bit mask word l of its quarter and popcounts it; a warp
@@ -17,6 +17,7 @@
 //
 // A directory that disagrees with the bits (or with nnz = out.numel()) is not detected here (the
 // op does not synchronise), but every write stays inside [dir[c], dir[c+1]) ∩ [0, nnz).
+#include "common/layout.h"
 #include "cuda/device_common.cuh"
 
 namespace wagle {
@@ -24,8 +25,8 @@ namespace cuda {
 namespace {
 
 constexpr int kGatherThreads = 128;     // 4 warps
-constexpr int64_t kGatherChunk = 4096;  // elements per directory entry (csrc/ops.cpp)
-constexpr int kWordsPerWarp = 32;       // 32 words of 32 bits = 1024 elements per warp
+constexpr int kWordsPerWarp = 32;  // 32 words of 32 bits = 1024 elements per warp
+static_assert(kDirChunk == 4 * kWordsPerWarp * 32, "one block of 4 warps per directory chunk");
 
 template <int D, bool Accumulate>
 __global__ void __launch_bounds__(kGatherThreads)
@@ -34,7 +35,7 @@ __global__ void __launch_bounds__(kGatherThreads)
   const int64_t chunk = blockIdx.x;
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
-  const int64_t e_warp = chunk * kGatherChunk + static_cast<int64_t>(warp) * kWordsPerWarp * 32;
+  const int64_t e_warp = chunk * kDirChunk + static_cast<int64_t>(warp) * kWordsPerWarp * 32;
 
   // ---- compact slots: word popcounts, warp scan, quarter totals through shared memory
   const uint32_t my_word = load_word32(bits, e_warp + 32 * lane, n);
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(kGatherThreads)
 template <int D>
 cudaError_t launch_dtype(const void* src, int64_t n, const uint8_t* bits, const int64_t* dir, float* out,
                          int64_t nnz, bool accumulate, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((n + kGatherChunk - 1) / kGatherChunk));
+  const dim3 grid(static_cast<unsigned>(dir_chunks(n)));
   if (accumulate) gather_masked_kernel<D, true><<<grid, kGatherThreads, 0, stream>>>(src, n, bits, dir, out, nnz);
   else gather_masked_kernel<D, false><<<grid, kGatherThreads, 0, stream>>>(src, n, bits, dir, out, nnz);
   return cudaGetLastError();
@@ -83,7 +84,7 @@ cudaError_t launch_dtype(const void* src, int64_t n, const uint8_t* bits, const 
 cudaError_t gather_masked(int dtype, const void* src, int64_t n, const uint8_t* bits, const int64_t* dir,
                           float* out, int64_t nnz, bool accumulate, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  if ((n + kGatherChunk - 1) / kGatherChunk > 0x7FFFFFFFLL) return cudaErrorInvalidValue;  // grid.x limit
+  if (dir_chunks(n) > 0x7FFFFFFFLL) return cudaErrorInvalidValue;  // grid.x limit
   switch (dtype) {
     case kBF16: return launch_dtype<kBF16>(src, n, bits, dir, out, nnz, accumulate, stream);
     case kF16: return launch_dtype<kF16>(src, n, bits, dir, out, nnz, accumulate, stream);

@@ -20,7 +20,7 @@ enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // ---- attribution scores (attribution_score.cu) ------------------------------------------------
 // out[i] = attribution_score<kind>(w[i], gf[i], gr[i], h[i]) (common/score_math.h) for i < n, and
-// hist[score_bucket(out[i])] += 1 (hist: 2049 int64 on device, ADDED to). Unused inputs (by kind)
+// hist[score_bucket(out[i])] += 1 (hist: 2049 int64 on device, ADDED to; null = scores only). Unused inputs (by kind)
 // may be null. w has dtype w_dtype; gf, gr, h share g_dtype. One launch.
 cudaError_t attribution_score(int kind, int w_dtype, int g_dtype, const void* w, const void* gf,
                               const void* gr, const void* h, float gamma, float eps, float* out,

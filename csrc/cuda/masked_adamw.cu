@@ -1,4 +1,4 @@
-// CUDA kernel of wagle::masked_adamw_ (kernels.md 4.3): AdamW on the elements selected by a bit
+// CUDA kernel of wagle::masked_adamw_ (docs/kernels.md 4.3): AdamW on the elements selected by a bit
 // mask, with compact fp32 state, for a whole list of tensors in ONE launch.
 //
 // Multi-tensor launch: the launcher (bindings.cpp) copies an array of AdamwTensorMeta (pointers,
@@ -31,6 +31,7 @@
 #include <cuda_fp16.h>
 
 #include "common/adamw_math.h"
+#include "common/layout.h"
 #include "cuda/device_common.cuh"
 
 namespace wagle {
@@ -38,8 +39,8 @@ namespace cuda {
 namespace {
 
 constexpr int kAdamwThreads = 128;     // 4 warps
-constexpr int64_t kAdamwChunk = 4096;  // elements per directory entry (csrc/ops.cpp)
-constexpr int kWordsPerWarp = 32;      // 32 words of 32 bits = 1024 elements per warp
+constexpr int kWordsPerWarp = 32;  // 32 words of 32 bits = 1024 elements per warp
+static_assert(kDirChunk == 4 * kWordsPerWarp * 32, "one block of 4 warps per directory chunk");
 
 // float -> bf16 bits exactly as c10::BFloat16(float) (round to nearest even, NaN -> 0x7FC0), so
 // the CUDA and CPU ops store the same bf16 values.
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(kAdamwThreads)
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const bool dense = t.bits == nullptr;
-  const int64_t e_warp = chunk * kAdamwChunk + static_cast<int64_t>(warp) * kWordsPerWarp * 32;
+  const int64_t e_warp = chunk * kDirChunk + static_cast<int64_t>(warp) * kWordsPerWarp * 32;
 
   // ---- compact slots: word popcounts, warp scan, quarter totals through shared memory
   const uint32_t my_word = dense ? valid_word32(e_warp + 32 * lane, t.n) : load_word32(t.bits, e_warp + 32 * lane, t.n);
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(kAdamwThreads)
     if (q < warp) before += quarter_total[q];
     chunk_total += quarter_total[q];
   }
-  const int64_t k0 = dense ? chunk * kAdamwChunk : t.dir[chunk];
+  const int64_t k0 = dense ? chunk * kDirChunk : t.dir[chunk];
   const int64_t k1 = dense ? k0 + chunk_total : t.dir[chunk + 1];
   if (!dense && threadIdx.x == 0 && (k1 - k0 != chunk_total || k0 < 0 || k1 > t.nnz))
     atomicAdd(a.error, 1);  // directory disagrees with the bits: flagged, slots kept in bounds

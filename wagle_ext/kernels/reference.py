@@ -222,7 +222,7 @@ def select_topk_bits(scores: Sequence[torch.Tensor], k: int, largest: bool) -> l
 # ----------------------------------------------------------------------------- masked AdamW
 import math  # noqa: E402
 
-MASKED_ADAMW_CHUNK = 4096  # elements per chunk_offsets entry
+MASKED_ADAMW_CHUNK = 4096  # elements per chunk_offsets entry (kDirChunk in csrc/common/layout.h)
 WEIGHT_DECAY_MODES = ("masked", "all", "none")
 
 
@@ -307,6 +307,9 @@ def masked_adamw_(
         if idx.numel() == 0:
             continue
         if step_offsets[i].numel():
+            bad = int(((step_offsets[i] < 0) | (step_offsets[i].double() >= step)).sum())
+            if bad:
+                raise ValueError(f"masked_adamw_: {bad} step_offsets[{i}] entries are outside [0, step) (step {step})")
             steps = step - step_offsets[i].double()
             uniq, inv = torch.unique(steps, return_inverse=True)
             per = [_adamw_coeffs(lr, beta1, beta2, wd, eps, float(s)) for s in uniq.tolist()]

@@ -4,10 +4,17 @@ Kernels are decorated with :func:`lazy_jit` instead of ``@triton.jit``: ``triton
 decoration time between a compiled ``JITFunction`` and the CPU interpreter (``TRITON_INTERPRET=1``),
 and this package may be imported (e.g. by ``wagle_ext.backend_info()``) before a test sets the
 variable. ``lazy_jit`` decorates on first launch, once per mode.
+
+Device helpers (functions called from kernels, e.g. ``_radix.signed_key``) are ``lazy_jit`` too: a
+kernel's jitted function sees every lazy helper it names as that helper's jitted function for the
+same mode (a compiled kernel can only call ``JITFunction``s, an interpreted one only interpreted
+functions), so one helper serves every kernel in both modes.
 """
 from __future__ import annotations
 
+import functools
 import os
+import types
 from typing import Callable
 
 import triton
@@ -24,12 +31,25 @@ class _LazyKernel:
         self._by_mode: dict = {}
 
     def kernel(self):
-        """The ``triton.jit`` kernel for the current mode (compiled or interpreted)."""
+        """The ``triton.jit`` function for the current mode (compiled or interpreted)."""
         mode = interpreting()
         k = self._by_mode.get(mode)
         if k is None:
-            k = self._by_mode[mode] = triton.jit(self.fn)
+            k = self._by_mode[mode] = triton.jit(self._resolved())
         return k
+
+    def _resolved(self) -> Callable:
+        """``fn`` with every lazy helper it names replaced by that helper's jitted function (a copy of
+        the function over a copy of its module globals; ``fn`` itself when it names none)."""
+        glb = self.fn.__globals__
+        helpers = {n: glb[n] for n in self.fn.__code__.co_names if isinstance(glb.get(n), _LazyKernel)}
+        if not helpers:
+            return self.fn
+        env = dict(glb)
+        env.update({n: h.kernel() for n, h in helpers.items()})
+        fn = types.FunctionType(self.fn.__code__, env, self.fn.__name__, self.fn.__defaults__, self.fn.__closure__)
+        fn.__kwdefaults__ = self.fn.__kwdefaults__
+        return functools.update_wrapper(fn, self.fn, updated=())
 
 
 def lazy_jit(fn: Callable) -> _LazyKernel:
@@ -43,7 +63,7 @@ FORCED_GEOMETRY = None
 
 def block(gpu_block: int) -> int:
     """Elements per program: ``gpu_block`` on a GPU; 16384 in the interpreter, which costs about
-    0.5 ms per program whatever its size (environment.md), so fewer, larger programs are faster."""
+    0.5 ms per program whatever its size (docs/pitfalls.md K17), so fewer, larger programs are faster."""
     if FORCED_GEOMETRY is not None:
         return FORCED_GEOMETRY[0]
     return 16384 if interpreting() else gpu_block

@@ -1,4 +1,4 @@
-"""Triton kernel of ``attribution_score`` (kernels.md 4.1): fp32 scores and the int64[2049] key
+"""Triton kernel of ``attribution_score`` (docs/kernels.md 4.1): fp32 scores and the int64[2049] key
 histogram (``key >> 21``; NaN counter at 2048) in one pass, one launch per tensor.
 
 Bit-exact with the reference and the C++/CUDA kernels: fp32 math in the same order, true division
@@ -16,6 +16,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._launch import block, blocks_per_program, lazy_jit
+from ._radix import load_f32, signed_key
 
 HIST_SIZE = 2049
 KINDS = {"wagle": 0, "wagle_hessian": 1, "snip": 2, "gradient": 3, "magnitude": 4}
@@ -39,25 +40,13 @@ def _score_kernel(w_ptr, gf_ptr, gr_ptr, h_ptr, out_ptr, hist_ptr, n, gamma, eps
         gr = tl.zeros((BLOCK,), tl.float32)
         h = tl.zeros((BLOCK,), tl.float32)
         if KIND != 3:
-            if W_BF16:
-                w = (tl.load(w_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            else:
-                w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            w = load_f32(w_ptr, offs, m, W_BF16)
         if KIND != 4:
-            if GF_BF16:
-                gf = (tl.load(gf_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            else:
-                gf = tl.load(gf_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            gf = load_f32(gf_ptr, offs, m, GF_BF16)
         if KIND == 0 or KIND == 1:
-            if GR_BF16:
-                gr = (tl.load(gr_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            else:
-                gr = tl.load(gr_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            gr = load_f32(gr_ptr, offs, m, GR_BF16)
         if KIND == 1:
-            if H_BF16:
-                h = (tl.load(h_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            else:
-                h = tl.load(h_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            h = load_f32(h_ptr, offs, m, H_BF16)
         if KIND == 0:  # wagle: |(w - g_r / gamma) * g_f|
             s = tl.abs((w - tl.math.div_rn(gr, tl.zeros_like(gr) + gamma)) * gf)
         elif KIND == 1:  # wagle_hessian: |(w - g_r / (h + eps)) * g_f|
@@ -70,9 +59,7 @@ def _score_kernel(w_ptr, gf_ptr, gr_ptr, h_ptr, out_ptr, hist_ptr, n, gamma, eps
             s = tl.abs(w)
         tl.store(out_ptr + offs, s, mask=m)
         # Order-preserving key as a signed int32 (ks = key - 2^31): key >> 21 == (ks >> 21) + 1024.
-        x = tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0
-        b = x.to(tl.int32, bitcast=True)
-        ks = b ^ ((b >> 31) & 0x7FFFFFFF)
+        ks = signed_key(s)
         is_nan = s != s
         hist += tl.histogram((ks >> 21) + 1024, 2048, mask=m & ~is_nan)
         nans += (m & is_nan).to(tl.int32)

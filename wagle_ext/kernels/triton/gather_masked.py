@@ -1,6 +1,6 @@
 """Triton kernel of ``gather_masked_`` (compact gradients): ``out[k] (+)= float(src[e_k])`` for the
 k-th selected element ``e_k`` of a PackedMask, with the compact-slot addressing of
-``masked_adamw_`` (kernels.md 4.3).
+``masked_adamw_`` (docs/kernels.md 4.3).
 
 One program per 4096-element directory chunk, walked in slices of ``BLOCK`` elements (1024 on a
 GPU, the whole chunk in the interpreter, which costs ~0.5 ms per slice whatever its size): the
@@ -27,9 +27,10 @@ from torch.library import triton_op, wrap_triton
 
 from . import _launch
 from ._launch import interpreting, lazy_jit
+from ._radix import load_f32
 
-CHUNK = 4096  # elements per directory entry (reference.MASKED_ADAMW_CHUNK)
-GPU_BLOCK = 1024  # kernels.md 4.3
+from ..reference import MASKED_ADAMW_CHUNK as CHUNK  # elements per directory entry
+GPU_BLOCK = 1024  # docs/kernels.md 4.3
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -53,10 +54,7 @@ def _gather_masked_kernel(out_ptr, src_ptr, bits_ptr, dir_ptr, err_ptr, n, nnz,
         if cnt > 0:
             slot = k + (tl.cumsum(bit, axis=0) - bit)  # exclusive lane prefix
             sel = (bit != 0) & (slot >= lo) & (slot < hi)
-            if DTYPE == 1:
-                x = (tl.load(src_ptr + offs, mask=sel, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            else:
-                x = tl.load(src_ptr + offs, mask=sel, other=0.0).to(tl.float32)
+            x = load_f32(src_ptr, offs, sel, DTYPE == 1)
             if ACCUMULATE:
                 x = tl.load(out_ptr + slot, mask=sel, other=0.0) + x
             tl.store(out_ptr + slot, x, mask=sel)

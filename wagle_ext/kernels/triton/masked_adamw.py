@@ -1,4 +1,4 @@
-"""Triton kernel of ``masked_adamw_`` (kernels.md 4.3): AdamW on the elements selected by a
+"""Triton kernel of ``masked_adamw_`` (docs/kernels.md 4.3): AdamW on the elements selected by a
 PackedMask, with compact fp32 state addressed through the per-chunk offset directory.
 
 One program per 4096-element directory chunk, walked in ``BLOCK=1024`` slices: the mask bits of a
@@ -43,9 +43,10 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._launch import interpreting, lazy_jit
+from ._radix import load_f32
 
-CHUNK = 4096  # elements per directory entry (reference.MASKED_ADAMW_CHUNK)
-GPU_BLOCK = 1024  # kernels.md 4.3
+from ..reference import MASKED_ADAMW_CHUNK as CHUNK  # elements per directory entry
+GPU_BLOCK = 1024  # docs/kernels.md 4.3
 WEIGHT_DECAY_MODES = ("masked", "all", "none")
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -98,16 +99,11 @@ def _masked_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, bits_ptr, dir_ptr
                 pmask = sel | valid
             if act > 0:
                 # ---- load p, g (bf16 widened by a shift: exact); compact g: float32 at the slot
-                if DTYPE == 1:
-                    p = (tl.load(p_ptr + offs, mask=pmask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-                else:
-                    p = tl.load(p_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
+                p = load_f32(p_ptr, offs, pmask, DTYPE == 1)
                 if COMPACT_G:
                     g = tl.load(g_ptr + slot, mask=sel, other=0.0)
-                elif DTYPE == 1:
-                    g = (tl.load(g_ptr + offs, mask=sel, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
                 else:
-                    g = tl.load(g_ptr + offs, mask=sel, other=0.0).to(tl.float32)
+                    g = load_f32(g_ptr, offs, sel, DTYPE == 1)
                 if HAS_SCALE:
                     g = tl.math.div_rn(g, tl.zeros_like(g) + scale)
                     if COMPACT_G:

@@ -2,9 +2,9 @@
 ``topk_mask_bits``; contract in csrc/ops.cpp and kernels/reference.py). The exact-k orchestration
 is ``_select_bits`` in wagle_ext/ops.py, so exact primitives give masks bit-identical to the CPU op.
 
-Keys are handled as signed int32 ``ks = key - 2^31`` (``ks = b ^ ((b >> 31) & 0x7FFFFFFF)`` of the
-float bits ``b``), which orders like the unsigned key and keeps every kernel in 32-bit signed
-arithmetic: ``key >> s == (ks >> s) + 2^(31-s)`` and the low digits are the same bits.
+Keys are handled as signed int32 ``ks = key - 2^31`` (``_radix.signed_key``), which orders like the
+unsigned key and keeps every kernel in 32-bit signed arithmetic: ``key >> s == (ks >> s) + 2^(31-s)``
+and the low digits are the same bits.
 One launch per tensor (the interpreter cannot load pointers from a table); a mask pass with a
 tie quota adds a tie-count launch and a ``torch.cumsum``.
 """
@@ -18,6 +18,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._launch import block, blocks_per_program, lazy_jit
+from ._radix import load_f32, signed_key
 
 HIST_SIZE = 2049
 _LEVELS = {0: (21, 11), 11: (10, 11), 22: (0, 10)}  # prefix_bits -> (digit shift, digit width)
@@ -32,14 +33,9 @@ def _radix_histogram_kernel(s_ptr, hist_ptr, n, prefix_s, PREFIX_BITS: tl.conste
     for it in range(ITERS):  # ITERS consecutive blocks, one histogram flush
         offs = (pid * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
-        if BF16:  # exact bf16 -> fp32 by shifting the bits (the interpreter mangles bf16 denormals)
-            x = (tl.load(s_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        else:
-            x = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = load_f32(s_ptr, offs, m, BF16)
         is_nan = x != x
-        x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0
-        b = x.to(tl.int32, bitcast=True)
-        ks = b ^ ((b >> 31) & 0x7FFFFFFF)
+        ks = signed_key(x)
         valid = m & ~is_nan
         if PREFIX_BITS == 0:
             digit = (ks >> 21) + 1024
@@ -57,38 +53,20 @@ def _radix_histogram_kernel(s_ptr, hist_ptr, n, prefix_s, PREFIX_BITS: tl.conste
 
 
 @lazy_jit
-def _count_key_kernel(s_ptr, count_ptr, n, key_s, BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _count_key_kernel(s_ptr, count_ptr, n, key_s, PER_PROGRAM: tl.constexpr, BF16: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """The number of keys equal to ``key_s``: added to ``count_ptr[0]``, or with PER_PROGRAM stored at
+    ``count_ptr[pid]`` for program pid's block (the tie counts of a mask pass with a quota)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    if BF16:  # exact bf16 -> fp32 by shifting the bits (the interpreter mangles bf16 denormals)
-        x = (tl.load(s_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    x = load_f32(s_ptr, offs, m, BF16)
+    eq = m & (x == x) & (signed_key(x) == key_s)
+    c = tl.sum(eq.to(tl.int64), axis=0)
+    if PER_PROGRAM:
+        tl.store(count_ptr + pid, c)
     else:
-        x = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    is_nan = x != x
-    x = tl.where(x == 0.0, 0.0, x)
-    b = x.to(tl.int32, bitcast=True)
-    ks = b ^ ((b >> 31) & 0x7FFFFFFF)
-    eq = m & ~is_nan & (ks == key_s)
-    tl.atomic_add(count_ptr, tl.sum(eq.to(tl.int64), axis=0))
-
-
-@lazy_jit
-def _count_ties_kernel(s_ptr, ties_ptr, n, thr_s, BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """ties_ptr[pid] = number of keys equal to the threshold in program pid's block."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    if BF16:  # exact bf16 -> fp32 by shifting the bits (the interpreter mangles bf16 denormals)
-        x = (tl.load(s_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    is_nan = x != x
-    x = tl.where(x == 0.0, 0.0, x)
-    b = x.to(tl.int32, bitcast=True)
-    ks = b ^ ((b >> 31) & 0x7FFFFFFF)
-    eq = m & ~is_nan & (ks == thr_s)
-    tl.store(ties_ptr + pid, tl.sum(eq.to(tl.int64), axis=0))
+        tl.atomic_add(count_ptr, c)
 
 
 @lazy_jit
@@ -99,14 +77,9 @@ def _mask_kernel(s_ptr, bits_ptr, ties_before_ptr, n, nbytes, thr_s, take,
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    if BF16:  # exact bf16 -> fp32 by shifting the bits (the interpreter mangles bf16 denormals)
-        x = (tl.load(s_ptr + offs, mask=m, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    x = load_f32(s_ptr, offs, m, BF16)
     valid = m & (x == x)
-    x = tl.where(x == 0.0, 0.0, x)
-    b = x.to(tl.int32, bitcast=True)
-    ks = b ^ ((b >> 31) & 0x7FFFFFFF)
+    ks = signed_key(x)
     if LARGEST:
         sel = valid & (ks > thr_s)
     else:
@@ -175,7 +148,7 @@ def _count_key_op(scores: list[torch.Tensor], key: int) -> torch.Tensor:
         if n:
             s, bf16 = _as_loadable(t)
             wrap_triton(_count_key_kernel.kernel())[(triton.cdiv(n, bl),)](
-                s, counts[i:], n, _signed(key), BF16=bf16, BLOCK=bl)
+                s, counts[i:], n, _signed(key), PER_PROGRAM=False, BF16=bf16, BLOCK=bl)
     return counts
 
 
@@ -206,7 +179,8 @@ def _topk_mask_bits_op(scores: list[torch.Tensor], threshold_key: int, largest: 
         programs = triton.cdiv(n, bl)
         if take > 0:
             ties = torch.empty(programs, dtype=torch.int64, device=t.device)
-            wrap_triton(_count_ties_kernel.kernel())[(programs,)](s, ties, n, thr_s, BF16=bf16, BLOCK=bl)
+            wrap_triton(_count_key_kernel.kernel())[(programs,)](s, ties, n, thr_s, PER_PROGRAM=True, BF16=bf16,
+                                                                  BLOCK=bl)
             ties_before = torch.cumsum(ties, 0) - ties  # exclusive prefix: ties in earlier blocks
             mode = 2
         else:

@@ -139,7 +139,7 @@ def bpe_tokenizer(texts: Sequence[str], vocab_size: int = 1024):
 
 
 def _benchmark_texts(data: dict) -> list:
-    from .data import REFUSAL_ANSWERS
+    from ..unlearn.data import REFUSAL_ANSWERS
 
     texts = []
     for x in data["full"] + data["world_facts"]:
@@ -166,7 +166,7 @@ def finetune_causal_lm(model, tokenizer, items: Sequence[dict], *, steps: int, b
     with AdamW (no weight decay), linear warm-up over 5% of ``steps`` then cosine decay to 10% of
     ``lr``; batches drawn with replacement by a generator seeded with ``seed``. Returns the logged
     ``(step, loss)`` pairs; the model is left in eval mode."""
-    from .data import QACollator
+    from ..unlearn.data import QACollator
 
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
@@ -234,7 +234,7 @@ def load_or_build_benchmark(cfg: Optional[BenchmarkConfig] = None, *, cache_dir:
     """
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from .evaluation import evaluate_tofu
+    from ..eval import evaluate_tofu
 
     cfg = cfg or BenchmarkConfig()
     if cfg.forget_split not in ("forget01", "forget05", "forget10"):

@@ -25,7 +25,11 @@ import torch
 import transformers
 from torch import nn
 
-from .masks import MaskSet
+from .._checks import check_grad_mode, check_weight_decay_mode
+from ..masks import MaskSet
+from ..memory import format_memory_report, memory_report
+from ..optim import MaskedAdamW
+from ._hf_shim import GradNormShim, missing_hooks
 from .objectives import Objective, get_objective
 
 __all__ = ["UnlearnTrainer", "MASK_FILE"]
@@ -63,14 +67,38 @@ class _DatasetEpochCallback(transformers.TrainerCallback):
         self.dataset.set_epoch(int(state.epoch + 1e-9))
 
 
-def _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight_decay_mode, args) -> None:
-    """Fail before training on grad_mode / step_in_backward settings that cannot work."""
-    from .optim import GRAD_MODES
+class _MaskCheckpointCallback(transformers.TrainerCallback):
+    """Writes the mask next to every checkpoint (``checkpoint-N/wagle_mask.safetensors``), so that
+    ``train(resume_from_checkpoint=...)`` can check it was trained with the same mask. Like the
+    optimizer state, it is not written with ``save_only_model``."""
 
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-    if step_in_backward and grad_mode != "compact":
-        raise ValueError("step_in_backward=True needs grad_mode='compact'")
+    def __init__(self, mask: MaskSet):
+        self.mask = mask
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save and not args.save_only_model:
+            checkpoint = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-"
+                                                       f"{state.global_step}")
+            if os.path.isdir(checkpoint):
+                self.mask.save(os.path.join(checkpoint, MASK_FILE))
+
+
+def _check_hooks_available(grad_mode, mask, clip_before_mask, args) -> None:
+    """Masked clipping and compact gradients need the Trainer hooks of :mod:`._hf_shim`: refuse
+    them on a transformers version that lacks them rather than clip the wrong gradient."""
+    needed = grad_mode == "compact" or (mask is not None and not clip_before_mask and args.max_grad_norm)
+    missing = missing_hooks() if needed else []
+    if missing:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} has no Trainer.{'/'.join(missing)} (private methods this "
+            "trainer overrides to clip and log the norm of the masked or compact gradient; see "
+            "wagle_ext/unlearn/_hf_shim.py): upgrade transformers, or train with max_grad_norm=0 and grad_mode='dense'")
+
+
+def _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight_decay_mode, args) -> None:
+    """Fail before training on grad_mode / step_in_backward settings that cannot work: the
+    optimizer's rules (:func:`wagle_ext._checks.check_grad_mode`) and the trainer's own."""
+    check_grad_mode(grad_mode, step_in_backward, weight_decay_mode)
     if grad_mode != "compact":
         return
     if mask is None:
@@ -78,8 +106,6 @@ def _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight
     if clip_before_mask:
         raise ValueError("clip_before_mask=True (WAGLE's order: clip the unmasked gradient) needs every dense "
                          "gradient at once: use grad_mode='dense', or clip the masked gradient (the default)")
-    if weight_decay_mode == "all":
-        raise ValueError("grad_mode='compact' does not support weight_decay_mode='all'; use grad_mode='dense'")
     if args.fp16:
         raise ValueError("grad_mode='compact' does not support fp16 (GradScaler needs p.grad); use bf16 or fp32")
     if args.world_size > 1:
@@ -110,7 +136,7 @@ def frozen_reference(model: nn.Module) -> nn.Module:
     return ref
 
 
-class UnlearnTrainer(transformers.Trainer):
+class UnlearnTrainer(GradNormShim, transformers.Trainer):
     """Trainer for masked unlearning.
 
     Args (beyond ``transformers.Trainer``'s):
@@ -165,8 +191,7 @@ class UnlearnTrainer(transformers.Trainer):
             if not isinstance(mask, MaskSet):
                 raise TypeError(f"mask must be a wagle_ext.MaskSet, got {type(mask).__name__}")
             mask.check_compatible(model)
-        if weight_decay_mode not in ("masked", "all", "none"):
-            raise ValueError(f"weight_decay_mode must be 'masked', 'all' or 'none', got {weight_decay_mode!r}")
+        check_weight_decay_mode(weight_decay_mode)
         train_dataset = kwargs.get("train_dataset")
         if train_dataset is not None and len(train_dataset) > 0:
             first = train_dataset[0]
@@ -178,6 +203,7 @@ class UnlearnTrainer(transformers.Trainer):
         if args is None:
             raise ValueError("UnlearnTrainer needs TrainingArguments (args=...)")
         _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight_decay_mode, args)
+        _check_hooks_available(grad_mode, mask, clip_before_mask, args)
         args.remove_unused_columns = False
 
         self.objective = objective
@@ -196,6 +222,8 @@ class UnlearnTrainer(transformers.Trainer):
         super().__init__(model=model, args=args, **kwargs)
         if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(_DatasetEpochCallback(self.train_dataset))
+        if mask is not None:
+            self.add_callback(_MaskCheckpointCallback(mask))
         # Objectives return per-micro-batch means: let Trainer divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._objective_logs: dict = defaultdict(float)
@@ -262,8 +290,6 @@ class UnlearnTrainer(transformers.Trainer):
             opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
             self._log_memory_report(self.model if model is None else model, opt)
             return opt
-        from .optim import MaskedAdamW
-
         opt_model = self.model if model is None else model
         self._check_masks_identical_across_ranks()
         masks = self._model_masks(opt_model)
@@ -288,8 +314,6 @@ class UnlearnTrainer(transformers.Trainer):
         return self.optimizer
 
     def _log_memory_report(self, model, optimizer) -> None:
-        from .memory import format_memory_report, memory_report
-
         self.initial_memory_report = memory_report(model, optimizer)
         logger.info("wagle memory at start (grad_mode=%s): %s", self.grad_mode,
                     format_memory_report(self.initial_memory_report))
@@ -315,31 +339,37 @@ class UnlearnTrainer(transformers.Trainer):
             self._param_masks = dict(self.mask.for_model(model))
         return self._param_masks
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        if self.grad_mode == "compact" and grad_norm is None:
-            if self.step_in_backward:
-                return None  # the gradients were consumed inside backward
-            grad_norm = self._masked_optimizer().grad_norm()  # p.grad is None: the compact norm
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
-
-    def _clip_grad_norm(self, model):
+    def clip_grad_norm(self, model, fallback):
+        """Clip the pending gradients to ``args.max_grad_norm``; returns the norm before clipping.
+        With a mask (and not ``clip_before_mask``): the norm of the gradient restricted to the
+        selected weights (frozen entries never move, so they should not shrink the step), then the
+        usual ``clip_grad_norm_`` scaling; the same in dense and compact mode
+        (:meth:`MaskedAdamW.clip_grad_norm_`). Otherwise ``fallback`` (transformers' clipping)."""
         if self.mask is None or self.clip_before_mask:
-            return super()._clip_grad_norm(model)
-        # Norm of the gradient restricted to the selected weights (frozen entries never move, so
-        # they should not shrink the step), then the usual clip_grad_norm_ scaling; the same in
-        # dense and compact mode (MaskedAdamW.clip_grad_norm_).
+            return fallback(model)
         return self._masked_optimizer().clip_grad_norm_(self.args.max_grad_norm)
 
-    # ------------------------------------------------------------------ checkpoints
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.mask is not None and self.args.should_save:
-            self.mask.save(os.path.join(output_dir, MASK_FILE))
+    def logged_grad_norm(self, model, grad_norm, fallback):
+        """The gradient norm transformers logs (``grad_norm`` when clipping computed it): in compact
+        mode the compact gradients' norm (``p.grad`` is None), None with ``step_in_backward`` (the
+        gradients were consumed inside backward)."""
+        if self.grad_mode == "compact" and grad_norm is None:
+            if self.step_in_backward:
+                return None
+            grad_norm = self._masked_optimizer().grad_norm()
+        return fallback(model, grad_norm=grad_norm)
 
-    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
-        if checkpoint is not None and self.mask is not None:
-            path = os.path.join(checkpoint, MASK_FILE)
-            if os.path.exists(path) and MaskSet.load(path) != self.mask:
-                raise ValueError(f"resuming from {checkpoint} with a different mask than the one it was trained "
-                                 "with; load that checkpoint's mask (MaskSet.load) to continue exactly")
-        super()._load_optimizer_and_scheduler(checkpoint)
+    # ------------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
+        """``transformers.Trainer.train``; resuming with a mask first checks that the checkpoint was
+        trained with the same mask (its ``wagle_mask.safetensors``)."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False and self.mask is not None:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+            if checkpoint is not None:
+                path = os.path.join(checkpoint, MASK_FILE)
+                if os.path.exists(path) and MaskSet.load(path) != self.mask:
+                    raise ValueError(f"resuming from {checkpoint} with a different mask than the one it was trained "
+                                     "with; load that checkpoint's mask (MaskSet.load) to continue exactly")
+        return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -16,12 +16,17 @@ Conventions (see ``docs/algorithms.md`` §1.7, §2.2, §3.1, §6):
   logits at ``t - 1``; ``-100`` marks ignored positions (prompt, padding). Every function here shifts
   internally, exactly as ``LlamaForCausalLM`` does for ``outputs.loss``.
 * Log-softmax, CE and probabilities are computed in fp32 (fp64 inputs stay fp64) even for bf16/fp16
-  logits (pitfall 10). The fused paths (:func:`token_logprobs`, :func:`ihl_loss`,
+  logits (docs/pitfalls.md #10). The fused paths (:func:`token_logprobs`, :func:`ihl_loss`,
   :func:`kl_retain_loss`) work on row chunks of the answer positions only, keep the logits in their own
   dtype for backward and never materialise a full fp32 softmax copy; gradients come back in the logits'
   dtype.
 * "Token mean" = mean over all valid (label != -100) tokens of the batch, which is what HF's
   ``outputs.loss`` and G-effect's ``[shift_labels != -100].mean()`` compute.
+
+Long file: the two halves (losses ~500 lines, objectives ~400) would split into ``losses.py`` and
+``objectives.py``; they stay together for now because the tests tune the fused paths' chunk size
+module-wide (``monkeypatch.setattr(objectives, "_CHUNK_ELEMS", ...)``) and read the losses and the
+objectives from one module. The split is one move once those tests patch ``unlearn.losses``.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
 
 # Rows per chunk in the fused paths: chunk * vocab elements of fp32 scratch (~64 MiB at 32k vocab).
 _CHUNK_ELEMS = 1 << 24
@@ -104,6 +109,20 @@ def _chunks(n: int, vocab: int):
         yield s, min(n, s + step)
 
 
+def _row_chunks(logits2d: Tensor, rows: Tensor, dtype: torch.dtype):
+    """``(s, e, z)`` over chunks of the selected rows: ``z = logits2d[rows[s:e]]`` in ``dtype``
+    (the fused paths' only copies of the logits: one chunk at a time)."""
+    for s, e in _chunks(rows.numel(), logits2d.shape[1]):
+        yield s, e, logits2d.index_select(0, rows[s:e]).to(dtype)
+
+
+def _row_outputs(logits2d: Tensor, rows: Tensor) -> tuple[torch.dtype, Tensor, Tensor]:
+    """Compute dtype and the per-row output and logsumexp buffers of a fused forward."""
+    cdt = _compute_dtype(logits2d.dtype)
+    n = rows.numel()
+    return cdt, torch.empty(n, dtype=cdt, device=logits2d.device), torch.empty(n, dtype=cdt, device=logits2d.device)
+
+
 # ------------------------------------------------------------------------------------------------
 # Fused token log-probabilities
 # ------------------------------------------------------------------------------------------------
@@ -113,12 +132,8 @@ class _TargetLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits2d: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
-        cdt = _compute_dtype(logits2d.dtype)
-        n, V = rows.numel(), logits2d.shape[1]
-        out = torch.empty(n, dtype=cdt, device=logits2d.device)
-        lse = torch.empty(n, dtype=cdt, device=logits2d.device)
-        for s, e in _chunks(n, V):
-            z = logits2d.index_select(0, rows[s:e]).to(cdt)
+        cdt, out, lse = _row_outputs(logits2d, rows)
+        for s, e, z in _row_chunks(logits2d, rows, cdt):
             l = torch.logsumexp(z, dim=1)
             out[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - l
             lse[s:e] = l
@@ -130,9 +145,7 @@ class _TargetLogProb(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         logits2d, rows, targets, lse = ctx.saved_tensors
         grad = torch.zeros_like(logits2d)
-        V = logits2d.shape[1]
-        for s, e in _chunks(rows.numel(), V):
-            z = logits2d.index_select(0, rows[s:e]).to(lse.dtype)
+        for s, e, z in _row_chunks(logits2d, rows, lse.dtype):
             g = grad_out[s:e].to(lse.dtype)
             gz = torch.exp(z - lse[s:e, None]).mul_(-g[:, None])        # -g * p
             gz.scatter_add_(1, targets[s:e, None], g[:, None])           # + g * e_y
@@ -253,7 +266,7 @@ def tnpo_weights(token_logp: Tensor, ref_token_logp: Tensor, beta: float, weight
     """(W)TNPO token weights ``w = 2 p^(beta+alpha) / (p^beta + p_ref^beta + eps)``, computed in log space.
 
     ``log w = log 2 + alpha logp - logsumexp(0, beta (logp_ref - logp)[, log eps - beta logp])``, so the
-    weight stays finite (and accurate) when ``p^beta`` underflows (pitfall 8). ``eps = 1e-5`` replicates the
+    weight stays finite (and accurate) when ``p^beta`` underflows (docs/pitfalls.md #8). ``eps = 1e-5`` replicates the
     G-effect code exactly; ``eps = 0`` (default) gives TNPO = ``2 sigmoid(beta (logp - logp_ref))``.
     Returns a detached tensor of the input shape.
     """
@@ -293,13 +306,9 @@ class _InvertedHinge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits2d: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
-        cdt = _compute_dtype(logits2d.dtype)
-        n, V = rows.numel(), logits2d.shape[1]
-        out = torch.empty(n, dtype=cdt, device=logits2d.device)
-        lse = torch.empty(n, dtype=cdt, device=logits2d.device)
-        other = torch.empty(n, dtype=torch.long, device=logits2d.device)
-        for s, e in _chunks(n, V):
-            z = logits2d.index_select(0, rows[s:e]).to(cdt)
+        cdt, out, lse = _row_outputs(logits2d, rows)
+        other = torch.empty(rows.numel(), dtype=torch.long, device=logits2d.device)
+        for s, e, z in _row_chunks(logits2d, rows, cdt):
             y = targets[s:e, None]
             l = torch.logsumexp(z, dim=1)
             # m = argmax_{v != y} z_v; ties go to the lowest index (torch.argmax returns the first max).
@@ -317,9 +326,7 @@ class _InvertedHinge(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         logits2d, rows, targets, lse, other = ctx.saved_tensors
         grad = torch.zeros_like(logits2d)
-        V = logits2d.shape[1]
-        for s, e in _chunks(rows.numel(), V):
-            z = logits2d.index_select(0, rows[s:e]).to(lse.dtype)
+        for s, e, z in _row_chunks(logits2d, rows, lse.dtype):
             g = grad_out[s:e].to(lse.dtype)[:, None]
             y, m = targets[s:e, None], other[s:e, None]
             p = torch.exp(z - lse[s:e, None])
@@ -394,7 +401,7 @@ def kl_retain_loss(logits: Tensor, ref_logits: Tensor, labels: Optional[Tensor] 
             gradient flows to it).
         labels: ``[B, T]`` (HF convention). Required unless ``all_positions``.
         all_positions: False (default): mean over the positions that predict a valid answer token
-            (pitfall 11). True: replicate G-effect / LoKU / open-unlearning ``F.kl_div(...,
+            (docs/pitfalls.md #11). True: replicate G-effect / LoKU / open-unlearning ``F.kl_div(...,
             reduction="batchmean", log_target=True)`` over all flattened ``B*T`` positions (prompt and
             padding included, no shift).
     """
@@ -657,7 +664,7 @@ class NPO(Objective):
     Fields: ``beta`` (default 0.1: NPO paper / open-unlearning, and WAGLE's hard-coded value);
     ``reduction``: ``"seq_sum"`` (default; NPO paper, open-unlearning, G-effect: NLL summed per
     sequence) or ``"token_mean"`` (WAGLE ``NPO_FT``: token-mean CE; WAGLE runs batch size 1, where its
-    batch-wide mean equals our per-sequence mean). Same beta, different temperature (pitfall 9).
+    batch-wide mean equals our per-sequence mean). Same beta, different temperature (docs/pitfalls.md #9).
     """
 
     name: ClassVar[str] = "npo"
@@ -704,7 +711,7 @@ class SimNPO(Objective):
 class PO(Objective):
     """PO / IdkPO: NLL of a refusal answer to the forget question (WAGLE ``CL_FT``, G-effect ``idk``,
     open-unlearning ``IdkNLL``). Reads ``batch["forget_refusal"]``: proper question + refusal + eos
-    sequences with their own attention mask (pitfall 13; WAGLE reused the original answer's mask)."""
+    sequences with their own attention mask (docs/pitfalls.md #13; WAGLE reused the original answer's mask)."""
 
     name: ClassVar[str] = "po"
     forget_keys: ClassVar[tuple[str, ...]] = ("forget_refusal",)

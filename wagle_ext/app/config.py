@@ -16,8 +16,9 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
+from .._checks import check_grad_mode, check_ratio
 from .embedded_benchmark import BenchmarkConfig
 
 __all__ = ["DemoConfig", "ScoreConfig", "UnlearnConfig", "EvalConfig", "BenchConfig", "load_config",
@@ -291,9 +292,25 @@ def load_config(cls: type, path: Optional[Union[str, os.PathLike]] = None,
     return cfg
 
 
+def source_root() -> Optional[str]:
+    """The source checkout this package runs from (the folder holding ``bench/``), or None for an
+    installed package."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return here if os.path.isfile(os.path.join(here, "bench", "_common.py")) else None
+
+
 def _check(cond: bool, field: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{field}: {msg}")
+
+
+def _check_by(check: Callable[..., Any], field: str, msg: str, *args: Any) -> None:
+    """Run a shared check of :mod:`wagle_ext._checks` (one source per rule) and report a failure
+    the config way: ``field: msg``."""
+    try:
+        check(*args)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}: {msg}") from None
 
 
 def _validate_benchmark(b: BenchmarkConfig, p: str = "benchmark.") -> None:
@@ -316,13 +333,15 @@ def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
     _check(u.learning_rate > 0, p + "learning_rate", f"must be > 0, got {u.learning_rate}")
     _check(u.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {u.weight_decay}")
     _check(u.max_grad_norm >= 0, p + "max_grad_norm", f"must be >= 0, got {u.max_grad_norm}")
-    _check(u.grad_mode in ("dense", "compact"), p + "grad_mode", f"must be dense or compact, got {u.grad_mode!r}")
-    _check(not u.step_in_backward or (u.grad_mode == "compact" and u.max_grad_norm == 0), p + "step_in_backward",
+    _check_by(check_grad_mode, p + "grad_mode", f"must be dense or compact, got {u.grad_mode!r}", u.grad_mode)
+    _check_by(check_grad_mode, p + "step_in_backward", "needs grad_mode compact and max_grad_norm 0", u.grad_mode,
+              u.step_in_backward)
+    _check(not u.step_in_backward or u.max_grad_norm == 0, p + "step_in_backward",
            "needs grad_mode compact and max_grad_norm 0")
 
 
 def _validate_objective(name: str, field: str) -> None:
-    from .objectives import OBJECTIVES
+    from ..unlearn.objectives import OBJECTIVES
 
     _check(isinstance(name, str) and name.lower() in OBJECTIVES, field,
            f"unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")
@@ -330,7 +349,7 @@ def _validate_objective(name: str, field: str) -> None:
 
 def validate(cfg: Any) -> None:
     """Semantic checks (ranges, known names) of a job config; ValueError naming the field."""
-    from .attribution import SCORE_KINDS
+    from ..attribution import SCORE_KINDS
 
     if hasattr(cfg, "num_threads"):
         _check(cfg.num_threads >= 1, "num_threads", f"must be >= 1, got {cfg.num_threads}")
@@ -339,7 +358,7 @@ def validate(cfg: Any) -> None:
     if hasattr(cfg, "unlearn"):
         _validate_unlearn(cfg.unlearn)
     if isinstance(cfg, DemoConfig):
-        _check(0 < cfg.ratio <= 1, "ratio", f"must be in (0, 1], got {cfg.ratio}")
+        _check_by(check_ratio, "ratio", f"must be in (0, 1], got {cfg.ratio}", cfg.ratio)
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
         _check(len(cfg.objectives) > 0, "objectives", "must name at least one objective")
         for i, o in enumerate(cfg.objectives):
@@ -350,7 +369,7 @@ def validate(cfg: Any) -> None:
         _check(cfg.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {cfg.eval_batch_size}")
     elif isinstance(cfg, ScoreConfig):
         _check(cfg.kind in SCORE_KINDS, "kind", f"unknown score kind {cfg.kind!r} (known: {', '.join(SCORE_KINDS)})")
-        _check(0 < cfg.ratio <= 1, "ratio", f"must be in (0, 1], got {cfg.ratio}")
+        _check_by(check_ratio, "ratio", f"must be in (0, 1], got {cfg.ratio}", cfg.ratio)
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
         _check(cfg.scope in ("global", "per_tensor", "per_row"), "scope",
                f"must be global, per_tensor or per_row, got {cfg.scope!r}")
@@ -362,9 +381,7 @@ def validate(cfg: Any) -> None:
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
         _check(cfg.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {cfg.max_new_tokens}")
     elif isinstance(cfg, BenchConfig):
-        from .cli import _source_root
-
-        root = _source_root()
+        root = source_root()
         for i, s in enumerate(cfg.scripts):
             _check(root is None or os.path.isfile(os.path.join(root, "bench", s)), f"scripts[{i}]",
                    f"{s!r} not found in {os.path.join(str(root), 'bench')}")

@@ -26,8 +26,10 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from ..plotting import plot_tradeoff
 from .config import (BenchConfig, DemoConfig, EvalConfig, ScoreConfig, UnlearnConfig, config_to_dict,
                      load_config)
+from .config import source_root as _source_root
 
 __all__ = ["main", "run_demo"]
 
@@ -76,6 +78,15 @@ def _quiet_transformers() -> None:
 # shared pieces: model, data, masks, unlearning
 # ------------------------------------------------------------------------------------------------
 
+def _start_job(tag: str, cfg: Any) -> str:
+    """Every job's prologue: threads, quiet transformers, the output directory (returned)."""
+    _set_threads(cfg.num_threads)
+    _quiet_transformers()
+    out = _prepare_out(cfg.out, cfg)
+    _log(f"[{tag}] output directory {out}")
+    return out
+
+
 def _benchmark(cfg: Any):
     from .embedded_benchmark import load_or_build_benchmark
 
@@ -99,7 +110,7 @@ def _model_tokenizer_data(cfg: Any):
     if cfg.data.source == "embedded":
         data = bench.data
     else:
-        from .tofu_data import load_qa_split
+        from ..eval.tofu_data import load_qa_split
 
         data = {}
         for split in (cfg.data.forget, cfg.data.retain):
@@ -116,9 +127,9 @@ def _build_mask(model, tok, forget, retain, kind: str, ratio: float, gamma: floa
                 scope: str = "global", max_batches: Optional[int] = None):
     from torch.utils.data import DataLoader
 
-    from .attribution import score_model
-    from .data import QACollator
-    from .masks import build_mask
+    from ..attribution import score_model
+    from ..masks import build_mask
+    from ..unlearn.data import QACollator
 
     coll = QACollator(tok)
     fl = DataLoader(forget, batch_size=1, collate_fn=coll)
@@ -132,8 +143,8 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
     """Unlearn ``model`` in place with :class:`UnlearnTrainer`; returns the trainer's final log."""
     import transformers
 
-    from .data import ForgetRetainDataset, QACollator
-    from .trainer import UnlearnTrainer
+    from ..unlearn.data import ForgetRetainDataset, QACollator
+    from ..unlearn.trainer import UnlearnTrainer
 
     kw = dict(objective_kwargs or {})
     kw.setdefault("alpha", u.alpha)
@@ -176,57 +187,16 @@ def _format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: Sequence[dict], references: Sequence[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    markers = {"dense": "o", "random": "s", "magnitude": "^", "wagle": "*", "snip": "D", "gradient": "v",
-               "wanda": "P"}
-    objectives = list(dict.fromkeys(r["objective"] for r in rows))
-    colors = {o: plt.get_cmap("tab10")(i) for i, o in enumerate(objectives)}
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
-    for r in rows:
-        ax.scatter(r["model_utility"], max(r["forget_quality"], 1e-30), marker=markers.get(r["mask"], "x"),
-                   color=colors[r["objective"]], s=160 if r["mask"] == "wagle" else 70, edgecolors="black",
-                   linewidths=0.6, zorder=3)
-    for ref, m in zip(references, ("X", "D")):
-        if ref.get("forget_quality") is None:
-            continue
-        ax.scatter(ref["model_utility"], max(ref["forget_quality"], 1e-30), marker=m, color="lightgray",
-                   edgecolors="black", s=90, zorder=2)
-        ax.annotate(ref["mask"], (ref["model_utility"], max(ref["forget_quality"], 1e-30)),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], linestyle="", marker="o", color=colors[o], label=o) for o in objectives]
-    handles += [Line2D([], [], linestyle="", marker=markers.get(m, "x"), color="gray", label=f"mask: {m}")
-                for m in dict.fromkeys(r["mask"] for r in rows)]
-    ax.legend(handles=handles, fontsize=8, loc="best")
-    ax.set_yscale("log")
-    ax.set_xlabel("model utility (higher = better)")
-    ax.set_ylabel("forget quality, KS p-value vs retain model (log; higher = better)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     """The main job: build or reuse the embedded benchmark, then for every objective and mask kind
     unlearn from the target at ``cfg.ratio`` for ``cfg.unlearn.steps`` steps, evaluate, print the
     table, write ``results.json`` and ``forget_quality_vs_utility.png`` under ``cfg.out``."""
     import torch
 
-    from .evaluation import evaluate_tofu
+    from ..eval import evaluate_tofu
 
     t_start = time.perf_counter()
-    _set_threads(cfg.num_threads)
-    _quiet_transformers()
-    out = _prepare_out(cfg.out, cfg)
-    _log(f"[demo] output directory {out}")
+    out = _start_job("demo", cfg)
     t0 = time.perf_counter()
     bench = _benchmark(cfg)
     t_bench = time.perf_counter() - t0
@@ -291,7 +261,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     _log("\n" + table + "\n")
     png = os.path.join(out, "forget_quality_vs_utility.png")
     b = bench.config
-    _plot(rows, references, png, f"Embedded benchmark ({b.n_authors} authors, {fs}), ratio {cfg.ratio:g}, "
+    plot_tradeoff(rows, references, png, f"Embedded benchmark ({b.n_authors} authors, {fs}), ratio {cfg.ratio:g}, "
                                  f"{cfg.unlearn.steps} steps")
     results = {
         "config": config_to_dict(cfg),
@@ -320,10 +290,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
     from safetensors.torch import save_file
 
-    _set_threads(cfg.num_threads)
-    _quiet_transformers()
-    out = _prepare_out(cfg.out, cfg)
-    _log(f"[{'mask' if with_mask else 'score'}] output directory {out}")
+    out = _start_job('mask' if with_mask else 'score', cfg)
     model, tok, data, _ = _model_tokenizer_data(cfg)
     t0 = time.perf_counter()
     _log(f"[score] {cfg.kind} scores on {len(data[cfg.data.forget])} forget / {len(data[cfg.data.retain])} retain items")
@@ -344,12 +311,9 @@ def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
 
 
 def run_unlearn(cfg: UnlearnConfig) -> str:
-    from .masks import MaskSet
+    from ..masks import MaskSet
 
-    _set_threads(cfg.num_threads)
-    _quiet_transformers()
-    out = _prepare_out(cfg.out, cfg)
-    _log(f"[unlearn] output directory {out}")
+    out = _start_job("unlearn", cfg)
     model, tok, data, _ = _model_tokenizer_data(cfg)
     mask = MaskSet.load(cfg.mask, model=model) if cfg.mask else None
     _log(f"[unlearn] {cfg.objective}, {'dense' if mask is None else f'mask density {mask.density:.4f}'}, "
@@ -366,12 +330,9 @@ def run_unlearn(cfg: UnlearnConfig) -> str:
 
 
 def run_eval(cfg: EvalConfig) -> str:
-    from .evaluation import evaluate_tofu
+    from ..eval import evaluate_tofu
 
-    _set_threads(cfg.num_threads)
-    _quiet_transformers()
-    out = _prepare_out(cfg.out, cfg)
-    _log(f"[eval] output directory {out}")
+    out = _start_job("eval", cfg)
     model, tok, data, bench = _model_tokenizer_data(cfg)
     for i, s in enumerate(cfg.retain_sets):
         if s not in data:
@@ -391,11 +352,6 @@ def run_eval(cfg: EvalConfig) -> str:
             _log(f"  {k:20s} {summary[k]:.4g}")
     _log(f"[eval] done in {time.perf_counter() - t0:.1f} s; wrote TOFU_EVAL.json, TOFU_SUMMARY.json")
     return out
-
-
-def _source_root() -> Optional[str]:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return here if os.path.isfile(os.path.join(here, "bench", "_common.py")) else None
 
 
 def run_bench(cfg: BenchConfig) -> Optional[str]:

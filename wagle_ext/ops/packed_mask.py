@@ -1,9 +1,12 @@
-"""PackedMask: a 1-bit-per-weight boolean mask for one tensor."""
+"""PackedMask: a 1-bit-per-weight boolean mask for one tensor -- the bit-array value type of the ops
+layer (what :func:`wagle_ext.ops.select_topk_mask` returns and masked AdamW reads)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
 import torch
+
+from .bits import pack_bits, popcount_bits, unpack_bits
 
 __all__ = ["PackedMask"]
 
@@ -46,9 +49,7 @@ class PackedMask:
     @property
     def nnz(self) -> int:
         if self._nnz is None:
-            from . import ops
-
-            self._nnz = ops.popcount_bits(self.bits, self.numel)
+            self._nnz = popcount_bits(self.bits, self.numel)
         return self._nnz
 
     @property
@@ -74,9 +75,7 @@ class PackedMask:
             if mask.is_floating_point() or mask.is_complex():
                 raise TypeError(f"PackedMask.from_bool expects a bool tensor, got {mask.dtype}")
             mask = mask != 0
-        from . import ops
-
-        bits = ops.pack_bits(mask)
+        bits = pack_bits(mask)
         return cls(bits, mask.shape)
 
     @classmethod
@@ -94,9 +93,7 @@ class PackedMask:
 
     def to_bool(self) -> torch.Tensor:
         """bool tensor of ``shape``."""
-        from . import ops
-
-        return ops.unpack_bits(self.bits, self.numel).reshape(self.shape)
+        return unpack_bits(self.bits, self.numel).reshape(self.shape)
 
     def to(self, device: Union[str, torch.device]) -> "PackedMask":
         return PackedMask(self.bits.to(device), self.shape, self._nnz)

@@ -3,11 +3,11 @@
 * :class:`ForgetRetainDataset`: one example per forget item (the anchor, open-unlearning's
   ``ForgetRetainDataset(anchor="forget")``), each paired with a retain item drawn by a seeded
   ``torch.Generator`` (reproducible and independent of DataLoader workers, unlike WAGLE/G-effect/LoKU
-  which call Python ``random`` inside ``__getitem__``; pitfall 16). Optional refusal answers (PO/IdkPO,
+  which call Python ``random`` inside ``__getitem__``; docs/pitfalls.md #16). Optional refusal answers (PO/IdkPO,
   IdkDPO) and alternate answers (DPO) for the forget question.
 * :class:`QACollator`: tokenises ``prompt + answer (+ eos)`` with the tokenizer's chat template when it
   has one, labels ``-100`` on prompt tokens and padding, right padding, an attention mask per sequence.
-  Every variant (forget, retain, refusal, alternate) is its own sequence with its own mask (pitfall 13).
+  Every variant (forget, retain, refusal, alternate) is its own sequence with its own mask (docs/pitfalls.md #13).
 * :data:`REFUSAL_ANSWERS`: built-in refusal strings (written for this package).
 
 Items are plain dicts ``{"question": str, "answer": str, optional "paraphrased_answer",

@@ -1,0 +1,297 @@
+""":class:`MaskSet`: the mask artifact -- ``{parameter name: PackedMask}`` with provenance metadata,
+a model fingerprint, model binding, statistics and safetensors I/O.
+
+Masks are keyed by normalised parameter name (:mod:`wagle_ext.naming`) and stored one bit per
+weight, in safetensors files with provenance metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import torch
+
+from .._version import __version__
+from ..naming import (fingerprint_of, is_adapter_param, layer_of, model_param_shapes, module_type_of,
+                      normalize_param_name)
+from ..plotting import plot_mask_density
+from ..ops import PackedMask
+
+__all__ = ["MaskSet", "MASK_FORMAT", "MASK_FORMAT_VERSION", "SCOPES"]
+
+MASK_FORMAT = "wagle_ext.MaskSet"
+MASK_FORMAT_VERSION = 1
+SCOPES = ("global", "per_tensor", "per_row")
+_META_KEY = "wagle_ext"
+
+
+class MaskSet(Mapping):
+    """An ordered mapping ``parameter name -> PackedMask`` (True = selected for update), with
+    provenance metadata and a model fingerprint.
+
+    Mapping access accepts wrapped names too (``"module.model.layers.0..."``): lookups normalise
+    names with :func:`normalize_param_name`. Model parameters without an entry are treated as
+    :attr:`missing` (``"dense"``: updated normally, the Wanda baseline's convention for embeddings,
+    norms and lm_head; or ``"frozen"``).
+
+    Attributes:
+        metadata: JSON-serialisable dict (score kind, gamma, ratio, scope, ...).
+        fingerprint: :func:`model_fingerprint` of the model the mask was built for, or None.
+        missing: ``"dense"`` or ``"frozen"``.
+    """
+
+    def __init__(self, masks: Mapping[str, PackedMask], *, metadata: Optional[Mapping[str, Any]] = None,
+                 fingerprint: Optional[str] = None, missing: str = "dense"):
+        if missing not in ("dense", "frozen"):
+            raise ValueError(f"missing must be 'dense' or 'frozen', got {missing!r}")
+        self._masks: "OrderedDict[str, PackedMask]" = OrderedDict()
+        for name, m in masks.items():
+            if not isinstance(m, PackedMask):
+                raise TypeError(f"masks[{name!r}] must be a PackedMask, got {type(m).__name__} "
+                                "(use MaskSet.from_bool_dict for bool tensors)")
+            key = normalize_param_name(name)
+            if key in self._masks:
+                raise ValueError(f"two masks normalise to the same parameter name {key!r}")
+            self._masks[key] = m
+        self.metadata: dict = dict(metadata or {})
+        self.fingerprint = fingerprint
+        self.missing = missing
+
+    # ------------------------------------------------------------------ mapping
+    def __getitem__(self, name: str) -> PackedMask:
+        return self._masks[normalize_param_name(name)]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and normalize_param_name(name) in self._masks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def names(self) -> list:
+        """Normalised parameter names, in parameter order."""
+        return list(self._masks)
+
+    def get_bool(self, name: str) -> torch.Tensor:
+        """The mask of one parameter as a bool tensor of its shape."""
+        return self[name].to_bool()
+
+    # ------------------------------------------------------------------ counts
+    @property
+    def numel(self) -> int:
+        """Total number of masked elements (selected or not)."""
+        return sum(m.numel for m in self._masks.values())
+
+    @property
+    def total_selected(self) -> int:
+        """Number of weights selected for update, over all entries."""
+        return sum(m.nnz for m in self._masks.values())
+
+    @property
+    def density(self) -> float:
+        """``total_selected / numel`` (0.0 when empty)."""
+        n = self.numel
+        return self.total_selected / n if n else 0.0
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        for m in self._masks.values():
+            return m.device
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self._masks.values())
+
+    # ------------------------------------------------------------------ conversions
+    def to(self, device: Union[str, torch.device]) -> "MaskSet":
+        """A copy with every bit array on ``device`` (metadata shared by value)."""
+        return MaskSet(OrderedDict((n, m.to(device)) for n, m in self._masks.items()),
+                       metadata=dict(self.metadata), fingerprint=self.fingerprint, missing=self.missing)
+
+    @classmethod
+    def from_bool_dict(cls, masks: Mapping[str, torch.Tensor], **kwargs) -> "MaskSet":
+        """From ``{name: bool (or 0/1) tensor}``, e.g. a WAGLE release ``torch.load("tofu_0.8.pt")``.
+        ``kwargs`` go to the constructor (``metadata``, ``fingerprint``, ``missing``)."""
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks must be a mapping name -> bool tensor, got {type(masks).__name__}")
+        return cls(OrderedDict((n, PackedMask.from_bool(t)) for n, t in masks.items()), **kwargs)
+
+    def to_bool_dict(self, device: Optional[Union[str, torch.device]] = None) -> "OrderedDict[str, torch.Tensor]":
+        """``{name: bool tensor}`` (1 byte per weight: 8x the packed size), WAGLE's format."""
+        out = OrderedDict()
+        for n, m in self._masks.items():
+            out[n] = (m.to(device) if device is not None else m).to_bool()
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MaskSet):
+            return NotImplemented
+        return list(self._masks) == list(other._masks) and all(
+            self._masks[n] == other._masks[n] for n in self._masks)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        kind = self.metadata.get("score_kind", "?")
+        return (f"MaskSet({len(self)} tensors, {self.total_selected}/{self.numel} selected "
+                f"(density {self.density:.4g}), score_kind={kind}, scope={self.metadata.get('scope', '?')})")
+
+    # ------------------------------------------------------------------ model binding
+    def check_compatible(self, model: torch.nn.Module, *, strict: bool = True) -> None:
+        """Raise ``ValueError`` unless every mask names a parameter of ``model`` with the same
+        shape (names normalised for ``module.``/PEFT/``torch.compile`` wrappers); with ``strict``
+        also unless the model's :func:`model_fingerprint` equals the recorded one (when recorded).
+        """
+        shapes = model_param_shapes(model)
+        missing = [n for n in self._masks if n not in shapes]
+        wrong = [(n, tuple(self._masks[n].shape), tuple(shapes[n])) for n in self._masks
+                 if n in shapes and shapes[n] != self._masks[n].shape]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} masked parameter(s) not in the model, e.g. {missing[:3]}")
+        if wrong:
+            problems.append(f"{len(wrong)} shape mismatch(es) (name, mask shape, model shape), e.g. {wrong[:3]}")
+        if strict and self.fingerprint is not None:
+            fp = fingerprint_of(shapes)
+            if fp != self.fingerprint:
+                extra = [n for n in shapes if n not in self._masks]
+                problems.append(
+                    f"model fingerprint {fp} != mask fingerprint {self.fingerprint} (the model's parameter "
+                    f"names/shapes differ from the model the mask was built for; {len(extra)} model "
+                    f"parameter(s) have no mask entry, e.g. {extra[:3]})")
+        if problems:
+            raise ValueError("MaskSet does not fit this model: " + "; ".join(problems)
+                             + ". Rebuild the mask for this model, or pass strict=False to check masked names only.")
+
+    def for_model(self, model: torch.nn.Module, *, strict: bool = True) -> "OrderedDict[str, PackedMask]":
+        """``{model's own parameter name: PackedMask}`` for the parameters that have a mask, on
+        each parameter's device, after :meth:`check_compatible`. Parameters without an entry are
+        left out (treat them as :attr:`missing`)."""
+        self.check_compatible(model, strict=strict)
+        out = OrderedDict()
+        for name, p in model.named_parameters():
+            if is_adapter_param(name):
+                continue
+            key = normalize_param_name(name)
+            if key in self._masks:
+                m = self._masks[key]
+                out[name] = m if m.device == p.device else m.to(p.device)
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write a safetensors file: one uint8 bit array per parameter (1 bit per weight) plus
+        metadata (``__metadata__``): format/version, library version, parameter names (in order)
+        and shapes, selected counts, fingerprint, ``missing`` and :attr:`metadata` (score kind,
+        gamma, ratio, scope, ...). Readable by any safetensors loader."""
+        from safetensors.torch import save_file
+
+        tensors = {n: m.bits.detach().to("cpu").contiguous() for n, m in self._masks.items()}
+        header = {
+            "format": MASK_FORMAT,
+            "format_version": MASK_FORMAT_VERSION,
+            "library_version": __version__,
+            "names": list(self._masks),
+            "shapes": [list(m.shape) for m in self._masks.values()],
+            "nnz": [m.nnz for m in self._masks.values()],
+            "fingerprint": self.fingerprint,
+            "missing": self.missing,
+            "metadata": self.metadata,
+        }
+        flat = {_META_KEY: json.dumps(header)}
+        # A few flat keys, readable with `safetensors` metadata tools without parsing JSON.
+        for k in ("score_kind", "gamma", "ratio", "scope"):
+            if k in self.metadata:
+                flat[k] = str(self.metadata[k])
+        flat["fingerprint"] = str(self.fingerprint)
+        flat["format"] = MASK_FORMAT
+        save_file(tensors, os.fspath(path), metadata=flat)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], *, model: Optional[torch.nn.Module] = None,
+             device: Union[str, torch.device] = "cpu", strict: bool = True) -> "MaskSet":
+        """Read a file written by :meth:`save`; with ``model``, also :meth:`check_compatible`
+        (a clear ``ValueError`` when the mask was built for a different model)."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        with safe_open(path, framework="pt", device="cpu") as f:
+            raw = f.metadata() or {}
+            if _META_KEY not in raw:
+                raise ValueError(f"{path} is not a wagle_ext MaskSet file (no {_META_KEY!r} metadata)")
+            header = json.loads(raw[_META_KEY])
+            if header.get("format") != MASK_FORMAT or int(header.get("format_version", 0)) > MASK_FORMAT_VERSION:
+                raise ValueError(f"{path}: unsupported mask format {header.get('format')!r} "
+                                 f"version {header.get('format_version')!r}")
+            masks = OrderedDict()
+            for name, shape, nnz in zip(header["names"], header["shapes"], header["nnz"]):
+                bits = f.get_tensor(name)
+                masks[name] = PackedMask(bits.to(device), shape, nnz)
+        ms = cls(masks, metadata=header.get("metadata") or {}, fingerprint=header.get("fingerprint"),
+                 missing=header.get("missing", "dense"))
+        ms.metadata.setdefault("library_version", header.get("library_version"))
+        if model is not None:
+            ms.check_compatible(model, strict=strict)
+        return ms
+
+    # ------------------------------------------------------------------ statistics and plot
+    def stats(self) -> dict:
+        """Selection statistics (plain dicts, JSON-serialisable).
+
+        Keys: ``total`` ({numel, selected, density}); ``per_parameter`` (name -> {numel, selected,
+        density, layer, module_type}); ``per_layer`` (decoder layer index as str, or ``"other"``
+        for embeddings/final norm/lm_head -> {numel, selected, density}); ``per_module_type``
+        (e.g. ``q_proj`` -> ...); ``per_layer_module`` (layer -> module type -> density).
+        """
+        def agg() -> dict:
+            return {"numel": 0, "selected": 0}
+
+        per_param: dict = OrderedDict()
+        per_layer: dict = OrderedDict()
+        per_type: dict = OrderedDict()
+        per_lm: dict = OrderedDict()
+        for n, m in self._masks.items():
+            layer = layer_of(n)
+            mtype = module_type_of(n)
+            numel, nnz = m.numel, m.nnz
+            per_param[n] = {"numel": numel, "selected": nnz, "density": nnz / numel if numel else 0.0,
+                            "layer": layer, "module_type": mtype}
+            lk = str(layer) if layer is not None else "other"
+            for d, key in ((per_layer, lk), (per_type, mtype)):
+                a = d.setdefault(key, agg())
+                a["numel"] += numel
+                a["selected"] += nnz
+            a = per_lm.setdefault(lk, OrderedDict()).setdefault(mtype, agg())
+            a["numel"] += numel
+            a["selected"] += nnz
+
+        def finish(d: dict) -> dict:
+            for v in d.values():
+                v["density"] = v["selected"] / v["numel"] if v["numel"] else 0.0
+            return d
+
+        finish(per_layer)
+        finish(per_type)
+        layer_module = OrderedDict(
+            (lk, OrderedDict((t, (a["selected"] / a["numel"] if a["numel"] else 0.0)) for t, a in d.items()))
+            for lk, d in per_lm.items())
+        return {
+            "total": {"numel": self.numel, "selected": self.total_selected, "density": self.density},
+            "per_parameter": per_param,
+            "per_layer": per_layer,
+            "per_module_type": per_type,
+            "per_layer_module": layer_module,
+        }
+
+    def plot(self, path: Union[str, os.PathLike], *, title: Optional[str] = None) -> None:
+        """Write a PNG of the selection density: a heatmap of density per decoder layer (x) and
+        module type (y), and a line of the per-layer density with the overall density as a
+        reference; non-layer parameters (embeddings, final norm, lm_head) appear in a bar panel.
+        This is WAGLE's layer-sensitivity view (:func:`wagle_ext.plotting.plot_mask_density`).
+        Needs matplotlib (Agg back end; no display)."""
+        plot_mask_density(self, path, title=title)
