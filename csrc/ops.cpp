@@ -4,10 +4,14 @@
 // entry points live in wagle_ext/ops.py; the executable spec of every op is
 // wagle_ext/kernels/reference.py.
 #include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 
+#include "common/score_math.h"
 #include "cpu/cpu_dispatch.h"
 
 extern "C" {
@@ -21,6 +25,25 @@ PyObject* PyInit__C(void) {
 
 namespace {
 std::string cpu_isa_name() { return wagle::cpu::isa_name(wagle::cpu::cpu_isa()); }
+
+// The functional attribution_score, once for every device (CompositeExplicitAutograd): allocate the
+// outputs beside `weight` and run that device's attribution_score_out through the dispatcher.
+std::tuple<at::Tensor, at::Tensor> attribution_score_functional(const at::Tensor& weight,
+                                                                const std::optional<at::Tensor>& grad_forget,
+                                                                const std::optional<at::Tensor>& grad_retain,
+                                                                const std::optional<at::Tensor>& hessian,
+                                                                c10::string_view kind, double gamma, double eps) {
+  static const auto out_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("wagle::attribution_score_out", "")
+          .typed<void(const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, c10::string_view, double, double, at::Tensor&, at::Tensor&)>();
+  TORCH_CHECK_VALUE(weight.defined(), "attribution_score: weight is undefined");
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
+  at::Tensor hist = at::zeros({wagle::kHistSize}, weight.options().dtype(at::kLong));
+  out_op.call(weight, grad_forget, grad_retain, hessian, kind, gamma, eps, out, hist);
+  return {out, hist};
+}
 }  // namespace
 
 TORCH_LIBRARY(wagle, m) {
@@ -35,7 +58,8 @@ TORCH_LIBRARY(wagle, m) {
   m.def(
       "attribution_score_out(Tensor weight, Tensor? grad_forget, Tensor? grad_retain, "
       "Tensor? hessian, str kind, float gamma, float eps, Tensor(a!) out, Tensor(b!) hist) -> ()");
-  // Functional form: returns (scores fp32 shaped like weight, hist int64[2049]).
+  // Functional form: returns (scores fp32 shaped like weight, hist int64[2049]). One device-neutral
+  // implementation (below) over attribution_score_out.
   m.def(
       "attribution_score(Tensor weight, Tensor? grad_forget, Tensor? grad_retain, "
       "Tensor? hessian, str kind, float gamma, float eps) -> (Tensor, Tensor)");
@@ -99,4 +123,8 @@ TORCH_LIBRARY(wagle, m) {
   // contiguous float32/bfloat16/float16 tensor of n elements (bits: uint8[ceil(n/8)]); `out`: a
   // contiguous float32[nnz]. One pass over the bits and the selected elements of src.
   m.def("gather_masked_(Tensor(a!) out, Tensor src, Tensor bits, Tensor chunk_offsets, bool accumulate) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(wagle, CompositeExplicitAutograd, m) {
+  m.impl("attribution_score", &attribution_score_functional);
 }

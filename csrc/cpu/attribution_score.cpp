@@ -225,22 +225,9 @@ void attribution_score_out_cpu(const at::Tensor& weight, const c10::optional<at:
     for (int i = 0; i < kHistSize; ++i) hp[i] += thread_hist[static_cast<size_t>(t) * kHistSize + i];
 }
 
-std::tuple<at::Tensor, at::Tensor> attribution_score_cpu(const at::Tensor& weight,
-                                                         const c10::optional<at::Tensor>& grad_forget,
-                                                         const c10::optional<at::Tensor>& grad_retain,
-                                                         const c10::optional<at::Tensor>& hessian,
-                                                         c10::string_view kind, double gamma, double eps) {
-  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
-  at::Tensor hist = at::zeros({kHistSize}, weight.options().dtype(at::kLong));
-  attribution_score_out_cpu(weight, grad_forget, grad_retain, hessian, kind, gamma, eps, out, hist);
-  return {out, hist};
-}
-
 }  // namespace
 }  // namespace cpu
 }  // namespace wagle
 
-TORCH_LIBRARY_IMPL(wagle, CPU, m) {
-  m.impl("attribution_score_out", &wagle::cpu::attribution_score_out_cpu);
-  m.impl("attribution_score", &wagle::cpu::attribution_score_cpu);
-}
+// The functional attribution_score is device-neutral (csrc/ops.cpp) over this kernel.
+TORCH_LIBRARY_IMPL(wagle, CPU, m) { m.impl("attribution_score_out", &wagle::cpu::attribution_score_out_cpu); }

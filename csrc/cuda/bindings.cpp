@@ -1,6 +1,6 @@
 // Torch-facing launchers of the CUDA kernels: TORCH_LIBRARY_IMPL(wagle, CUDA, m) for every op of
-// csrc/ops.cpp except cpu_isa. Input checks, the device guard and the current stream live here;
-// the kernels (csrc/cuda/*.cu, declared in kernels.h) are torch-free. Built only when setup.py
+// csrc/ops.cpp except cpu_isa and the device-neutral functional attribution_score (ops.cpp).
+// Input checks (common/checks.h), the device guard and the current stream live here; the kernels (csrc/cuda/*.cu, declared in kernels.h) are torch-free. Built only when setup.py
 // resolves WAGLE_CUDA on (a CUDA torch and CUDA_HOME): the CPU torch wheel lacks the CUDA headers,
 // so this file is not compiled on CPU-only machines (tools/check_cuda_compile.sh covers the .cu).
 #include <ATen/ATen.h>
@@ -61,17 +61,6 @@ void attribution_score_out_cuda(const at::Tensor& weight, const c10::optional<at
                              h.defined() ? h.data_ptr() : nullptr, static_cast<float>(gamma),
                              static_cast<float>(eps), out.data_ptr<float>(), n, in.want_hist ? hist_ptr(hist) : nullptr,
                              at::cuda::getCurrentCUDAStream()));
-}
-
-std::tuple<at::Tensor, at::Tensor> attribution_score_cuda(const at::Tensor& weight,
-                                                          const c10::optional<at::Tensor>& grad_forget,
-                                                          const c10::optional<at::Tensor>& grad_retain,
-                                                          const c10::optional<at::Tensor>& hessian,
-                                                          c10::string_view kind, double gamma, double eps) {
-  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
-  at::Tensor hist = at::zeros({kHistSize}, weight.options().dtype(at::kLong));
-  attribution_score_out_cuda(weight, grad_forget, grad_retain, hessian, kind, gamma, eps, out, hist);
-  return {out, hist};
 }
 
 // ---- selection primitives -------------------------------------------------------------------------
@@ -348,7 +337,6 @@ void gather_masked_cuda(at::Tensor& out, const at::Tensor& src, const at::Tensor
 
 TORCH_LIBRARY_IMPL(wagle, CUDA, m) {
   m.impl("attribution_score_out", &wagle::cuda::attribution_score_out_cuda);
-  m.impl("attribution_score", &wagle::cuda::attribution_score_cuda);
   m.impl("radix_histogram", &wagle::cuda::radix_histogram_cuda);
   m.impl("count_key", &wagle::cuda::count_key_cuda);
   m.impl("topk_mask_bits", &wagle::cuda::topk_mask_bits_cuda);

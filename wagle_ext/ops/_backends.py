@@ -38,11 +38,16 @@ except ImportError as exc:  # pure-Python install (WAGLE_NO_EXT=1) or a failed b
     _CPP_ERROR = str(exc)
 
 
+# Ops registered once for every device (CompositeExplicitAutograd in csrc/ops.cpp) over a per-device
+# kernel: a device has the op when it has that kernel.
+_DEVICE_KERNEL_OF = {"attribution_score": "attribution_score_out"}
+
+
 def _has_kernel(op: str, dispatch_key: str) -> bool:
     if not HAS_CPP:
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"wagle::{op}", dispatch_key)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"wagle::{_DEVICE_KERNEL_OF.get(op, op)}", dispatch_key)
     except RuntimeError:
         return False
 
