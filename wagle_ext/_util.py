@@ -3,11 +3,13 @@ model's device, moving a batch there, and an optional progress bar. Imports noth
 ``wagle_ext`` (bottom layer)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+import sys
+import time
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 
-__all__ = ["model_device", "progress", "to_device"]
+__all__ = ["model_device", "progress", "progress_line", "to_device"]
 
 
 def model_device(model: Any) -> torch.device:
@@ -26,12 +28,50 @@ def to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def progress(iterable: Iterable, *, enabled: bool, desc: str, total: Optional[int] = None) -> Iterable:
-    """``iterable`` behind a tqdm bar when ``enabled`` (and tqdm imports), else ``iterable`` itself."""
+def progress(iterable: Iterable, *, enabled: bool, desc: str, total: Optional[int] = None,
+             every_s: float = 30.0) -> Iterable:
+    """``iterable`` with progress reports when ``enabled``, else ``iterable`` itself.
+
+    On a terminal (stderr is a TTY) a tqdm bar; otherwise (a log file, a pipe, a batch job) one plain
+    line on stderr at the first item, then at most every ``every_s`` seconds and at the end:
+    ``desc: 40/120 (33%) 12.0 s elapsed, ETA 24.0 s`` -- no carriage returns to garble a log.
+    ``total`` defaults to ``len(iterable)`` when it has one (else no percentage or ETA)."""
     if not enabled:
         return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but do not fail a run over a progress bar
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+    if total is None and hasattr(iterable, "__len__"):
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is a dependency, but do not fail a run over a progress bar
+            pass
+        else:
+            return tqdm(iterable, desc=desc, total=total, leave=False)
+    return _progress_lines(iterable, desc, total, every_s)
+
+
+def progress_line(desc: str, done: int, total: Optional[int], elapsed: float) -> str:
+    """``desc: done/total (pct%) elapsed s elapsed, ETA s`` (without total: ``desc: done, elapsed``)."""
+    if total:
+        eta = elapsed / done * (total - done) if done else float("nan")
+        return (f"{desc}: {done}/{total} ({100.0 * done / total:.0f}%) {elapsed:.1f} s elapsed, "
+                f"ETA {eta:.1f} s")
+    return f"{desc}: {done} {elapsed:.1f} s elapsed"
+
+
+def _progress_lines(iterable: Iterable, desc: str, total: Optional[int], every_s: float) -> Iterator:
+    t0 = time.perf_counter()
+    last = None
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if last is None or now - last >= every_s:
+            print(progress_line(desc, done, total, now - t0), file=sys.stderr, flush=True)
+            last = now
+    if last is not None and (total is None or done == total) and time.perf_counter() - t0 > 0:
+        print(progress_line(desc, done, total, time.perf_counter() - t0) + " done", file=sys.stderr, flush=True)
