@@ -65,13 +65,13 @@ def progress_line(desc: str, done: int, total: Optional[int], elapsed: float) ->
 def _progress_lines(iterable: Iterable, desc: str, total: Optional[int], every_s: float) -> Iterator:
     t0 = time.perf_counter()
     last = None
-    done = 0
+    done = reported = 0
     for item in iterable:
         yield item
         done += 1
         now = time.perf_counter()
         if last is None or now - last >= every_s:
             print(progress_line(desc, done, total, now - t0), file=sys.stderr, flush=True)
-            last = now
-    if last is not None and (total is None or done == total) and time.perf_counter() - t0 > 0:
+            last, reported = now, done
+    if reported != done and (total is None or done == total):
         print(progress_line(desc, done, total, time.perf_counter() - t0) + " done", file=sys.stderr, flush=True)
