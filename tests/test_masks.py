@@ -63,7 +63,8 @@ def _oracle_row(t, ratio):
 def test_exact_count_and_oracle(gen, scope, tie_heavy):
     scores = _scores(gen, tie_heavy)
     for ratio in RATIOS:
-        m = build_mask(scores, ratio, scope=scope)
+        # allow_empty: the oracle comparison covers the ratios that select nothing too.
+        m = build_mask(scores, ratio, scope=scope, allow_empty=True)
         assert list(m) == list(scores)
         if scope == "global":
             n = sum(t.numel() for t in scores.values())
@@ -118,8 +119,10 @@ def test_wanda_per_row_counts(tok, gen):
     s = score_model(model, forget, kind="wanda", progress=False)
     ratio = float(torch.empty(1).uniform_(0.05, 0.95, generator=gen))
     m = build_mask(s, ratio, scope="per_row", model=model)
-    assert m.missing == "dense"  # embeddings, norms, lm_head train densely (WAGLE Wanda baseline)
+    assert m.missing == "frozen"  # embeddings, norms, lm_head are not covered: frozen by default
     assert "model.embed_tokens.weight" not in m and "lm_head.weight" not in m
+    # WAGLE's Wanda baseline trains them densely: only when asked for.
+    assert build_mask(s, ratio, scope="per_row", model=model, missing="dense").missing == "dense"
     for name, pm in m.items():
         b = pm.to_bool()
         assert (b.sum(1) == int(b.shape[1] * ratio)).all(), name
@@ -164,7 +167,7 @@ def test_include_exclude(tok, gen, excluded):
     both = build_mask(s, 0.5, include=r"layers\.0\.", exclude=["down_proj"], excluded="absent")
     assert set(both) == {n for n in s if "layers.0." in n and "down_proj" not in n}
     assert m.metadata["exclude"] == ["embed_tokens", "norm", "lm_head"]
-    assert m.missing == "dense"
+    assert m.missing == "frozen"
     fr = build_mask(s, 0.5, exclude="lm_head", excluded="absent", missing="frozen")
     assert fr.missing == "frozen" and "lm_head.weight" not in fr
 
@@ -365,3 +368,197 @@ def test_partition_names(gen):
     assert partition_names([], 2) == [[], []]
     with pytest.raises(ValueError, match="world_size"):
         partition_names(sizes, 0)
+
+
+# ----------------------------------------------------------------------------- file integrity
+def _data_region(path):
+    """(start, end) of the tensor data in a safetensors file: after the 8-byte length and the JSON header."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return 8 + n, len(raw)
+
+
+def _saved(gen, tmp_path, name="m.safetensors"):
+    m = build_mask(_scores(gen), 0.37, metadata={"run": "integrity"})
+    path = tmp_path / name
+    m.save(path)
+    return m, path
+
+
+def _one_line_naming(exc_info, path):
+    msg = str(exc_info.value)
+    assert str(path) in msg and "\n" not in msg, msg
+
+
+def test_checksum_stored_and_verified(gen, tmp_path):
+    m, path = _saved(gen, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["wagle_ext"])
+    assert header["checksum"] == m.checksum() and header["checksum"].startswith("sha256:")
+    assert header["format_version"] == 2 and header["missing"] == "frozen"
+    assert MaskSet.load(path) == m
+    # Every single-byte flip in the bits region is caught (a sample of positions, each bit of a byte).
+    start, end = _data_region(path)
+    good = open(path, "rb").read()
+    positions = torch.randint(start, end, (6,), generator=gen).tolist() + [start, end - 1]
+    for pos in positions:
+        bad = bytearray(good)
+        bad[pos] ^= 1 << int(torch.randint(0, 8, (1,), generator=gen))
+        open(path, "wb").write(bytes(bad))
+        with pytest.raises(ValueError, match="checksum mismatch") as ei:
+            MaskSet.load(path)
+        _one_line_naming(ei, path)
+    # The checksum covers names/shapes/counts/missing too: the same bits under another missing differ.
+    other = MaskSet(dict(m.items()), missing="dense")
+    assert other.checksum() != m.checksum() and other != m
+
+
+def test_corrupt_files_are_one_line_errors(gen, tmp_path):
+    m, path = _saved(gen, tmp_path)
+    good = open(path, "rb").read()
+    start, _ = _data_region(path)
+    cases = {
+        "truncated_data": good[: (start + len(good)) // 2],
+        "truncated_header": good[: start // 2],
+        "empty": b"",
+        "random": bytes(torch.randint(0, 256, (4096,), generator=gen, dtype=torch.uint8).tolist()),
+        "text": b"this is not a mask\n",
+    }
+    for label, data in cases.items():
+        p = tmp_path / f"{label}.safetensors"
+        p.write_bytes(data)
+        with pytest.raises(ValueError) as ei:
+            MaskSet.load(p)
+        _one_line_naming(ei, p)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        MaskSet.load(tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="not a regular file"):
+        MaskSet.load(tmp_path)
+
+
+def _write_with_header(path, tensors, header):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"wagle_ext": json.dumps(header) if isinstance(header, dict) else header})
+
+
+def test_header_lacking_fields(gen, tmp_path):
+    m, path = _saved(gen, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["wagle_ext"])
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    for drop in ("names", "shapes", "nnz", "checksum", "missing"):
+        h = {k: v for k, v in header.items() if k != drop}
+        p = tmp_path / f"no_{drop}.safetensors"
+        _write_with_header(p, tensors, h)
+        with pytest.raises(ValueError, match=drop) as ei:
+            MaskSet.load(p)
+        _one_line_naming(ei, p)
+    bad_cases = {
+        "json": "{not json",
+        "version": {**header, "format_version": 99},
+        "lengths": {**header, "nnz": header["nnz"][:-1]},
+        "shape": {**header, "shapes": [[-1]] + header["shapes"][1:]},
+        "count": {**header, "nnz": [10 ** 9] + header["nnz"][1:]},
+        "absent_tensor": {**header, "names": ["ghost.weight"] + header["names"][1:]},
+    }
+    for label, h in bad_cases.items():
+        p = tmp_path / f"bad_{label}.safetensors"
+        _write_with_header(p, tensors, h)
+        with pytest.raises(ValueError) as ei:
+            MaskSet.load(p)
+        _one_line_naming(ei, p)
+    # A wrong-length bit array for an entry.
+    p = tmp_path / "short_bits.safetensors"
+    first = header["names"][0]
+    _write_with_header(p, {**tensors, first: tensors[first][:-1].clone()}, header)
+    with pytest.raises(ValueError, match="bit array") as ei:
+        MaskSet.load(p)
+    _one_line_naming(ei, p)
+
+
+def test_version1_file_without_checksum_loads_with_one_warning(gen, tmp_path):
+    """Files written before checksums (format version 1) stored ``missing`` explicitly -- "dense",
+    the old default. They load as stored (the file means what it said), with one warning per file."""
+    import warnings
+
+    from wagle_ext.masks import maskset as maskset_mod
+
+    m, path = _saved(gen, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["wagle_ext"])
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    old = {k: v for k, v in header.items() if k != "checksum"}
+    old.update(format_version=1, missing="dense", library_version="0.1.0")
+    p = tmp_path / "v1.safetensors"
+    _write_with_header(p, tensors, old)
+    maskset_mod._warned_unchecked.discard(str(p))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        a = MaskSet.load(p)
+        b = MaskSet.load(p)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, UserWarning)]
+    assert len(msgs) == 1 and "without a checksum" in msgs[0] and str(p) in msgs[0], msgs
+    assert a.missing == b.missing == "dense" and dict(a.items()) == dict(m.items())
+    assert MaskSet.load(p, missing="frozen").missing == "frozen"
+    with pytest.raises(ValueError, match="missing"):
+        MaskSet.load(p, missing="maybe")
+    # A version-1 header without the field at all: the new default.
+    del old["missing"]
+    p2 = tmp_path / "v1_nomissing.safetensors"
+    _write_with_header(p2, tensors, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert MaskSet.load(p2).missing == "frozen"
+    # Re-saving adds the checksum: no warning, verified.
+    a.save(tmp_path / "resaved.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MaskSet.load(tmp_path / "resaved.safetensors") == a
+
+
+def test_missing_default_and_setter():
+    m = MaskSet({"a.weight": PackedMask.full((3,))})
+    assert m.missing == "frozen"
+    m.missing = "dense"
+    assert m.missing == "dense" and m.to("cpu").missing == "dense"
+    with pytest.raises(ValueError, match="missing"):
+        m.missing = "zero"
+    assert MaskSet.from_bool_dict({"a.weight": torch.ones(3, dtype=torch.bool)}).missing == "frozen"
+
+
+# ----------------------------------------------------------------------------- empty selection
+@pytest.mark.parametrize("scope", ["global", "per_tensor", "per_row"])
+def test_empty_selection_is_an_error(gen, scope):
+    scores = _scores(gen)
+    n = sum(t.numel() for t in scores.values())
+    with pytest.raises(ValueError, match=r"ratio 1e-09 selects 0 of \d+ weights.*allow_empty=True") as ei:
+        build_mask(scores, 1e-9, scope=scope)
+    assert "\n" not in str(ei.value)
+    if scope == "global":
+        assert f"of {n} weights" in str(ei.value)
+    empty = build_mask(scores, 1e-9, scope=scope, allow_empty=True)
+    assert empty.total_selected == 0 and list(empty) == list(scores)
+
+
+def test_empty_selection_depends_on_scope(gen):
+    # 1000 weights in 10 rows of 100: ratio 0.005 selects 5 globally, int(100 * 0.005) = 0 per row and
+    # 0 per tensor when split into tensors of 100 weights.
+    one = OrderedDict([("model.layers.0.mlp.w.weight", torch.rand(10, 100, generator=gen))])
+    assert build_mask(one, 0.005).total_selected == 5
+    assert build_mask(one, 0.005, scope="per_tensor").total_selected == 5
+    with pytest.raises(ValueError, match="per row.*widest has 100 columns"):
+        build_mask(one, 0.005, scope="per_row")
+    many = OrderedDict((f"model.layers.{i}.mlp.w.weight", torch.rand(100, generator=gen)) for i in range(10))
+    assert build_mask(many, 0.005).total_selected == 5
+    with pytest.raises(ValueError, match="per tensor.*largest has 100"):
+        build_mask(many, 0.005, scope="per_tensor")
+    # A scope where only some tensors select something is fine.
+    mixed = OrderedDict([("a.weight", torch.rand(10, generator=gen)), ("b.weight", torch.rand(1000, generator=gen))])
+    assert build_mask(mixed, 0.005, scope="per_tensor").total_selected == 5

@@ -15,7 +15,7 @@ ops (selection, :class:`PackedMask`) and :mod:`wagle_ext.naming`, and never impo
 """
 from ..naming import model_fingerprint, normalize_param_name
 from .distributed import partition_names
-from .maskset import MASK_FORMAT, MASK_FORMAT_VERSION, MaskSet
+from .maskset import MASK_FORMAT, MASK_FORMAT_VERSION, MISSING_MODES, MaskSet, format_trainable_report, trainable_report
 from ..ops import PackedMask, select_topk_mask
 from .select import build_mask, select_per_row
 
@@ -30,4 +30,7 @@ __all__ = [
     "select_topk_mask",
     "MASK_FORMAT",
     "MASK_FORMAT_VERSION",
+    "MISSING_MODES",
+    "format_trainable_report",
+    "trainable_report",
 ]

@@ -6,8 +6,11 @@ weight, in safetensors files with provenance metadata.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any, Iterator, Mapping, Optional, Union
 
@@ -19,12 +22,23 @@ from ..naming import (fingerprint_of, is_adapter_param, layer_of, model_param_sh
 from ..plotting import plot_mask_density
 from ..ops import PackedMask
 
-__all__ = ["MaskSet", "MASK_FORMAT", "MASK_FORMAT_VERSION", "SCOPES"]
+__all__ = ["MaskSet", "MASK_FORMAT", "MASK_FORMAT_VERSION", "SCOPES", "MISSING_MODES", "trainable_report",
+           "format_trainable_report"]
 
 MASK_FORMAT = "wagle_ext.MaskSet"
-MASK_FORMAT_VERSION = 1
+# 1: no checksum, ``missing`` always stored (default was "dense").
+# 2: ``checksum`` (sha256 of names, shapes, counts, missing, fingerprint and bits), verified on load.
+MASK_FORMAT_VERSION = 2
 SCOPES = ("global", "per_tensor", "per_row")
+MISSING_MODES = ("frozen", "dense")
 _META_KEY = "wagle_ext"
+_warned_unchecked: set = set()  # files without a checksum already warned about (once per path)
+
+
+def _check_missing(missing: Any) -> str:
+    if missing not in MISSING_MODES:
+        raise ValueError(f"missing must be 'frozen' or 'dense', got {missing!r}")
+    return missing
 
 
 class MaskSet(Mapping):
@@ -33,19 +47,19 @@ class MaskSet(Mapping):
 
     Mapping access accepts wrapped names too (``"module.model.layers.0..."``): lookups normalise
     names with :func:`normalize_param_name`. Model parameters without an entry are treated as
-    :attr:`missing` (``"dense"``: updated normally, the Wanda baseline's convention for embeddings,
-    norms and lm_head; or ``"frozen"``).
+    :attr:`missing`: ``"frozen"`` (default: never updated -- a mask freezes what it does not cover)
+    or ``"dense"`` (updated normally, the Wanda baseline's convention for embeddings, norms and
+    lm_head). PEFT adapter weights are outside any mask (trained as the adapter says).
 
     Attributes:
         metadata: JSON-serialisable dict (score kind, gamma, ratio, scope, ...).
         fingerprint: :func:`model_fingerprint` of the model the mask was built for, or None.
-        missing: ``"dense"`` or ``"frozen"``.
+        missing: ``"frozen"`` or ``"dense"`` (validated on assignment).
     """
 
     def __init__(self, masks: Mapping[str, PackedMask], *, metadata: Optional[Mapping[str, Any]] = None,
-                 fingerprint: Optional[str] = None, missing: str = "dense"):
-        if missing not in ("dense", "frozen"):
-            raise ValueError(f"missing must be 'dense' or 'frozen', got {missing!r}")
+                 fingerprint: Optional[str] = None, missing: str = "frozen"):
+        _check_missing(missing)
         self._masks: "OrderedDict[str, PackedMask]" = OrderedDict()
         for name, m in masks.items():
             if not isinstance(m, PackedMask):
@@ -58,6 +72,15 @@ class MaskSet(Mapping):
         self.metadata: dict = dict(metadata or {})
         self.fingerprint = fingerprint
         self.missing = missing
+
+    @property
+    def missing(self) -> str:
+        """How parameters without an entry are treated: ``"frozen"`` or ``"dense"``."""
+        return self._missing
+
+    @missing.setter
+    def missing(self, value: str) -> None:
+        self._missing = _check_missing(value)
 
     # ------------------------------------------------------------------ mapping
     def __getitem__(self, name: str) -> PackedMask:
@@ -131,7 +154,7 @@ class MaskSet(Mapping):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MaskSet):
             return NotImplemented
-        return list(self._masks) == list(other._masks) and all(
+        return self.missing == other.missing and list(self._masks) == list(other._masks) and all(
             self._masks[n] == other._masks[n] for n in self._masks)
 
     __hash__ = None
@@ -183,12 +206,25 @@ class MaskSet(Mapping):
                 out[name] = m if m.device == p.device else m.to(p.device)
         return out
 
+    # ------------------------------------------------------------------ coverage
+    def coverage(self, model: torch.nn.Module) -> dict:
+        """What training ``model`` with this mask updates: :func:`trainable_report` ``(model, self)``."""
+        return trainable_report(model, self)
+
     # ------------------------------------------------------------------ save / load
+    def checksum(self) -> str:
+        """``"sha256:<hex>"`` of the parameter names, shapes, selected counts, :attr:`missing`,
+        fingerprint and the bits (in entry order); stored by :meth:`save`, verified by :meth:`load`."""
+        return _checksum(list(self._masks), [list(m.shape) for m in self._masks.values()],
+                         [m.nnz for m in self._masks.values()], self.missing, self.fingerprint,
+                         [m.bits for m in self._masks.values()])
+
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write a safetensors file: one uint8 bit array per parameter (1 bit per weight) plus
         metadata (``__metadata__``): format/version, library version, parameter names (in order)
-        and shapes, selected counts, fingerprint, ``missing`` and :attr:`metadata` (score kind,
-        gamma, ratio, scope, ...). Readable by any safetensors loader."""
+        and shapes, selected counts, fingerprint, ``missing``, a ``checksum`` (:meth:`checksum`)
+        and :attr:`metadata` (score kind, gamma, ratio, scope, ...). Readable by any safetensors
+        loader."""
         from safetensors.torch import save_file
 
         tensors = {n: m.bits.detach().to("cpu").contiguous() for n, m in self._masks.items()}
@@ -201,6 +237,9 @@ class MaskSet(Mapping):
             "nnz": [m.nnz for m in self._masks.values()],
             "fingerprint": self.fingerprint,
             "missing": self.missing,
+            "checksum": _checksum(list(self._masks), [list(m.shape) for m in self._masks.values()],
+                                  [m.nnz for m in self._masks.values()], self.missing, self.fingerprint,
+                                  list(tensors.values())),
             "metadata": self.metadata,
         }
         flat = {_META_KEY: json.dumps(header)}
@@ -210,30 +249,79 @@ class MaskSet(Mapping):
                 flat[k] = str(self.metadata[k])
         flat["fingerprint"] = str(self.fingerprint)
         flat["format"] = MASK_FORMAT
+        flat["checksum"] = header["checksum"]
         save_file(tensors, os.fspath(path), metadata=flat)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], *, model: Optional[torch.nn.Module] = None,
-             device: Union[str, torch.device] = "cpu", strict: bool = True) -> "MaskSet":
-        """Read a file written by :meth:`save`; with ``model``, also :meth:`check_compatible`
-        (a clear ``ValueError`` when the mask was built for a different model)."""
+             device: Union[str, torch.device] = "cpu", strict: bool = True,
+             missing: Optional[str] = None) -> "MaskSet":
+        """Read a file written by :meth:`save` and verify its checksum; with ``model``, also
+        :meth:`check_compatible` (a clear ``ValueError`` when the mask was built for a different model).
+
+        ``missing``: None (default) = as stored in the file; ``"frozen"``/``"dense"`` overrides it
+        (e.g. for a file written before version 2, whose stored ``"dense"`` was the old default).
+
+        Raises ``FileNotFoundError`` for a missing file and a one-line ``ValueError`` naming the file
+        for anything that is not an intact MaskSet file (not safetensors, truncated, checksum
+        mismatch, header without the required fields, unsupported version). A file written before
+        checksums existed (format version 1) loads with a one-time ``UserWarning``.
+        """
         from safetensors import safe_open
 
+        if missing is not None:
+            _check_missing(missing)
         path = os.fspath(path)
-        with safe_open(path, framework="pt", device="cpu") as f:
-            raw = f.metadata() or {}
-            if _META_KEY not in raw:
-                raise ValueError(f"{path} is not a wagle_ext MaskSet file (no {_META_KEY!r} metadata)")
-            header = json.loads(raw[_META_KEY])
-            if header.get("format") != MASK_FORMAT or int(header.get("format_version", 0)) > MASK_FORMAT_VERSION:
-                raise ValueError(f"{path}: unsupported mask format {header.get('format')!r} "
-                                 f"version {header.get('format_version')!r}")
-            masks = OrderedDict()
-            for name, shape, nnz in zip(header["names"], header["shapes"], header["nnz"]):
-                bits = f.get_tensor(name)
-                masks[name] = PackedMask(bits.to(device), shape, nnz)
-        ms = cls(masks, metadata=header.get("metadata") or {}, fingerprint=header.get("fingerprint"),
-                 missing=header.get("missing", "dense"))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"mask file not found: {path}")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: not a MaskSet file (not a regular file)")
+
+        def bad(reason: str) -> ValueError:
+            return ValueError(f"{path}: {' '.join(str(reason).split())}")
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                raw = f.metadata() or {}
+                keys = set(f.keys())
+                header = _parse_header(raw, path)
+                masks = OrderedDict()
+                bits_list = []
+                for name, shape, nnz in zip(header["names"], header["shapes"], header["nnz"]):
+                    if name not in keys:
+                        raise bad(f"corrupt MaskSet file: no bit array for {name!r}")
+                    bits = f.get_tensor(name)
+                    numel = math.prod(shape)
+                    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
+                        raise bad(f"corrupt MaskSet file: bit array of {name!r} is {bits.dtype} "
+                                  f"{tuple(bits.shape)}, expected uint8 ({(numel + 7) // 8},)")
+                    bits_list.append(bits)
+                    masks[name] = PackedMask(bits.to(device), shape, nnz)
+        except ValueError as exc:
+            if str(exc).startswith(f"{path}:"):
+                raise
+            raise bad(f"not a readable MaskSet file ({exc})") from None
+        except Exception as exc:  # SafetensorError, OSError, ...: never a raw traceback without the file
+            raise bad(f"not a readable MaskSet file (truncated, or not safetensors): {type(exc).__name__}: {exc}") from None
+        stored = header.get("checksum")
+        if stored is None:
+            if path not in _warned_unchecked:
+                _warned_unchecked.add(path)
+                warnings.warn(f"{path}: MaskSet file without a checksum (written by wagle_ext "
+                              f"{header.get('library_version')!s}, format version {header.get('format_version')}); "
+                              f"its bits are not verified. It stores missing={header.get('missing', 'frozen')!r}; "
+                              "re-save it with MaskSet.save to add a checksum", UserWarning, stacklevel=2)
+        else:
+            actual = _checksum(header["names"], header["shapes"], header["nnz"], header.get("missing", "frozen"),
+                               header.get("fingerprint"), bits_list)
+            if actual != stored:
+                raise bad("checksum mismatch: the file is corrupt or was modified after saving "
+                          f"(stored {stored[:19]}..., computed {actual[:19]}...)")
+        try:
+            ms = cls(masks, metadata=header.get("metadata") or {}, fingerprint=header.get("fingerprint"),
+                     missing=missing if missing is not None else header.get("missing", "frozen"))
+        except (TypeError, ValueError) as exc:
+            raise bad(f"invalid MaskSet header ({exc})") from None
         ms.metadata.setdefault("library_version", header.get("library_version"))
         if model is not None:
             ms.check_compatible(model, strict=strict)
@@ -295,3 +383,112 @@ class MaskSet(Mapping):
         This is WAGLE's layer-sensitivity view (:func:`wagle_ext.plotting.plot_mask_density`).
         Needs matplotlib (Agg back end; no display)."""
         plot_mask_density(self, path, title=title)
+
+
+# ---------------------------------------------------------------------- file helpers
+def _checksum(names, shapes, nnz, missing, fingerprint, bits) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"names": list(names), "shapes": [list(s) for s in shapes], "nnz": [int(n) for n in nnz],
+                         "missing": missing, "fingerprint": fingerprint}, sort_keys=True).encode())
+    for b in bits:
+        data = b.detach().to("cpu").contiguous().numpy().tobytes()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return "sha256:" + h.hexdigest()
+
+
+def _parse_header(raw: Mapping[str, str], path: str) -> dict:
+    """The validated JSON header of a MaskSet file (one-line ``ValueError`` naming ``path`` otherwise)."""
+    if _META_KEY not in raw:
+        raise ValueError(f"{path}: not a wagle_ext MaskSet file (no {_META_KEY!r} metadata)")
+    try:
+        header = json.loads(raw[_META_KEY])
+    except ValueError:
+        raise ValueError(f"{path}: corrupt MaskSet header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt MaskSet header (not a JSON object)")
+    version = header.get("format_version")
+    if header.get("format") != MASK_FORMAT or not isinstance(version, int) or not 1 <= version <= MASK_FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported mask format {header.get('format')!r} version {version!r} "
+                         f"(this wagle_ext {__version__} reads {MASK_FORMAT!r} versions 1-{MASK_FORMAT_VERSION})")
+    lacking = [k for k in ("names", "shapes", "nnz") if not isinstance(header.get(k), list)]
+    if version >= 2 and not isinstance(header.get("checksum"), str):
+        lacking.append("checksum")
+    if version >= 2 and header.get("missing") not in MISSING_MODES:
+        lacking.append("missing")
+    if lacking:
+        raise ValueError(f"{path}: corrupt MaskSet header: missing or invalid field(s) {lacking}")
+    names, shapes, nnz = header["names"], header["shapes"], header["nnz"]
+    if not len(names) == len(shapes) == len(nnz):
+        raise ValueError(f"{path}: corrupt MaskSet header: {len(names)} names, {len(shapes)} shapes, {len(nnz)} counts")
+    for n, sh, k in zip(names, shapes, nnz):
+        ok = (isinstance(n, str) and isinstance(sh, list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in sh)
+              and isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= math.prod(sh))
+        if not ok:
+            raise ValueError(f"{path}: corrupt MaskSet header: bad entry name={n!r} shape={sh!r} nnz={k!r}")
+    return header
+
+
+# ---------------------------------------------------------------------- coverage
+def trainable_report(model: torch.nn.Module, mask: Optional["MaskSet"] = None) -> dict:
+    """What training ``model`` with ``mask`` (None = dense) actually updates, counted in weights
+    over ``model.named_parameters()`` (tied weights once).
+
+    Returns a JSON-serialisable dict: ``total`` (all parameters), ``updated`` (weights an optimizer
+    step may change: selected masked weights + dense parameters), ``frozen`` (``total - updated``),
+    ``density`` (``updated / total``), ``missing`` (the mask's :attr:`MaskSet.missing`, or None),
+    and per category ``{"tensors": int, "numel": int}`` (+ ``"selected"`` for ``masked``):
+
+    * ``masked``: parameters with a mask entry (``selected`` of ``numel`` weights update);
+    * ``dense_missing``: trainable parameters with no entry, updated because ``missing="dense"``
+      (with ``mask=None``: every trainable parameter);
+    * ``frozen_missing``: trainable parameters with no entry, frozen because ``missing="frozen"``;
+    * ``adapter``: trainable PEFT adapter weights (outside any mask: updated densely);
+    * ``not_trainable``: parameters with ``requires_grad=False`` (never updated).
+
+    A masked parameter with ``requires_grad=False`` counts as ``not_trainable``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mask is not None and not isinstance(mask, MaskSet):
+        raise TypeError(f"mask must be a MaskSet or None, got {type(mask).__name__}")
+    cats = {k: {"tensors": 0, "numel": 0} for k in
+            ("masked", "dense_missing", "frozen_missing", "adapter", "not_trainable")}
+    cats["masked"]["selected"] = 0
+    total = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        if not p.requires_grad:
+            key = "not_trainable"
+        elif is_adapter_param(name):
+            key = "adapter"
+        elif mask is None:
+            key = "dense_missing"
+        elif name in mask:
+            key = "masked"
+            cats[key]["selected"] += mask[name].nnz
+        else:
+            key = "dense_missing" if mask.missing == "dense" else "frozen_missing"
+        cats[key]["tensors"] += 1
+        cats[key]["numel"] += n
+    updated = cats["masked"]["selected"] + cats["dense_missing"]["numel"] + cats["adapter"]["numel"]
+    return {"total": total, "updated": updated, "frozen": total - updated,
+            "density": updated / total if total else 0.0,
+            "missing": None if mask is None else mask.missing, **cats}
+
+
+def format_trainable_report(report: Mapping[str, Any]) -> str:
+    """One line for logs: ``trainable N of M weights (density D): masked A in T tensors, dense
+    (missing='dense') B, frozen C`` (+ adapter weights when there are any)."""
+    m = report["masked"]
+    missing = report.get("missing")
+    parts = [f"masked {m['selected']} in {m['tensors']} tensors",
+             f"dense (missing={missing!r}) {report['dense_missing']['numel']}" if missing is not None
+             else f"dense (no mask) {report['dense_missing']['numel']}"]
+    if report["adapter"]["numel"]:
+        parts.append(f"adapter {report['adapter']['numel']}")
+    parts.append(f"frozen {report['frozen']}")
+    return (f"trainable {report['updated']} of {report['total']} weights (density {report['density']:.4g}): "
+            + ", ".join(parts))

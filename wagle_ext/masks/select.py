@@ -91,7 +91,8 @@ def build_mask(
     include: PatternArg = None,
     exclude: PatternArg = None,
     excluded: str = "frozen",
-    missing: str = "dense",
+    missing: str = "frozen",
+    allow_empty: bool = False,
     model: Optional[torch.nn.Module] = None,
     metadata: Optional[Mapping[str, Any]] = None,
     process_group=None,
@@ -118,8 +119,13 @@ def build_mask(
             densely, WAGLE's Wanda convention), or ``"absent"`` (no entry; consumers apply
             :attr:`MaskSet.missing`).
         missing: how consumers treat model parameters with no entry at all (not in ``scores``, or
-            ``excluded="absent"``): ``"dense"`` (default; e.g. embeddings/norms/lm_head under the
-            Wanda baseline) or ``"frozen"``. Stored as :attr:`MaskSet.missing`.
+            ``excluded="absent"``): ``"frozen"`` (default: never updated, so the mask's density is
+            what trains) or ``"dense"`` (updated normally: WAGLE's Wanda baseline convention for
+            embeddings/norms/lm_head, which a per-tensor Wanda score does not cover). Stored as
+            :attr:`MaskSet.missing`; :func:`trainable_report` counts what actually trains.
+        allow_empty: False (default) raises ``ValueError`` when the selection is empty (``ratio``
+            too small for the scope: ``int(N * ratio) == 0`` globally, or in every tensor / row),
+            since training with it would be a silent no-op; True returns the empty mask.
         model: when given, its :func:`model_fingerprint` is recorded (otherwise one from
             ``scores.info``, else none) and the names are checked against it.
         metadata: extra JSON-serialisable provenance stored with the mask.
@@ -146,7 +152,7 @@ def build_mask(
     if excluded not in ("frozen", "dense", "absent"):
         raise ValueError(f"excluded must be 'frozen', 'dense' or 'absent', got {excluded!r}")
     if missing not in ("dense", "frozen"):
-        raise ValueError(f"missing must be 'dense' or 'frozen', got {missing!r}")
+        raise ValueError(f"missing must be 'frozen' or 'dense', got {missing!r}")
     inc = _compile_patterns(include, "include")
     exc = _compile_patterns(exclude, "exclude")
     for name, s in scores.items():
@@ -161,6 +167,9 @@ def build_mask(
         raise ValueError(
             f"no parameter left to select from: include={include!r}, exclude={exclude!r} matched "
             f"none/all of {len(names)} names (first: {names[:3]})")
+
+    if not allow_empty:
+        _check_not_empty(scores, selected_names, ratio, scope, process_group)
 
     masks: dict = {}
     if scope == "global":
@@ -215,6 +224,34 @@ def build_mask(
     if model is not None and (process_group is None or gather):
         result.check_compatible(model, strict=False)
     return result
+
+
+def _check_not_empty(scores, names, ratio: float, scope: str, process_group) -> None:
+    """Raise ``ValueError`` when ``ratio`` selects nothing in ``scope`` (before any selection)."""
+    n_total = sum(scores[n].numel() for n in names)
+    if scope == "global":
+        if process_group is not None:
+            counts = torch.tensor([n_total], dtype=torch.int64,
+                                  device=next(iter(scores.values())).device if scores else "cpu")
+            group = None if process_group is True else process_group
+            torch.distributed.all_reduce(counts, group=group)
+            n_total = int(counts.item())
+        k = int(n_total * ratio)
+        where = f"{n_total} weights"
+    elif scope == "per_tensor":
+        k = sum(int(scores[n].numel() * ratio) for n in names)
+        largest = max((scores[n].numel() for n in names), default=0)
+        where = f"{n_total} weights (per tensor: int(numel * ratio) is 0 in every tensor, the largest has {largest})"
+    else:
+        def cols(t: torch.Tensor) -> int:
+            return t.numel() if t.dim() <= 1 else (t.numel() // t.shape[0] if t.shape[0] else 0)
+
+        k = sum(int(cols(scores[n]) * ratio) for n in names if scores[n].numel())
+        widest = max((cols(scores[n]) for n in names), default=0)
+        where = f"{n_total} weights (per row: int(columns * ratio) is 0 in every row, the widest has {widest} columns)"
+    if k == 0:
+        raise ValueError(f"ratio {ratio:g} selects 0 of {where}; training with an empty mask would update "
+                         "nothing. Use a larger ratio, or pass allow_empty=True to build an empty mask on purpose")
 
 
 def _pattern_list(p: PatternArg) -> list:
