@@ -892,8 +892,8 @@ def get_objective(name: str, **hparams: Any) -> Objective:
     ``po``/``idkpo``, ``dpo``, ``wga``, ``tnpo``, ``wtnpo``, ``ihl``, ``rmu``.
 
     ``hparams`` are the dataclass fields (``gamma``, ``alpha``, ``retain``, ``kl_all_positions`` and the
-    objective's own). Raises ValueError for an unknown name (listing the valid ones) or a bad value,
-    TypeError naming an unknown hyperparameter.
+    objective's own). Raises ValueError for an unknown name (listing the valid ones), an unknown
+    hyperparameter (naming it and the accepted ones) or a bad value.
     """
     if not isinstance(name, str):
         raise TypeError(f"objective name must be a str, got {type(name).__name__}")
@@ -903,6 +903,6 @@ def get_objective(name: str, **hparams: Any) -> Objective:
     valid = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(hparams) - valid)
     if unknown:
-        raise TypeError(f"unknown hyperparameter(s) {unknown} for objective {name!r}; valid: "
-                        f"{sorted(valid)}")
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for objective {name!r}; accepted: "
+                         f"{sorted(valid)}")
     return cls(**hparams)
