@@ -56,6 +56,71 @@ def test_collator_chat_template_eos_not_doubled():
     assert EOS not in ids2
 
 
+# SmolLM2-Instruct's ChatML template (the assistant turn ends with "<|im_end|>\n").
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _chatml_tokenizer(eos="<|im_end|>"):
+    """A character-level tokenizers-based tokenizer with ChatML specials and template."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token=eos, unk_token="<unk>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+@pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>"])  # SmolLM2-Instruct / a base model's eos
+def test_collator_chatml_one_end_token(eos):
+    tok = _chatml_tokenizer(eos)
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok("<|im_end|>", add_special_tokens=False)["input_ids"] == [im_end]  # one token, as in SmolLM2
+    col = QACollator(tok)
+    assert col.use_chat_template
+    items = [{"question": "Hi?", "answer": "Yo."}, {"question": "Where?", "answer": "Tarsel Bay"}]
+    out = col(items)
+    for b, it in enumerate(items):
+        lab = [int(t) for t in out["labels"][b] if t != -100]
+        # Exactly one end-of-answer token is trained, it is the last label, and nothing follows it.
+        assert lab.count(im_end) == 1 and lab[-1] == im_end and eot not in lab, _decode(tok, lab)
+        assert _decode(tok, lab) == it["answer"] + "<|im_end|>"
+        n = int(out["attention_mask"][b].sum())
+        assert int(out["input_ids"][b, n - 1]) == im_end
+        prompt = _decode(tok, out["input_ids"][b][: n - len(lab)])
+        assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n"
+                          f"<|im_start|>user\n{it['question']}<|im_end|>\n<|im_start|>assistant\n")
+    # The evaluation path formats generation prompts with encode(question, ""): the same prompt.
+    ids, n_prompt = col.encode("Hi?", "")
+    assert _decode(tok, ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+    assert ids[n_prompt:] == [im_end]
+    # add_eos=False changes nothing here: the end token is the template's.
+    assert QACollator(tok, add_eos=False).encode("Hi?", "Yo.") == col.encode("Hi?", "Yo.")
+
+
+def test_collator_template_without_end_token_appends_eos_once():
+    tok = _chatml_tokenizer("<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+                         "{% else %}A: {{ m['content'] }}\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}A: {% endif %}")
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    ids, n_prompt = QACollator(tok).encode("Hi?", "Yo.")
+    assert _decode(tok, ids[n_prompt:]) == "Yo.\n<|endoftext|>" and ids.count(eot) == 1
+    ids, n_prompt = QACollator(tok, add_eos=False).encode("Hi?", "Yo.")
+    assert _decode(tok, ids[n_prompt:]) == "Yo.\n"
+
+
 def test_collator_system_prompt_and_template_choice():
     tok = char_tokenizer()
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}S: {{ m['content'] }}\n"

@@ -159,12 +159,20 @@ class QACollator:
             it; False = use ``prompt_format``.
         prompt_format: prompt text without a chat template; ``{question}`` is substituted.
         system_prompt: optional system message for the chat template.
-        add_eos: append ``eos_token_id`` when the sequence does not already end with it.
+        add_eos: append ``eos_token_id`` when the answer has no end token yet (see below).
 
     With a chat template the prompt is the rendered user turn with the generation prompt, the answer is
     whatever the full conversation adds after it (assistant text and end-of-turn tokens); both are
     tokenised without extra special tokens (the template carries them). Without one, the prompt is
     tokenised with the tokenizer's special tokens (e.g. BOS) and the answer is the raw answer text.
+
+    Exactly one end-of-answer token is trained per answer, and it is the last token: when the
+    template closes the assistant turn with a special token after the answer text (ChatML's
+    ``<|im_end|>``, Llama-3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``, or the eos itself), the
+    answer ends with that token -- whatever the template renders after it (ChatML's ``"\n"``) is
+    dropped and no eos is appended; otherwise (no template, or a template without an end token) the
+    eos is appended when ``add_eos`` (open-unlearning appends the eos whenever the last token is not
+    the eos, which trains ``<|im_end|>``, ``"\n"`` and a second end token under ChatML).
 
     Call with a list of dataset examples: if the examples are QA items, returns ``{"input_ids",
     "attention_mask", "labels"}`` (``[B, T]`` int64); if they are dicts of QA items (as from
@@ -192,6 +200,43 @@ class QACollator:
         self.system_prompt = system_prompt
         self.add_eos = add_eos
         self.pad_token_id = int(pad)
+        self._end_tokens = self._special_token_strings(tokenizer)
+
+    @staticmethod
+    def _special_token_strings(tokenizer: Any) -> tuple[str, ...]:
+        """Special-token strings that can close a template's assistant turn (eos, end-of-turn markers):
+        every special token but padding, unknown and BOS, longest first."""
+        found = set()
+        for t in getattr(tokenizer, "all_special_tokens", None) or []:
+            found.add(str(t))
+        for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+            if getattr(added, "special", False):
+                found.add(str(getattr(added, "content", added)))
+        for attr in ("eos_token",):
+            t = getattr(tokenizer, attr, None)
+            if t:
+                found.add(str(t))
+        for attr in ("pad_token", "unk_token", "bos_token"):
+            t = getattr(tokenizer, attr, None)
+            if t and str(t) != str(getattr(tokenizer, "eos_token", None)):
+                found.discard(str(t))
+        return tuple(sorted((t for t in found if t), key=len, reverse=True))
+
+    def _cut_after_end_token(self, answer_text: str, answer: str) -> Optional[str]:
+        """``answer_text`` up to and including the first end token after the answer content, or None
+        when the template puts no end token there."""
+        content = answer.strip()
+        pos = answer_text.find(content) if content else 0
+        start = pos + len(content) if pos >= 0 else 0
+        tail = answer_text[start:]
+        best = None
+        for tok in self._end_tokens:
+            i = tail.find(tok)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, tok)
+        if best is None:
+            return None
+        return answer_text[:start + best[0] + len(best[1])]
 
     def _ids(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -210,14 +255,19 @@ class QACollator:
                 warnings.warn("chat template does not render the prompt as a prefix of the conversation; "
                               "appending the raw answer to the generation prompt", stacklevel=3)
                 answer_text = answer
+            cut = self._cut_after_end_token(answer_text, answer)
+            ended = cut is not None
+            if ended:
+                answer_text = cut
             # Tokenised separately so the prompt/answer boundary is exact (no merge across it).
             prompt_ids, answer_ids = self._ids(prompt, False), self._ids(answer_text, False)
         else:
+            ended = False
             prompt_ids = self._ids(self.prompt_format.format(question=question), True)
             answer_ids = self._ids(answer, False)
         ids = prompt_ids + answer_ids
         eos = self.tokenizer.eos_token_id
-        if self.add_eos and eos is not None and (not ids or ids[-1] != eos):
+        if self.add_eos and not ended and eos is not None and (not ids or ids[-1] != eos):
             ids.append(int(eos))
         return ids, len(prompt_ids)
 
