@@ -291,3 +291,72 @@ def test_trainer_tiny_llama_keeps_frozen_weights(tmp_path, gen):
         moved += int((p.detach()[m] != before[n][m]).sum())
     assert moved > 0
     assert trainer.optimizer.optimizer is opt if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer is opt
+
+
+# ----------------------------------------------------------------------------- from_model(missing=)
+def _three_layer(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5), torch.nn.Tanh(),
+                               torch.nn.Linear(5, 3))
+
+
+def _run_steps(net, opt, gen, steps=4):
+    for _ in range(steps):
+        x = torch.randn(7, 6, generator=gen)
+        net(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("grad_mode", ["dense", "compact"])
+def test_from_model_missing_frozen_and_dense(gen, grad_mode):
+    from wagle_ext.masks import MaskSet
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    covered = {"2.weight": torch.rand(5, 8, generator=gen) < 0.5, "2.bias": torch.ones(5, dtype=torch.bool)}
+    modes = ("masked", "all") if grad_mode == "dense" else ("masked",)
+    for wd_mode in modes:
+        # missing="frozen": every uncovered parameter is bit-identical, even with weight_decay_mode="all".
+        net = _three_layer(seed)
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt = MaskedAdamW.from_model(net, covered, missing="frozen", lr=1e-2, weight_decay=0.5,
+                                     weight_decay_mode=wd_mode, grad_mode=grad_mode)
+        _run_steps(net, opt, gen)
+        for n, p in net.named_parameters():
+            if n in covered:
+                m = covered[n]
+                assert not torch.equal(p.detach()[m], before[n][m]), n
+                if wd_mode == "masked":  # "all" decays the unselected weights of covered tensors (by design)
+                    assert torch.equal(p.detach()[~m], before[n][~m]), n
+            else:
+                assert torch.equal(p.detach(), before[n]), (wd_mode, n)
+                assert not opt.state.get(p), n  # no moments kept for them
+        if grad_mode == "compact":
+            assert not net[0].weight.requires_grad and net[2].weight.requires_grad
+        # missing="dense" (and the plain-dict default): uncovered parameters move.
+        for kw in ({"missing": "dense"}, {}):
+            net = _three_layer(seed)
+            opt = MaskedAdamW.from_model(net, covered, lr=1e-2, weight_decay=0.5, weight_decay_mode=wd_mode,
+                                         grad_mode=grad_mode, **kw)
+            _run_steps(net, opt, gen)
+            assert not torch.equal(net[0].weight.detach(), before["0.weight"])
+            assert not torch.equal(net[4].bias.detach(), before["4.bias"])
+    # A MaskSet brings its own missing (overridable).
+    ms = MaskSet.from_bool_dict(covered)
+    assert ms.missing == "frozen"
+    net = _three_layer(seed)
+    opt = MaskedAdamW.from_model(net, ms, lr=1e-2, grad_mode=grad_mode)
+    _run_steps(net, opt, gen)
+    assert torch.equal(net[0].weight.detach(), before["0.weight"])
+    net = _three_layer(seed)
+    opt = MaskedAdamW.from_model(net, ms, missing="dense", lr=1e-2, grad_mode=grad_mode)
+    _run_steps(net, opt, gen)
+    assert not torch.equal(net[0].weight.detach(), before["0.weight"])
+
+
+def test_from_model_missing_errors():
+    net = _three_layer(0)
+    with pytest.raises(ValueError, match="missing"):
+        MaskedAdamW.from_model(net, {}, missing="zero")
+    with pytest.raises(ValueError, match="every trainable parameter is frozen"):
+        MaskedAdamW.from_model(net, {}, missing="frozen")

@@ -70,7 +70,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         params: parameters or param groups (as for ``torch.optim.AdamW``).
         masks: one mask per parameter, aligned with the flattened parameter order of ``params``
             (a sequence of :class:`PackedMask` / bool tensors shaped like the parameter / None), or
-            None (every parameter dense). Use :meth:`from_model` for a ``{name: mask}`` dict.
+            None (every parameter dense). Use :meth:`from_model` for a ``{name: mask}`` dict or a
+            :class:`~wagle_ext.masks.MaskSet` (and its ``missing=`` choice for uncovered parameters).
             A parameter without a mask is updated densely; one whose mask selects nothing costs
             nothing (``weight_decay_mode="all"`` still decays it).
         lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
@@ -173,21 +174,59 @@ class MaskedAdamW(torch.optim.Optimizer):
             self._nnzs.pop(p, None)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, masks: Mapping[str, MaskLike], **kwargs: Any) -> "MaskedAdamW":
-        """Optimizer over ``model``'s trainable parameters with masks keyed by parameter name
-        (``model.named_parameters()`` names). Parameters without an entry are updated densely;
-        a name that is not a trainable parameter raises ``KeyError``."""
+    def from_model(cls, model: torch.nn.Module, masks: Mapping[str, MaskLike], *, missing: Optional[str] = None,
+                   **kwargs: Any) -> "MaskedAdamW":
+        """Optimizer over ``model``'s trainable parameters with masks keyed by parameter name.
+
+        Args:
+            model: the module whose ``requires_grad`` parameters are optimised.
+            masks: ``{model.named_parameters() name: PackedMask / bool tensor / None}`` (None entry =
+                dense), or a :class:`~wagle_ext.masks.MaskSet` (names normalised, checked against
+                the model with :meth:`MaskSet.for_model`; PEFT adapter weights are outside it and dense).
+                A name that is not a trainable parameter raises ``KeyError``.
+            missing: what happens to trainable parameters WITHOUT an entry: ``"dense"`` (updated
+                normally) or ``"frozen"`` (an all-zero mask in a group without weight decay: never
+                updated, bit-identical even with ``weight_decay_mode="all"``; no gradient in compact
+                mode). None (default) = ``masks.missing`` for a MaskSet, ``"dense"`` for a plain dict
+                (this method's behaviour before ``missing`` existed).
+            kwargs: the constructor's arguments (``lr``, ``weight_decay``, ``grad_mode``, ...).
+        """
+        from .masks import MaskSet
+        from .naming import is_adapter_param
+
+        adapters_dense = False
+        if isinstance(masks, MaskSet):
+            if missing is None:
+                missing = masks.missing
+            masks = masks.for_model(model)
+            adapters_dense = True
+        if missing is None:
+            missing = "dense"
+        if missing not in ("dense", "frozen"):
+            raise ValueError(f"missing must be 'frozen' or 'dense', got {missing!r}")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         names = {n for n, _ in named}
-        missing = [k for k in masks if k not in names]
-        if missing:
+        unknown = [k for k in masks if k not in names]
+        if unknown:
             raise KeyError(f"masks given for parameters that the model does not have (or that are frozen): "
-                           f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        params = [p for _, p in named]
-        aligned = []
+                           f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        covered, frozen = [], []
         for n, p in named:
+            if n in masks or missing == "dense" or (adapters_dense and is_adapter_param(n)):
+                covered.append((n, p))
+            else:
+                frozen.append(p)
+        params = [p for _, p in covered]
+        aligned = []
+        for n, p in covered:
             m = masks.get(n)
             aligned.append(_to_packed(m, p, repr(n)) if m is not None else None)
+        if frozen:
+            if not covered:
+                raise ValueError("every trainable parameter is frozen (no mask entry and missing='frozen')")
+            wd = kwargs.get("weight_decay", 1e-2)
+            params = [{"params": params, "weight_decay": wd}, {"params": frozen, "weight_decay": 0.0}]
+            aligned += [PackedMask.full(p.shape, False, device=p.device) for p in frozen]
         return cls(params, masks=aligned, **kwargs)
 
     # ------------------------------------------------------------------ masks
