@@ -20,6 +20,7 @@ from wagle_ext.evaluation import (
     load_retain_eval,
     min_k_prob_mia_auc,
     min_k_score,
+    min_k_scores,
     model_utility,
     normalised_probability,
     rouge_l_recall,
@@ -146,19 +147,25 @@ def test_answer_log_probs_bad_inputs():
 # ------------------------------------------------------------------------------------------------
 
 def test_truth_ratio_hand_values():
-    # item 0: p_para = 1/2, perturbed 1/4 and 1/16 -> geometric mean 1/8 -> R = 1/4
+    # R = p_pert / (p_para + 1e-10) with OU's epsilon (geometric mean over the perturbed answers):
+    # item 0: p_para = 1/2, perturbed 1/4 and 1/16 -> geometric mean 1/8 -> R = 1/4 (up to the epsilon)
     # item 1: p_para = 1/8, perturbed 1/4 (one answer) -> R = 2
     # item 2: p_para = 1/4, perturbed 1/2, 1/8, 1/4 -> geometric mean 1/4 -> R = 1
+    eps = 1e-10
     true = [math.log(1 / 2), math.log(1 / 8), math.log(1 / 4)]
     pert = [[math.log(1 / 4), math.log(1 / 16)], [math.log(1 / 4)], [math.log(1 / 2), math.log(1 / 8), math.log(1 / 4)]]
     r = truth_ratio(true, pert)
-    np.testing.assert_allclose(r, [0.25, 2.0, 1.0], rtol=1e-12)
+    hand = [(1 / 8) / (1 / 2 + eps), (1 / 4) / (1 / 8 + eps), (1 / 4) / (1 / 4 + eps)]
+    np.testing.assert_allclose(r, hand, rtol=1e-12)
+    np.testing.assert_allclose(r, [0.25, 2.0, 1.0], rtol=1e-8)  # the epsilon is small here
     # tensors [N, K] work too
     r2 = truth_ratio(torch.tensor(true[:1], dtype=torch.float64), torch.tensor([pert[0]], dtype=torch.float64))
-    np.testing.assert_allclose(r2, [0.25], rtol=1e-12)
-    # forget: mean(min(R, 1/R)) = (1/4 + 1/2 + 1) / 3; retain-type: mean(max(0, 1 - R)) = (3/4 + 0 + 0) / 3
-    assert truth_ratio_score(r, "closer_to_1_better") == pytest.approx(1.75 / 3, rel=1e-12)
-    assert truth_ratio_score(r, "true_better") == pytest.approx(0.25, rel=1e-12)
+    np.testing.assert_allclose(r2, hand[:1], rtol=1e-12)
+    # forget: mean(min(R, 1/(R + eps))) ~ (1/4 + 1/2 + 1) / 3; retain-type: mean(max(0, 1 - R)) ~ (3/4 + 0 + 0) / 3
+    tight = (hand[0] + 1 / (hand[1] + eps) + hand[2]) / 3
+    assert truth_ratio_score(r, "closer_to_1_better") == pytest.approx(tight, rel=1e-12)
+    assert truth_ratio_score(r, "closer_to_1_better") == pytest.approx(1.75 / 3, rel=1e-8)
+    assert truth_ratio_score(r, "true_better") == pytest.approx((1 - hand[0] + 1 - hand[2]) / 3, rel=1e-12)
     assert truth_ratio_score([0.0], "closer_to_1_better") == 0.0
     with pytest.raises(ValueError, match="aggregator"):
         truth_ratio_score(r, "mean")
@@ -168,13 +175,22 @@ def test_truth_ratio_hand_values():
         truth_ratio([0.0, 1.0], [[0.0]])
 
 
-def test_truth_ratio_no_underflow_for_tiny_probabilities():
-    # p_true = e^-800 and p_pert = e^-801 underflow in float64; the log-space ratio is still exp(-1).
-    np.testing.assert_allclose(truth_ratio([-800.0], [[-801.0]]), [math.exp(-1)], rtol=1e-12)
+def test_truth_ratio_collapsed_model_follows_ou_epsilon():
+    # A collapsed model: answer losses of 20-800 nats/token. OU divides by p_true + 1e-10, so once p_true falls
+    # below ~1e-10 the ratio is p_pert / 1e-10, not p_pert / p_true (the log-space ratio would be exp(-1)).
+    got = truth_ratio([-20.0, -25.0, -800.0], [[-21.0], [-26.0], [-801.0]])
+    hand = [math.exp(-21) / (math.exp(-20) + 1e-10), math.exp(-26) / (math.exp(-25) + 1e-10), 0.0]
+    np.testing.assert_allclose(got, hand, rtol=1e-12)
+    assert abs(got[0] - math.exp(-1)) > 0.04 * math.exp(-1) and got[1] < 0.2 * math.exp(-1)  # 4.6 %, 8x
+    # closer_to_1_better with R = 0: min(0, 1 / (0 + 1e-10)) = 0, no division by zero
+    assert truth_ratio_score([0.0, 1.0], "closer_to_1_better") == pytest.approx((0 + 1 / (1 + 1e-10)) / 2)
 
 
 def test_normalised_probability_hand_values():
-    np.testing.assert_allclose(normalised_probability([0.5, 0.2], [[0.25, 0.25], [0.2]]), [0.5, 0.5], rtol=1e-12)
+    np.testing.assert_allclose(normalised_probability([0.5, 0.2], [[0.25, 0.25], [0.2]]),
+                               [0.5 / (1.0 + 1e-10), 0.2 / (0.4 + 1e-10)], rtol=1e-12)
+    # a collapsed model: everything ~0 -> 0, where the epsilon-free ratio would be 0/0 or 1/2
+    np.testing.assert_allclose(normalised_probability([1e-15], [[1e-15]]), [1e-15 / (2e-15 + 1e-10)], rtol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,6 +251,9 @@ def test_min_k_score_hand_values():
     assert min_k_score(lp, 0.1) == pytest.approx(5.0)   # at least one token
     assert min_k_score(torch.tensor(lp), 1.0) == pytest.approx(3.0)
     assert min_k_score([], 0.4) == 0.0
+    # OU's token set: all label tokens but the last (the end-of-answer token): -5 is dropped, int(4 * 0.4) = 1
+    assert min_k_scores([torch.tensor(lp), torch.tensor([-7.0]), torch.tensor([-1.0, -9.0])], 0.4) == \
+        [pytest.approx(4.0), 0.0, pytest.approx(1.0)]
     with pytest.raises(ValueError, match="k must be"):
         min_k_score(lp, 0.0)
 
@@ -306,9 +325,10 @@ def test_load_retain_eval_formats(tmp_path):
     (tmp_path / "TOFU_EVAL.json").write_text(json.dumps(ou))
     np.testing.assert_array_equal(load_retain_eval(tmp_path)["forget_truth_ratios"], [0.5, 2.0])
     np.testing.assert_array_equal(load_retain_eval(tmp_path / "TOFU_EVAL.json")["forget_truth_ratios"], [0.5, 2.0])
-    # legacy TOFU eval_log_forget.json: para avg loss 1, perturbed avg losses 2 and 4 -> R = exp(1 - 3)
+    # legacy TOFU eval_log_forget.json: para avg loss 1, perturbed avg losses 2 and 4 -> R = e^-3 / (e^-1 + eps)
     legacy = {"avg_paraphrased_loss": {"0": 1.0}, "average_perturb_loss": {"0": [2.0, 4.0]}}
-    np.testing.assert_allclose(load_retain_eval(legacy)["forget_truth_ratios"], [math.exp(-2)], rtol=1e-12)
+    np.testing.assert_allclose(load_retain_eval(legacy)["forget_truth_ratios"],
+                               [math.exp(-3) / (math.exp(-1) + 1e-10)], rtol=1e-12)
     assert load_retain_eval(legacy)["mia_auc"] is None
     with pytest.raises(ValueError, match="forget_truth_ratio"):
         load_retain_eval({"model_utility": {"agg_value": 1}})
@@ -356,7 +376,7 @@ def test_evaluate_tofu_end_to_end(tmp_path, pinned_threads, record_stat):
                 "retain_Truth_Ratio", "retain_Q_A_PARA_Prob", "retain_Q_A_PERT_Prob", "wf_Q_A_Prob",
                 "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio", "wf_Q_A_PERT_Prob", "mia_min_k",
                 "privleak"}
-    assert set(summary) == expected and set(logs) == expected
+    assert set(summary) == expected and set(logs) == expected | {"wagle_forget_items"}
     for k, v in summary.items():
         assert logs[k]["agg_value"] == pytest.approx(v)
     n_forget, n_retain = len(data["forget10"]), len(data["retain"])
@@ -369,7 +389,8 @@ def test_evaluate_tofu_end_to_end(tmp_path, pinned_threads, record_stat):
     pert = logs["forget_Q_A_PERT_Prob"]["value_by_index"]
     tr = logs["forget_truth_ratio"]["value_by_index"]
     for i in map(str, range(n_forget)):
-        assert tr[i]["score"] == pytest.approx(math.exp(para[i]["avg_loss"] - np.mean(pert[i]["avg_loss"])))
+        assert tr[i]["score"] == pytest.approx(math.exp(-np.mean(pert[i]["avg_loss"]))
+                                               / (math.exp(-para[i]["avg_loss"]) + 1e-10), rel=1e-12)
     # forget quality = KS p-value between both models' forget truth ratios (read back from the files)
     ref_logs = json.loads((ref_dir / "TOFU_EVAL.json").read_text())
     ref_tr = [v["score"] for v in ref_logs["forget_truth_ratio"]["value_by_index"].values()]

@@ -1,30 +1,42 @@
 """TOFU metrics of a causal LM (Maini et al., 2024), as open-unlearning defines them; the protocol that
 runs them over the TOFU sets is :mod:`wagle_ext.eval.tofu`.
 
-Definitions follow the official TOFU code (locuslab/tofu ``utils.py``/``aggregate_eval_stat.py``) and
-open-unlearning (OU, ``src/evals/metrics/{memorization,privacy,utility}.py``, ``configs/eval/tofu_metrics``),
-see ``docs/algorithms.md`` section 1.10:
+Definitions follow open-unlearning (OU, ``src/evals/metrics/{memorization,privacy,utility,utils}.py``,
+``src/evals/metrics/mia``, ``configs/eval/tofu_metrics``) formula for formula, epsilons included
+(``tests/test_ou_parity.py`` re-implements OU's code and checks equality on identical per-item inputs);
+see ``docs/algorithms.md`` section 1.10 and ``docs/tofu_eval.md``:
 
 * **Probability** of an answer given its question, length-normalised: ``p̂ = exp(mean_t log p(a_t | q, a_<t))``
-  over the answer tokens (and the end-of-answer token(s) the collator appends), i.e. ``exp(-avg_loss)``.
-* **Truth ratio** ``R = p̂_pert / p̂_true`` where ``p̂_pert = exp(mean_k mean_t log p(pert_k))`` is the
-  geometric mean over the perturbed answers of their length-normalised probabilities (OU and TOFU's
-  ``get_forget_quality``: the perturbed *avg losses* are averaged first), and ``p̂_true`` uses the
-  paraphrased answer on forget/retain and the true answer on real-authors/world-facts (OU configs).
-  Aggregates: forget ``mean(min(R, 1/R))`` (``closer_to_1_better``), other sets ``mean(max(0, 1 - R))``
-  (``true_better``).
-* **ROUGE-L recall** of a greedy generation (left padding, ``do_sample=False``) against the true answer,
-  ``rouge_score`` with the Porter stemmer.
-* **Forget quality**: ``scipy.stats.ks_2samp(R_unlearned(forget), R_retain_model(forget)).pvalue``.
-* **Model utility**: harmonic mean of {probability, ROUGE-L, truth ratio} over the retain-type sets
-  (probability is ``p̂`` on ``retain`` and ``p̂_true / (p̂_true + Σ_k p̂_pert_k)`` on the option sets).
+  over the answer label tokens (and the end-of-answer token(s) the collator appends), i.e.
+  ``exp(-avg_loss)``. A multi-answer set (perturbed answers) aggregates as the per-item mean, then the mean.
+* **Truth ratio** ``R = exp(-mean_k avg_loss_pert_k) / (exp(-avg_loss_ref) + 1e-10)`` (OU ``truth_ratio``:
+  the perturbed *avg losses* are averaged first, i.e. a geometric mean of their probabilities), with the
+  paraphrased answer as reference on forget/retain and the true answer on real-authors/world-facts (OU
+  configs). Aggregates: forget ``mean(min(R, 1 / (R + 1e-10)))`` (``closer_to_1_better``), other sets
+  ``mean(max(0, 1 - R))`` (``true_better``). The epsilons matter for a collapsed model (answer loss
+  above ~17 nats/token, ``p̂ < 1e-7``): they are kept so forget quality equals OU's there too.
+* **Normalised probability** (real authors, world facts): ``p̂_true / (p̂_true + Σ_k p̂_pert_k + 1e-10)``.
+* **ROUGE-L recall** of a greedy generation (left padding, ``do_sample=False``, 200 new tokens by default as
+  OU's ``generation/default.yaml``) against the true answer, ``rouge_score`` with the Porter stemmer.
+* **Forget quality**: ``scipy.stats.ks_2samp(R_unlearned(forget), R_retain_model(forget)).pvalue`` (OU
+  ``ks_test`` on the stored truth ratios).
+* **Model utility**: ``scipy.stats.hmean`` of the retain-type components (OU ``hm_aggregate``; TOFU's 9:
+  {retain ``Q_A_Prob``, ra/wf ``Q_A_Prob_normalised``} x {probability, ROUGE-L, truth ratio}).
 * **Min-K% MIA AUC** forget vs holdout (Shi et al., 2023; OU ``mia_min_k``): per item the score is
-  ``-mean`` of the lowest ``k`` fraction of answer-token log-probs; AUC is 1 when forget items are much
-  more likely than holdout items (OU's label convention).
+  ``-mean`` (in float32, as OU) of the lowest ``max(1, int(n k))`` of the ``n`` answer-token log-probs
+  *without the last label token* (OU ``tokenwise_logprobs`` drops the end-of-answer prediction), 0 when no
+  token is left; AUC = ``roc_auc_score`` with forget = 0, holdout = 1 (1 when forget items are much more
+  likely than holdout items, OU's convention).
+* **privleak**: ``((1 - AUC) - (1 - AUC_ref)) / ((1 - AUC_ref) + 1e-10) * 100`` (OU ``privleak``,
+  reference AUC 0.5 without a retain model).
 
-Documented deviation (numerically tiny): truth ratios are computed in log space, ``R = exp(lp_pert - lp_true)``,
-as TOFU's ``get_forget_quality`` does, instead of OU's ``p_pert / (p_true + 1e-10)``; the two differ only when
-``p̂_true`` approaches 1e-10 (heavily unlearned models), where OU's epsilon biases ``R`` towards 0.
+Remaining deviations from OU (all in the per-item inputs, none in the formulas; sizes in
+``docs/tofu_eval.md``): token log-probs are taken with ``log_softmax`` in float32 and summed in float64
+(OU: cross-entropy in the model's dtype); ``p̂`` is ``exp`` in float64 (OU: float32); prompts are formatted
+by :class:`~wagle_ext.unlearn.data.QACollator` (the training format), not OU's per-model template config;
+ROUGE's reference is the answer string (OU: the answer decoded back from its tokens); the generation is
+decoded up to the first end-of-sequence id (OU: decoded with special tokens skipped, then cut at the eos
+string); per-item ratios accept a different number of perturbed answers per item (OU needs a rectangle).
 """
 from __future__ import annotations
 
@@ -52,8 +64,14 @@ __all__ = [
     "forget_quality",
     "model_utility",
     "min_k_score",
+    "min_k_scores",
     "min_k_prob_mia_auc",
+    "privleak",
+    "OU_EPS",
 ]
+
+#: open-unlearning's epsilon in truth ratios, normalised probabilities and privleak (``+ 1e-10``).
+OU_EPS = 1e-10
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,10 +206,10 @@ def truth_ratio(true_mean_log_prob: Union[Sequence[float], np.ndarray, Tensor],
         pert_mean_log_probs: ``[N, K]`` (or ragged list of ``N`` lists) mean per-token log-probs of the
             perturbed answers.
     Returns:
-        float64 ``[N]``: ``exp(mean_k pert[i,k] - true[i])``, i.e. the geometric mean over perturbed answers of
-        their length-normalised probabilities, divided by the reference's length-normalised probability.
-        Computed in log space (TOFU ``get_forget_quality``); OU's ``p_pert / (p_true + 1e-10)`` agrees
-        to ~1e-10 / p_true relative.
+        float64 ``[N]``: ``exp(mean_k pert[i,k]) / (exp(true[i]) + 1e-10)``, i.e. the geometric mean over
+        perturbed answers of their length-normalised probabilities over the reference's length-normalised
+        probability, with OU's epsilon (OU ``truth_ratio``: ``wrong_prob / (correct_prob + 1e-10)``). For a
+        collapsed model (``p̂_true`` near or below 1e-10) the epsilon dominates, exactly as in OU.
     """
     t = np.asarray(torch.as_tensor(true_mean_log_prob).double().cpu() if isinstance(true_mean_log_prob, Tensor)
                    else true_mean_log_prob, dtype=np.float64).reshape(-1)
@@ -200,14 +218,16 @@ def truth_ratio(true_mean_log_prob: Union[Sequence[float], np.ndarray, Tensor],
     if len(pert_mean_log_probs) != t.size:
         raise ValueError(f"pert_mean_log_probs has {len(pert_mean_log_probs)} rows, expected {t.size}")
     p = _ragged_mean(pert_mean_log_probs, "pert_mean_log_probs")
-    return np.exp(p - t)
+    # OU: exp(-mean_k avg_loss_k) / (exp(-avg_loss_true) + 1e-10); mean_k(-x) == -mean_k(x) exactly.
+    return np.exp(p) / (np.exp(t) + OU_EPS)
 
 
 def truth_ratio_score(ratios: Union[Sequence[float], np.ndarray], aggregator: str) -> float:
     """Aggregate per-item truth ratios (OU ``truth_ratio`` aggregators).
 
-    ``"closer_to_1_better"`` (forget set): ``mean(min(R, 1/R))``; ``"true_better"`` (retain, real authors,
-    world facts): ``mean(max(0, 1 - R))``. Returns a float in [0, 1]; NaN for an empty input.
+    ``"closer_to_1_better"`` (forget set): ``mean(min(R, 1 / (R + 1e-10)))``; ``"true_better"`` (retain,
+    real authors, world facts): ``mean(max(0, 1 - R))`` (OU's formulas, epsilon included). Returns a float in
+    [0, 1]; NaN for an empty input.
     """
     r = np.asarray(ratios, dtype=np.float64).reshape(-1)
     if r.size == 0:
@@ -215,8 +235,7 @@ def truth_ratio_score(ratios: Union[Sequence[float], np.ndarray], aggregator: st
     if np.any(r < 0) or np.any(np.isnan(r)):
         raise ValueError("truth ratios must be non-negative numbers")
     if aggregator == "closer_to_1_better":
-        with np.errstate(divide="ignore"):
-            return float(np.mean(np.minimum(r, 1.0 / r)))
+        return float(np.mean(np.minimum(r, 1.0 / (r + OU_EPS))))
     if aggregator == "true_better":
         return float(np.mean(np.maximum(0.0, 1.0 - r)))
     raise ValueError(f"aggregator must be 'closer_to_1_better' or 'true_better', got {aggregator!r}")
@@ -224,7 +243,8 @@ def truth_ratio_score(ratios: Union[Sequence[float], np.ndarray], aggregator: st
 
 def normalised_probability(true_prob: Union[Sequence[float], np.ndarray],
                            pert_probs: Union[Sequence[Sequence[float]], np.ndarray]) -> np.ndarray:
-    """``p̂_true / (p̂_true + Σ_k p̂_pert_k)`` per item (TOFU/OU ``Q_A_Prob_normalised`` on the option sets).
+    """``p̂_true / (p̂_true + Σ_k p̂_pert_k + 1e-10)`` per item (OU ``probability_w_options``,
+    ``Q_A_Prob_normalised`` on the option sets).
 
     ``true_prob``: ``[N]`` length-normalised probabilities; ``pert_probs``: ``[N, K]`` or ragged. Float64 ``[N]``.
     """
@@ -232,7 +252,7 @@ def normalised_probability(true_prob: Union[Sequence[float], np.ndarray],
     if len(pert_probs) != t.size:
         raise ValueError(f"pert_probs has {len(pert_probs)} rows, expected {t.size}")
     w = np.array([float(np.sum(np.asarray(r, dtype=np.float64))) for r in pert_probs], dtype=np.float64)
-    return t / (t + w)
+    return t / (t + w + OU_EPS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,8 +369,10 @@ def forget_quality(unlearned_truth_ratios: Union[Sequence[float], np.ndarray],
 
 
 def model_utility(values: Union[Mapping[str, float], Sequence[float]]) -> float:
-    """Harmonic mean of the utility components (TOFU ``get_model_utility``, OU ``hm_aggregate``): 0 when
-    any component is 0. ``values``: a sequence of numbers >= 0 or a mapping name -> number."""
+    """Harmonic mean of the utility components (OU ``hm_aggregate``: ``scipy.stats.hmean``; TOFU
+    ``get_model_utility``): 0 when any component is 0. ``values``: a sequence of numbers >= 0 or a mapping
+    name -> number (TOFU's 9: ``retain_Q_A_Prob``, ``retain_Q_A_ROUGE``, ``retain_Truth_Ratio``, and
+    ``{ra,wf}_Q_A_Prob_normalised``, ``{ra,wf}_Q_A_ROUGE``, ``{ra,wf}_Truth_Ratio``)."""
     v = list(values.values()) if isinstance(values, Mapping) else list(values)
     if not v:
         raise ValueError("model_utility needs at least one value")
@@ -359,20 +381,34 @@ def model_utility(values: Union[Mapping[str, float], Sequence[float]]) -> float:
         raise ValueError(f"model_utility values must be non-negative numbers, got {v}")
     if (arr == 0).any():
         return 0.0
-    return float(arr.size / np.sum(1.0 / arr))
+    from scipy.stats import hmean
+
+    return float(hmean(arr))
 
 
 def min_k_score(token_log_probs: Union[Tensor, Sequence[float]], k: float = 0.4) -> float:
-    """Min-K% Prob score of one item (Shi et al., 2023; OU ``MinKProbAttack``): ``-mean`` of the lowest
-    ``max(1, int(len * k))`` token log-probs. Higher = less likely (non-member). 0 for an empty input."""
+    """Min-K% Prob score of one item's given token log-probs (Shi et al., 2023; OU
+    ``MinKProbAttack.compute_score``): ``-mean`` of the lowest ``max(1, int(len * k))`` values, computed in
+    float32 as OU (``sample_stats.float()``). Higher = less likely (non-member). 0 for an empty input. To score
+    the tokens OU scores, pass the answer-token log-probs without the last one (:func:`min_k_scores`)."""
     if not 0 < k <= 1:
         raise ValueError(f"k must be in (0, 1], got {k}")
-    lp = np.sort(np.asarray(torch.as_tensor(token_log_probs).double().cpu() if isinstance(token_log_probs, Tensor)
-                            else token_log_probs, dtype=np.float64).reshape(-1))
+    if isinstance(token_log_probs, Tensor):
+        lp = token_log_probs.detach().float().cpu().numpy().reshape(-1)
+    else:
+        lp = np.asarray(token_log_probs, dtype=np.float32).reshape(-1)
     if lp.size == 0:
         return 0.0
-    n = max(1, int(lp.size * k))
-    return float(-np.mean(lp[:n]))
+    n = max(1, int(len(lp) * k))
+    return float(-np.mean(np.sort(lp)[:n]))
+
+
+def min_k_scores(token_log_probs: Sequence[Union[Tensor, Sequence[float]]], k: float = 0.4) -> list[float]:
+    """OU ``mia_min_k`` per-item scores from each item's answer-token log-probs (all label tokens, as
+    :func:`answer_log_probs` returns them): OU's ``tokenwise_logprobs`` keeps the label positions but the
+    last (``[:-1]``, "ignore eos prediction"), so the final label token -- the end-of-answer token the
+    collator appends -- is not scored; an item with a single label token scores 0."""
+    return [min_k_score(t[:-1], k) for t in token_log_probs]
 
 
 def min_k_prob_mia_auc(forget_scores: Union[Sequence[float], np.ndarray],
@@ -391,3 +427,14 @@ def min_k_prob_mia_auc(forget_scores: Union[Sequence[float], np.ndarray],
     ranks = rankdata(np.concatenate([f, h]))  # average ranks for ties
     u = ranks[f.size:].sum() - h.size * (h.size + 1) / 2.0
     return float(u / (f.size * h.size))
+
+
+def privleak(auc: float, reference_auc: float = 0.5) -> float:
+    """OU ``privleak`` (MUSE): relative change, in percent, of ``1 - AUC`` against the retain model's
+    ``1 - AUC_ref``: ``((1 - auc) - (1 - ref)) / ((1 - ref) + 1e-10) * 100``; ``reference_auc`` 0.5 (OU's
+    ``ref_value``) without a retain model. 0 for an unlearned model as private as the retain model."""
+    for name, v in (("auc", auc), ("reference_auc", reference_auc)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+    score, ref = 1.0 - float(auc), 1.0 - float(reference_auc)
+    return (score - ref) / (ref + OU_EPS) * 100

@@ -5,8 +5,10 @@ A TOFU item is a dict ``{"question": str, "answer": str, "paraphrased_answer": s
 kept). Sources understood by :func:`load_qa_split`:
 
 * a ``.json`` file: a list of items, a dict of columns (``{"question": [...], "answer": [...]}``), a dict of
-  splits (``{"forget10": [...], "retain90": [...]}``, pick one with ``split``), or JSON lines (what
-  ``datasets.Dataset.to_json`` and the TOFU Hub repository write under a ``.json`` name);
+  splits (``{"forget10": [...], "retain90": [...]}``, pick one with ``split``), JSON lines (what
+  ``datasets.Dataset.to_json`` and the TOFU Hub repository write under a ``.json`` name), or several JSON
+  arrays one after the other (one per line or concatenated, as some public TOFU copies store
+  ``full.json``/``retain90.json``), loaded as their concatenation;
 * a ``.jsonl`` file (one item per line);
 * a ``.parquet`` file (read with ``pyarrow``);
 * a directory: a ``datasets.save_to_disk`` folder, or a folder of such files chosen by ``name`` (the TOFU
@@ -14,16 +16,31 @@ kept). Sources understood by :func:`load_qa_split`:
   data file;
 * otherwise a Hub dataset id, loaded with ``datasets.load_dataset(source, name, split=split or "train")``
   (the TOFU configs are all loaded with ``split="train"``).
+
+Field names: ``rename={"source field": "our field"}`` maps fields (the CLI's ``--data.columns``); without
+it, the one common alias pair ``prompt``/``response`` is read as ``question``/``answer`` in items that have
+no ``question``/``answer`` (any other naming needs ``rename``). :func:`find_tofu_eval_sets` lists the TOFU
+evaluation sets a source holds; :func:`load_tofu_eval_sets` loads them under the names ``evaluate_tofu``
+expects. Every error about a file is a ``ValueError`` (or ``FileNotFoundError``) on one line naming it.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-__all__ = ["load_qa_split", "load_tofu_eval_sets", "validate_qa_items", "QA_FILE_SUFFIXES"]
+__all__ = ["load_qa_split", "load_tofu_eval_sets", "find_tofu_eval_sets", "validate_qa_items",
+           "QA_FILE_SUFFIXES", "FIELD_ALIASES", "TOFU_HOLDOUT_SPLITS"]
 
 QA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+#: The one alias pair read without an explicit ``rename``: source field -> our field, applied to an item
+#: only when it lacks the target field.
+FIELD_ALIASES = {"prompt": "question", "response": "answer"}
+
+#: ``locuslab/TOFU`` holdout configs, by forget split (the holdout set matching the forget set's size).
+TOFU_HOLDOUT_SPLITS = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -46,7 +63,9 @@ def validate_qa_items(items: Sequence[Mapping[str, Any]], where: str,
         it = dict(it)
         for f in require:
             if f not in it or it[f] is None:
-                raise ValueError(f"{where}: item {i} is missing the field {f!r} (has {sorted(it)})")
+                hint = ("; map source fields with rename={'<source field>': %r} (wagle: --data.columns)" % f
+                        if f not in it else "")
+                raise ValueError(f"{where}: item {i} is missing the field {f!r} (has {sorted(it)}){hint}")
         for f in ("question", "answer", "paraphrased_answer"):
             if f in it and (f in require or it[f] is not None) and not isinstance(it[f], str):
                 raise ValueError(f"{where}: item {i} field {f!r} must be a str, got {type(it[f]).__name__}")
@@ -108,27 +127,65 @@ def _read_jsonl(path: str) -> list[Any]:
     return rows
 
 
+def _json_values(text: str, path: str) -> list[Any]:
+    """Every top-level JSON value of ``text`` in order (JSON lines, or arrays one per line or concatenated)."""
+    dec = json.JSONDecoder()
+    values, i, n = [], 0, len(text)
+    while True:
+        while i < n and text[i] in " \t\r\n\ufeff":
+            i += 1
+        if i >= n:
+            return values
+        try:
+            v, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno} is not valid JSON ({e.msg})") from None
+        values.append(v)
+
+
+def _read_json(path: str, split: Optional[str]) -> list[Any]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        # Several top-level values: JSON lines under a .json name (datasets' to_json, TOFU Hub files), or
+        # several arrays (one per line or concatenated), as some public TOFU copies store full.json.
+        rows: list[Any] = []
+        for v in _json_values(text, path):
+            rows.extend(v if isinstance(v, list) else [v])
+        return rows
+    return _rows_from_json_value(obj, split, path)
+
+
 def _read_file(path: str, split: Optional[str]) -> list[Any]:
     low = path.lower()
-    if low.endswith(".jsonl"):
-        return _read_jsonl(path)
-    if low.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":
-                raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-            return _read_jsonl(path)  # JSON lines under a .json name (datasets' to_json, TOFU Hub files)
-        return _rows_from_json_value(obj, split, path)
-    if low.endswith(".parquet"):
+    if not low.endswith(QA_FILE_SUFFIXES):
+        raise ValueError(f"{path}: unsupported file type; expected one of {QA_FILE_SUFFIXES}")
+    try:
+        if low.endswith(".jsonl"):
+            return _read_jsonl(path)
+        if low.endswith(".json"):
+            return _read_json(path, split)
         try:
             import pyarrow.parquet as pq
         except ImportError as e:  # pragma: no cover - datasets depends on pyarrow
             raise ImportError("reading .parquet needs pyarrow (pip install pyarrow)") from e
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported file type; expected one of {QA_FILE_SUFFIXES}")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ImportError, FileNotFoundError):
+        raise
+    except (ValueError, OSError) as e:  # pyarrow's errors (ArrowInvalid, ...) are ValueError / OSError subclasses
+        if isinstance(e, ValueError) and str(e).startswith(path + ":"):
+            raise  # ours, already one line naming the file
+        raise ValueError(f"{path}: cannot read ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _data_files(directory: str) -> list[str]:
@@ -177,7 +234,8 @@ def load_qa_split(source: Union[PathLike, str], *, split: Optional[str] = None, 
         require: fields every item must have, e.g. ``("question", "answer", "paraphrased_answer",
             "perturbed_answer")`` for truth-ratio sets.
         rename: ``{field in the source: field name here}`` applied before validation, e.g.
-            ``{"paraphrased_question": "question"}``.
+            ``{"paraphrased_question": "question"}``. Without it (or after it) an item with ``prompt`` /
+            ``response`` and no ``question`` / ``answer`` reads those as ``question`` / ``answer``.
     Returns:
         A list of item dicts (new objects; extra fields kept, ``perturbed_answer`` as a list of str).
     Raises:
@@ -198,40 +256,120 @@ def load_qa_split(source: Union[PathLike, str], *, split: Optional[str] = None, 
 
         ds = datasets.load_dataset(src, name, split=split or "train")
         rows, where = ds.to_list(), f"{src}" + (f" ({name})" if name else "")
-    if rename:
-        rows = [{rename.get(k, k): v for k, v in r.items()} if isinstance(r, Mapping) else r for r in rows]
-    return validate_qa_items(rows, where, require)
+    return validate_qa_items(_rename_fields(rows, rename, where), where, require)
 
 
-# TOFU Hub configs (``locuslab/TOFU``) behind the set names ``evaluate_tofu`` uses.
-def _tofu_eval_configs(forget_split: str, holdout_split: Optional[str],
-                       include: Iterable[str]) -> dict[str, str]:
-    cfg = {forget_split: f"{forget_split}_perturbed", "retain": "retain_perturbed",
+def _rename_fields(rows: list[Any], rename: Optional[Mapping[str, str]], where: str) -> list[Any]:
+    """Apply ``rename`` (source field -> our field), then the ``prompt``/``response`` alias where the item
+    has no ``question``/``answer``."""
+    if rename is not None:
+        if not isinstance(rename, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in rename.items()):
+            raise ValueError(f"{where}: rename must map source field names to field names (str -> str), "
+                             f"got {rename!r}")
+        targets = list(rename.values())
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"{where}: rename maps several source fields to one field: {dict(rename)}")
+    out = []
+    for r in rows:
+        if isinstance(r, Mapping):
+            if rename:
+                r = {rename.get(k, k): v for k, v in r.items()}
+            if any(a in r and t not in r for a, t in FIELD_ALIASES.items()):
+                r = dict(r)
+                for a, t in FIELD_ALIASES.items():
+                    if a in r and t not in r:
+                        r[t] = r.pop(a)
+        out.append(r)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The TOFU evaluation sets
+# ------------------------------------------------------------------------------------------------
+
+#: Field requirements of each kind of TOFU evaluation set (as :func:`evaluate_tofu` uses them).
+_FULL = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+_OPTIONS = ("question", "answer", "perturbed_answer")
+_QA = ("question", "answer")
+
+
+def _holdout_for(forget_split: str) -> Optional[str]:
+    """``holdoutNN`` for ``forgetNN`` (the holdout set of the same size), else None."""
+    m = re.fullmatch(r"forget(\d+)", forget_split)
+    return f"holdout{m.group(1)}" if m else None
+
+
+def _official_tofu_sets(forget_split: str) -> dict[str, str]:
+    out = {forget_split: f"{forget_split}_perturbed", "retain": "retain_perturbed",
            "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed"}
-    cfg = {k: v for k, v in cfg.items() if k == forget_split or k in include}
-    if holdout_split is not None:
-        cfg[holdout_split] = holdout_split
-    return cfg
+    if forget_split in TOFU_HOLDOUT_SPLITS:
+        out[TOFU_HOLDOUT_SPLITS[forget_split]] = TOFU_HOLDOUT_SPLITS[forget_split]
+    return out
+
+
+def find_tofu_eval_sets(source: Union[PathLike, str], forget_split: str = "forget10") -> dict[str, str]:
+    """The TOFU evaluation sets ``source`` holds: ``{key in evaluate_tofu's data: config / file stem}``.
+
+    Keys and configs: ``forget_split`` -> ``{forget_split}_perturbed``, ``"retain"`` -> ``retain_perturbed``,
+    ``"real_authors"`` -> ``real_authors_perturbed``, ``"world_facts"`` -> ``world_facts_perturbed`` and
+    ``holdoutNN`` -> ``holdoutNN`` (NN of ``forgetNN``; membership inference and privleak). For a local
+    directory, the sets whose file (``<config>.json``/``.jsonl``/``.parquet``) exists, found without reading
+    them; for a Hub dataset id (``locuslab/TOFU``), the official full set, without any network call (the
+    holdout only for ``forget01``/``forget05``/``forget10``, the sizes TOFU ships). A single file holds no
+    TOFU evaluation set layout: ``{}``. Pass the result to :func:`load_tofu_eval_sets` (``sets=``).
+
+    Raises:
+        FileNotFoundError: a path-like ``source`` that does not exist.
+        ValueError: ``forget_split`` is not a str.
+    """
+    if not isinstance(forget_split, str) or not forget_split:
+        raise ValueError(f"forget_split must be a non-empty str, got {forget_split!r}")
+    src = os.fspath(source)
+    if os.path.isdir(src):
+        stems = {os.path.splitext(f)[0] for f in _data_files(src)}
+        wanted = _official_tofu_sets(forget_split)
+        hold = _holdout_for(forget_split)
+        if hold is not None:
+            wanted[hold] = hold
+        return {k: v for k, v in wanted.items() if v in stems}
+    if os.path.isfile(src):
+        return {}
+    if src.lower().endswith(QA_FILE_SUFFIXES) or src.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no such file or directory: {src}")
+    return _official_tofu_sets(forget_split)
+
+
+def _requirement(key: str, forget_split: str) -> Sequence[str]:
+    if key == forget_split or key.startswith("retain"):
+        return _FULL
+    if key.startswith("holdout"):
+        return _QA
+    return _OPTIONS
 
 
 def load_tofu_eval_sets(source: Union[PathLike, str] = "locuslab/TOFU", *, forget_split: str = "forget10",
                         holdout_split: Optional[str] = None,
-                        include: Sequence[str] = ("retain", "real_authors", "world_facts")) -> dict[str, list]:
+                        include: Sequence[str] = ("retain", "real_authors", "world_facts"),
+                        sets: Optional[Mapping[str, str]] = None,
+                        rename: Optional[Mapping[str, str]] = None) -> dict[str, list]:
     """The TOFU evaluation sets as ``evaluate_tofu`` expects them.
 
     Loads ``{forget_split}_perturbed`` as ``data[forget_split]``, ``retain_perturbed`` as ``data["retain"]``,
     ``real_authors_perturbed`` / ``world_facts_perturbed`` as ``data["real_authors"]`` /
     ``data["world_facts"]`` (those in ``include``), and optionally ``holdout_split`` (e.g. ``"holdout10"``),
-    from the Hub (default ``locuslab/TOFU``) or a local directory with the same file names.
+    from the Hub (default ``locuslab/TOFU``) or a local directory with the same file names. ``sets``
+    (``{key: config}``, e.g. from :func:`find_tofu_eval_sets`) replaces ``include`` / ``holdout_split`` and
+    loads exactly those. ``rename`` is passed to :func:`load_qa_split`.
     """
-    out: dict[str, list] = {}
-    full = ("question", "answer", "paraphrased_answer", "perturbed_answer")
-    for key, config in _tofu_eval_configs(forget_split, holdout_split, include).items():
-        if key == holdout_split:
-            req: Sequence[str] = ("question", "answer")
-        elif key in ("real_authors", "world_facts"):
-            req = ("question", "answer", "perturbed_answer")
-        else:
-            req = full
-        out[key] = load_qa_split(source, name=config, require=req)
-    return out
+    if sets is None:
+        cfg = {k: v for k, v in _official_tofu_sets(forget_split).items() if k == forget_split or k in include}
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("holdout")}
+        if holdout_split is not None:
+            cfg[holdout_split] = holdout_split
+    else:
+        cfg = dict(sets)
+        if forget_split not in cfg:
+            raise ValueError(f"sets has no forget set {forget_split!r} (keys: {sorted(cfg)})")
+    return {key: load_qa_split(source, name=config, require=_requirement(key, forget_split), rename=rename)
+            for key, config in cfg.items()}
