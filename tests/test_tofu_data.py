@@ -4,7 +4,7 @@ import json
 import pytest
 
 from wagle_ext.fictitious_authors import make_fictitious_authors
-from wagle_ext.tofu_data import load_qa_split, load_tofu_eval_sets, validate_qa_items
+from wagle_ext.tofu_data import find_tofu_eval_sets, load_qa_split, load_tofu_eval_sets, validate_qa_items
 
 FULL = ("question", "answer", "paraphrased_answer", "perturbed_answer")
 
@@ -171,3 +171,110 @@ def test_load_tofu_eval_sets_from_a_local_hub_layout(tmp_path):
     assert sets["forget10"] == _strip(d["forget10"]) and sets["world_facts"] == wf
     with pytest.raises(ValueError, match="real_authors_perturbed"):
         load_tofu_eval_sets(tmp_path)  # real_authors is included by default and missing here
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-array JSON, field aliases, set discovery, one-line errors (issue 14)
+# ------------------------------------------------------------------------------------------------
+
+def _one_line_naming(excinfo, path):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and str(path) in msg, msg
+
+
+@pytest.mark.parametrize("sep", ["\n", "", " \n\n"])
+def test_json_of_several_arrays_loads_as_their_concatenation(tmp_path, items, sep):
+    # some public TOFU copies store full.json / retain90.json as several JSON arrays, one per line
+    p = tmp_path / "full.json"
+    p.write_text(sep.join(json.dumps(items[i:i + 2]) for i in range(0, len(items), 2)) + "\n")
+    assert load_qa_split(p, require=FULL) == items
+    # arrays and single items mixed (JSON lines whose lines are arrays or objects)
+    p.write_text(json.dumps(items[:3]) + "\n" + json.dumps(items[3]) + "\n" + json.dumps(items[4:]))
+    assert load_qa_split(p, require=FULL) == items
+    p.write_text(json.dumps(items[:2]) + "\n[{\"question\" 1}]\n")
+    with pytest.raises(ValueError, match=r"full\.json: line 2 is not valid JSON") as e:
+        load_qa_split(p)
+    _one_line_naming(e, p)
+
+
+def test_prompt_response_alias_and_explicit_rename(tmp_path, items):
+    rows = [{"prompt": r["question"], "response": r["answer"], "perturbed_answer": r["perturbed_answer"]}
+            for r in items]
+    p = tmp_path / "pr.json"
+    p.write_text(json.dumps(rows))
+    got = load_qa_split(p)
+    assert [g["question"] for g in got] == [r["question"] for r in items]
+    assert [g["answer"] for g in got] == [r["answer"] for r in items]
+    assert "prompt" not in got[0] and "response" not in got[0]
+    # an item that has question/answer keeps them; the alias only fills what is absent
+    both = [{"question": "Q?", "answer": "A.", "prompt": "P?", "response": "R."}]
+    p.write_text(json.dumps(both))
+    assert load_qa_split(p) == both
+    # explicit rename (the CLI's --data.columns: source field -> our field) for any other naming
+    other = [{"instruction": r["question"], "output": r["answer"]} for r in items]
+    p.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"pr\.json: item 0 is missing the field 'question'.*rename=") as e:
+        load_qa_split(p)  # only prompt/response is an automatic alias
+    _one_line_naming(e, p)
+    got = load_qa_split(p, rename={"instruction": "question", "output": "answer"})
+    assert got == [{"question": r["question"], "answer": r["answer"]} for r in items]
+    with pytest.raises(ValueError, match="several source fields to one field"):
+        load_qa_split(p, rename={"instruction": "question", "output": "question"})
+
+
+def test_unreadable_files_are_one_line_errors_naming_the_file(tmp_path):
+    p = tmp_path / "latin1.json"
+    p.write_bytes('[{"question": "caf\u00e9?", "answer": "x"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.json: not UTF-8") as e:
+        load_qa_split(p)
+    _one_line_naming(e, p)
+    pytest.importorskip("pyarrow", reason="parquet files need pyarrow")
+    q = tmp_path / "random.parquet"
+    q.write_bytes(b"PAR1 not really a parquet file")
+    with pytest.raises(ValueError, match=r"random\.parquet: cannot read") as e:
+        load_qa_split(q)
+    _one_line_naming(e, q)
+
+
+def _write_official_layout(d, data, holdout=True, real_authors=True):
+    d.mkdir(exist_ok=True)
+    _write_jsonl(d / "forget10_perturbed.json", _strip(data["forget10"]))
+    _write_jsonl(d / "retain_perturbed.json", _strip(data["retain"]))
+    _write_jsonl(d / "world_facts_perturbed.json", data["world_facts"])
+    if real_authors:
+        _write_jsonl(d / "real_authors_perturbed.json", data["world_facts"][:4])
+    if holdout:
+        _write_jsonl(d / "holdout10.json", [{"question": "q?", "answer": "a."}])
+    _write_jsonl(d / "retain90.json", _strip(data["retain"]))
+
+
+def test_find_tofu_eval_sets_local_directory_and_hub(tmp_path):
+    d = make_fictitious_authors(4, seed=0)
+    _write_official_layout(tmp_path / "full", d)
+    full = {"forget10": "forget10_perturbed", "retain": "retain_perturbed",
+            "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed",
+            "holdout10": "holdout10"}
+    assert find_tofu_eval_sets(tmp_path / "full", "forget10") == full
+    # the holdout must match the forget split's size; a missing set is simply not listed
+    assert "holdout05" not in find_tofu_eval_sets(tmp_path / "full", "forget05")
+    _write_official_layout(tmp_path / "part", d, holdout=False, real_authors=False)
+    assert find_tofu_eval_sets(tmp_path / "part", "forget10") == {
+        "forget10": "forget10_perturbed", "retain": "retain_perturbed", "world_facts": "world_facts_perturbed"}
+    assert find_tofu_eval_sets(tmp_path / "part", "forget01") == {
+        "retain": "retain_perturbed", "world_facts": "world_facts_perturbed"}
+    # a Hub id: the official full set, without touching the network (datasets is never imported for it)
+    assert find_tofu_eval_sets("locuslab/TOFU", "forget10") == full
+    assert find_tofu_eval_sets("locuslab/TOFU", "forget01")["holdout01"] == "holdout01"
+    assert not any(k.startswith("holdout") for k in find_tofu_eval_sets("locuslab/TOFU", "forget07"))
+    assert find_tofu_eval_sets(tmp_path / "full" / "retain90.json") == {}
+    with pytest.raises(FileNotFoundError):
+        find_tofu_eval_sets(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError):
+        find_tofu_eval_sets("./missing_dir")
+    # what it finds loads, under the keys evaluate_tofu expects
+    sets = load_tofu_eval_sets(tmp_path / "full", forget_split="forget10",
+                               sets=find_tofu_eval_sets(tmp_path / "full", "forget10"))
+    assert set(sets) == set(full)
+    assert sets["forget10"] == _strip(d["forget10"]) and sets["holdout10"] == [{"question": "q?", "answer": "a."}]
+    with pytest.raises(ValueError, match="no forget set"):
+        load_tofu_eval_sets(tmp_path / "full", forget_split="forget05", sets={"retain": "retain_perturbed"})
