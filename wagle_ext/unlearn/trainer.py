@@ -26,7 +26,9 @@ import transformers
 from torch import nn
 
 from .._checks import check_grad_mode, check_weight_decay_mode
-from ..masks import MaskSet
+from ..masks import MaskSet, format_trainable_report, trainable_report
+from ..naming import is_adapter_param
+from ..ops import PackedMask
 from ..memory import format_memory_report, memory_report
 from ..optim import MaskedAdamW
 from ._hf_shim import GradNormShim, missing_hooks
@@ -144,6 +146,11 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         objective_kwargs: hyperparameters when ``objective`` is a name (``beta``, ``gamma``, ...).
         mask: a :class:`MaskSet` (parameter name -> PackedMask) of the weights to update; None =
             dense unlearning. Checked against the model before training (clear error otherwise).
+            Trainable parameters without an entry follow ``mask.missing``: ``"frozen"`` (the
+            default) = never updated (bit-identical: an all-zero mask in a group without weight
+            decay, whatever ``weight_decay_mode``), ``"dense"`` = updated normally. PEFT adapter
+            weights are outside the mask (updated densely). A mask under which nothing would be
+            updated is a ``ValueError``.
         ref_model: frozen reference model for objectives that need one; built automatically
             (deep copy, or adapters disabled for PEFT models) when None and ``build_reference``.
         build_reference: False = never copy the model; an objective that needs a reference then
@@ -167,7 +174,9 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
 
     At the start of training the trainer logs :func:`~wagle_ext.memory.memory_report` (weights,
     gradients, optimizer state, masks, and the dense-AdamW equivalent) and keeps it as
-    ``trainer.initial_memory_report``.
+    ``trainer.initial_memory_report``; it also logs (INFO) and keeps as ``trainer.trainable_report``
+    the :func:`~wagle_ext.masks.trainable_report` of what the optimizer will update (total, updated,
+    frozen, density, per category). ``trainer.trainable_report`` is first set at construction.
 
     ``args.remove_unused_columns`` is forced to False (batches are dicts of sub-batches).
     """
@@ -191,6 +200,13 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             if not isinstance(mask, MaskSet):
                 raise TypeError(f"mask must be a wagle_ext.MaskSet, got {type(mask).__name__}")
             mask.check_compatible(model)
+        report = trainable_report(model, mask)
+        if mask is not None and report["updated"] == 0:
+            raise ValueError(
+                f"the mask updates nothing: it selects 0 of {mask.numel} weights in {len(mask)} tensors and "
+                f"the other {report['frozen_missing']['numel']} trainable weights are frozen "
+                f"(missing={mask.missing!r}); rebuild it with a larger ratio (or set missing='dense' to "
+                "train the parameters it does not cover)")
         check_weight_decay_mode(weight_decay_mode)
         train_dataset = kwargs.get("train_dataset")
         if train_dataset is not None and len(train_dataset) > 0:
@@ -213,6 +229,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         self.grad_mode = grad_mode
         self.step_in_backward = bool(step_in_backward)
         self.initial_memory_report: Optional[dict] = None
+        self.trainable_report: dict = report
         if objective.needs_reference and ref_model is None:
             if not build_reference:
                 raise ValueError(f"objective {objective.name!r} needs a reference model: pass ref_model=... "
@@ -288,30 +305,44 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             return self.optimizer
         if self.mask is None:
             opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
+            self._log_trainable_report(self.model if model is None else model)
             self._log_memory_report(self.model if model is None else model, opt)
             return opt
         opt_model = self.model if model is None else model
         self._check_masks_identical_across_ranks()
         masks = self._model_masks(opt_model)
-        # transformers' grouping: no weight decay on biases and norm weights.
+        frozen_missing = self.mask.missing == "frozen"
+        # transformers' grouping: no weight decay on biases and norm weights. Parameters that the
+        # mask does not cover and freezes get an all-zero mask in a group without weight decay, so
+        # they stay bit-identical even with weight_decay_mode="all" (and get no gradient in compact mode).
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups = {True: [], False: []}
+        groups = {True: [], False: [], "frozen": []}
         for name, p in opt_model.named_parameters():
-            if p.requires_grad:
+            if not p.requires_grad:
+                continue
+            if name not in masks and frozen_missing and not is_adapter_param(name):
+                groups["frozen"].append((name, p))
+            else:
                 groups[name in decay].append((name, p))
         param_groups, aligned = [], []
-        for with_decay, named in groups.items():
+        for key, named in groups.items():
             if named:
                 param_groups.append({"params": [p for _, p in named],
-                                     "weight_decay": self.args.weight_decay if with_decay else 0.0})
-                aligned += [masks.get(n) for n, _ in named]
+                                     "weight_decay": self.args.weight_decay if key is True else 0.0})
+                aligned += [masks.get(n) if key != "frozen" else PackedMask.full(p.shape, False, device=p.device)
+                            for n, p in named]
         self.optimizer = MaskedAdamW(
             param_groups, masks=aligned, lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
             weight_decay=self.args.weight_decay, weight_decay_mode=self.weight_decay_mode,
             grad_mode=self.grad_mode, step_in_backward=self.step_in_backward)
+        self._log_trainable_report(opt_model)
         self._log_memory_report(opt_model, self.optimizer)
         return self.optimizer
+
+    def _log_trainable_report(self, model) -> None:
+        self.trainable_report = trainable_report(model, self.mask)
+        logger.info("wagle %s", format_trainable_report(self.trainable_report))
 
     def _log_memory_report(self, model, optimizer) -> None:
         self.initial_memory_report = memory_report(model, optimizer)
