@@ -229,11 +229,15 @@ def build_mask(
 def _check_not_empty(scores, names, ratio: float, scope: str, process_group) -> None:
     """Raise ``ValueError`` when ``ratio`` selects nothing in ``scope`` (before any selection)."""
     n_total = sum(scores[n].numel() for n in names)
+    if process_group is not None and scope != "global":
+        return  # not supported: select_topk_mask says so
     if scope == "global":
         if process_group is not None:
-            counts = torch.tensor([n_total], dtype=torch.int64,
-                                  device=next(iter(scores.values())).device if scores else "cpu")
+            world_size(process_group)  # a clear error when torch.distributed is not initialised
             group = None if process_group is True else process_group
+            nccl = torch.distributed.get_backend(group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            counts = torch.tensor([n_total], dtype=torch.int64, device=device)
             torch.distributed.all_reduce(counts, group=group)
             n_total = int(counts.item())
         k = int(n_total * ratio)
