@@ -459,6 +459,17 @@ def test_data_malformed_item_names_field(tmp_path):
     assert msg.startswith("data.forget: ") and str(f) in msg and "'answer'" in msg
 
 
+@pytest.mark.parametrize("name,content", [("f.parquet", b"PAR1 not really"), ("f.json", b"\xff\xfe[1,"),
+                                          ("f.json", b"[{\"question\": \"q\"")])
+def test_data_unreadable_file_names_field_and_file(tmp_path, name, content):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        L.load_qa_data(None, str(f), field="data.retain")
+    msg = one_line(e)
+    assert msg.startswith("data.retain: ") and str(f) in msg
+
+
 def test_data_hub_offline_not_cached(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

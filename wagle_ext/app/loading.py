@@ -86,7 +86,9 @@ def resolve_device(spec: str = "auto", *, field: str = "--device") -> torch.devi
     Under ``accelerate launch`` / ``torchrun`` (:func:`launched_distributed`), ``"auto"`` and ``"cuda"``
     give this rank's device, ``accelerate.PartialState().device``: ``cuda:LOCAL_RANK`` on a GPU machine,
     ``cpu`` otherwise (``"cuda"`` then fails as below); ``"cpu"`` stays CPU (gloo data parallel), and an
-    explicit ``"cuda:N"`` is an error (every rank would use the same GPU).
+    explicit ``"cuda:N"`` is an error (every rank would use the same GPU). Creating ``PartialState`` sets up
+    the process group (gloo on CPU, nccl on GPUs) as ``accelerate.Accelerator`` / the HF ``Trainer`` would;
+    they share that state.
     Raises:
         ValueError: one line: an unknown spec, CUDA requested but not available, ``N`` out of range.
     """
@@ -211,13 +213,12 @@ def _source_kind(value: str, field: str, markers: Sequence[str] = ("config.json"
     return "hub", value, None
 
 
-def _check_cached(repo_id: str, field: str, filename: str = "config.json") -> None:
-    """Offline mode: a one-line error unless ``repo_id`` is in the local Hub cache."""
+def _check_cached(repo_id: str, field: str, filenames: Sequence[str] = ("config.json",)) -> None:
+    """Offline mode: a one-line error unless one of ``filenames`` of ``repo_id`` is in the local Hub cache."""
     from huggingface_hub import try_to_load_from_cache
 
     cache = _hub_cache()
-    hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache)
-    if not isinstance(hit, str):
+    if not any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache), str) for f in filenames):
         raise ValueError(f"{field} {repo_id}: not in the local Hugging Face cache ({cache}) and offline mode "
                          f"(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) forbids downloading; download it first "
                          f"(hf download {repo_id}) or give a local directory")
@@ -245,7 +246,7 @@ def _load_tokenizer(value: str, field: str):
 
     kind, where, gguf_file = _source_kind(value, field, _TOKENIZER_FILES)
     if kind == "hub" and _offline():
-        _check_cached(where, field, "tokenizer_config.json")
+        _check_cached(where, field, _TOKENIZER_FILES)
     kw = _hub_kwargs(kind)
     if gguf_file is not None:
         kw["gguf_file"] = gguf_file
@@ -278,8 +279,9 @@ def load_model_and_tokenizer(model: str, tokenizer: Optional[str] = None, *,
             (a) a ``save_pretrained`` directory (holds ``config.json``);
             (b) a ``.gguf`` file (or a directory holding exactly one ``.gguf`` and no ``config.json``):
                 transformers dequantises it (``from_pretrained(dir, gguf_file=name)``) into an ordinary,
-                trainable model of the same architecture; the tokenizer is read from the same file unless
-                ``tokenizer`` is given; needs the ``gguf`` package;
+                trainable model of the same architecture (a quantised file gives its quantised values
+                as floats); the tokenizer is read from the same file unless ``tokenizer`` is given;
+                needs the ``gguf`` package (>= 0.10);
             (c) a Hub id (``org/name``): loaded from the local Hub cache (``HF_HUB_CACHE`` /
                 ``$HF_HOME/hub``, as the environment says at call time); with ``HF_HUB_OFFLINE=1`` or
                 ``TRANSFORMERS_OFFLINE=1`` nothing is downloaded and a model not in the cache is a
@@ -453,13 +455,14 @@ def load_qa_data(source: Optional[str], spec: Optional[str], *,
         items = load_qa_split(where, **args, **kw)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{field}: {_first_line(e)}") from None
-    except ValueError as e:
-        raise ValueError(f"{field}: {_first_line(e)}") from None
-    except Exception as e:  # datasets.load_dataset: offline / not found / no connection
-        if not hub:
-            raise
-        raise ValueError(f"{field} {spec!r}: cannot load it from the Hub dataset {src!r} "
-                         f"({type(e).__name__}: {_first_line(e)})") from e
+    except Exception as e:  # a malformed file / item; pyarrow, datasets: offline, not found, no connection
+        if hub:
+            raise ValueError(f"{field} {spec!r}: cannot load it from the Hub dataset {src!r} "
+                             f"({type(e).__name__}: {_first_line(e)})") from e
+        msg = _first_line(e)
+        if isinstance(e, ValueError) and not isinstance(e, UnicodeError) and where in msg:
+            raise ValueError(f"{field}: {msg}") from None
+        raise ValueError(f"{field}: {where}: cannot read it ({type(e).__name__}: {msg})") from e
     shown = f"{src} ({spec})" if hub else (where if not args else f"{where} ({spec})")
     if not items:
         raise ValueError(f"{field}: {shown} holds no items")
