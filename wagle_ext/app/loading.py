@@ -255,7 +255,8 @@ def _load_tokenizer(value: str, field: str):
     except ImportError as e:
         raise ValueError(f"{field} {value}: {_first_line(e)}") from e
     except Exception as e:  # transformers raises OSError / ValueError / KeyError ... from deep inside
-        raise ValueError(f"{field} {value}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from e
+        raise ValueError(f"{field} {value}: cannot load the tokenizer "
+                         f"({type(e).__name__}: {_first_line(e)})") from e
 
 
 def _set_pad_token(tok: Any, log: Log, field: str) -> None:
@@ -326,7 +327,8 @@ def load_model_and_tokenizer(model: str, tokenizer: Optional[str] = None, *,
         net.generation_config.pad_token_id = tok.pad_token_id
     net.to(torch.device(device))
     n = sum(p.numel() for p in net.parameters())
-    what = {"dir": "save_pretrained directory", "gguf": f"GGUF {gguf_file}, dequantised", "hub": "Hub cache"}[kind]
+    what = {"dir": "save_pretrained directory", "gguf": f"GGUF {gguf_file}, dequantised",
+            "hub": "Hub cache"}[kind]
     log(f"model: {model} ({what}), {type(net).__name__}, {n / 1e6:.2f}M parameters, {dtype}, on {device}; "
         f"tokenizer: {tok_source} ({len(tok)} tokens)")
     return net, tok
@@ -432,9 +434,10 @@ def load_qa_data(source: Optional[str], spec: Optional[str], *,
     src = None if source is None or not str(source).strip() else str(source).strip()
     path = os.path.expanduser(spec)
     kw: dict = {"rename": rename, "require": tuple(require)}
-    if src is not None and not os.path.exists(path) and not os.path.isabs(path) \
-            and os.path.isdir(os.path.expanduser(src)) and os.path.exists(os.path.join(os.path.expanduser(src), path)):
-        path = os.path.join(os.path.expanduser(src), path)
+    src_dir = os.path.expanduser(src) if src is not None else None
+    if src_dir is not None and os.path.isdir(src_dir) and not os.path.exists(path) and not os.path.isabs(path) \
+            and os.path.exists(os.path.join(src_dir, path)):
+        path = os.path.join(src_dir, path)  # a file name relative to data.source
     if os.path.exists(path):
         where, args = path, {}
     elif _looks_like_path(spec):
