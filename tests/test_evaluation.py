@@ -448,3 +448,21 @@ def test_evaluate_tofu_retain_set_prefix_mapping(tmp_path):
                       "ra_Truth_Ratio", "ra_Q_A_ROUGE", "model_utility"}
     comps = [s["ra_Q_A_Prob_normalised"], s["ra_Q_A_ROUGE"], s["ra_Truth_Ratio"]]
     assert s["model_utility"] == pytest.approx(0.0 if min(comps) == 0 else 3 / sum(1 / c for c in comps))
+
+
+def test_resolve_tofu_sets_auto_defaults():
+    from wagle_ext.eval import resolve_tofu_sets
+
+    full = {"forget10": [], "retain": [], "real_authors": [], "world_facts": [], "holdout10": [], "holdout05": [],
+            "retain90": []}
+    prefixes, holdout = resolve_tofu_sets(full, "forget10")
+    assert prefixes == {"retain": "retain", "real_authors": "ra", "world_facts": "wf"} and holdout == "holdout10"
+    assert resolve_tofu_sets(full, "forget05")[1] == "holdout05"
+    assert resolve_tofu_sets(full, "forget01")[1] is None  # no holdout of the forget set's size
+    # TOFU config names as keys, the embedded benchmark's retain_eval, a generic holdout
+    alt = {"forget10": [], "retain_perturbed": [], "world_facts_perturbed": [], "holdout": []}
+    assert resolve_tofu_sets(alt, "forget10") == ({"retain_perturbed": "retain", "world_facts_perturbed": "wf"},
+                                                  "holdout")
+    assert resolve_tofu_sets({"forget10": [], "retain_eval": []}, "forget10") == ({"retain_eval": "retain"}, None)
+    # explicit arguments are kept as given
+    assert resolve_tofu_sets(full, "forget10", ("world_facts",), None) == ({"world_facts": "wf"}, None)
