@@ -105,6 +105,9 @@ def test_collator_chatml_one_end_token(eos):
     ids, n_prompt = col.encode("Hi?", "")
     assert _decode(tok, ids[:n_prompt]).endswith("<|im_start|>assistant\n")
     assert ids[n_prompt:] == [im_end]
+    # Generation can stop where training ended answers (<|im_end|> even when the eos is another token).
+    assert im_end in col.stop_token_ids and col.stop_token_ids[0] == tok.eos_token_id
+    assert tok.pad_token_id not in col.stop_token_ids
     # add_eos=False changes nothing here: the end token is the template's.
     assert QACollator(tok, add_eos=False).encode("Hi?", "Yo.") == col.encode("Hi?", "Yo.")
 

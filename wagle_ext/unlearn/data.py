@@ -222,6 +222,21 @@ class QACollator:
                 found.discard(str(t))
         return tuple(sorted((t for t in found if t), key=len, reverse=True))
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids of the tokens that can end an answer: the eos and every other special token except
+        padding, unknown and BOS (ChatML's ``<|im_end|>`` when the eos is ``<|endoftext|>``). Pass
+        them to ``generate(eos_token_id=...)`` so generation stops where training ended answers."""
+        ids: list[int] = []
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None:
+            ids.append(int(eos))
+        for t in self._end_tokens:
+            i = self.tokenizer.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i >= 0 and i not in ids:
+                ids.append(i)
+        return ids
+
     def _cut_after_end_token(self, answer_text: str, answer: str) -> Optional[str]:
         """``answer_text`` up to and including the first end token after the answer content, or None
         when the template puts no end token there."""
