@@ -296,7 +296,8 @@ def test_tofu_files_default_protocol_nine_component_utility(tmp_path, models, va
     sets = _tofu_sets()
     _write_layout(tmp_path / "tofu", sets, variant)
     found = find_tofu_eval_sets(tmp_path / "tofu", "forget10")
-    assert found == {k: v for k, v in CONFIG.items() if k != "retain90"}
+    assert found == {("forget" if k == "forget10" else "holdout" if k == "holdout10" else k): v
+                     for k, v in CONFIG.items() if k != "retain90"}
     data = load_tofu_eval_sets(tmp_path / "tofu", forget_split="forget10", sets=found)
     assert [x["question"] for x in data["forget10"]] == [x["question"] for x in sets["forget10"]]
     out = tmp_path / "eval"

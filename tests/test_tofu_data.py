@@ -251,21 +251,21 @@ def _write_official_layout(d, data, holdout=True, real_authors=True):
 def test_find_tofu_eval_sets_local_directory_and_hub(tmp_path):
     d = make_fictitious_authors(4, seed=0)
     _write_official_layout(tmp_path / "full", d)
-    full = {"forget10": "forget10_perturbed", "retain": "retain_perturbed",
+    full = {"forget": "forget10_perturbed", "retain": "retain_perturbed",
             "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed",
-            "holdout10": "holdout10"}
+            "holdout": "holdout10"}
     assert find_tofu_eval_sets(tmp_path / "full", "forget10") == full
     # the holdout must match the forget split's size; a missing set is simply not listed
-    assert "holdout05" not in find_tofu_eval_sets(tmp_path / "full", "forget05")
+    assert "holdout" not in find_tofu_eval_sets(tmp_path / "full", "forget05")
     _write_official_layout(tmp_path / "part", d, holdout=False, real_authors=False)
     assert find_tofu_eval_sets(tmp_path / "part", "forget10") == {
-        "forget10": "forget10_perturbed", "retain": "retain_perturbed", "world_facts": "world_facts_perturbed"}
+        "forget": "forget10_perturbed", "retain": "retain_perturbed", "world_facts": "world_facts_perturbed"}
     assert find_tofu_eval_sets(tmp_path / "part", "forget01") == {
         "retain": "retain_perturbed", "world_facts": "world_facts_perturbed"}
     # a Hub id: the official full set, without touching the network (datasets is never imported for it)
     assert find_tofu_eval_sets("locuslab/TOFU", "forget10") == full
-    assert find_tofu_eval_sets("locuslab/TOFU", "forget01")["holdout01"] == "holdout01"
-    assert not any(k.startswith("holdout") for k in find_tofu_eval_sets("locuslab/TOFU", "forget07"))
+    assert find_tofu_eval_sets("locuslab/TOFU", "forget01")["holdout"] == "holdout01"
+    assert "holdout" not in find_tofu_eval_sets("locuslab/TOFU", "forget07")  # TOFU ships 01/05/10 only
     assert find_tofu_eval_sets(tmp_path / "full" / "retain90.json") == {}
     with pytest.raises(FileNotFoundError):
         find_tofu_eval_sets(tmp_path / "nope")
@@ -274,7 +274,7 @@ def test_find_tofu_eval_sets_local_directory_and_hub(tmp_path):
     # what it finds loads, under the keys evaluate_tofu expects
     sets = load_tofu_eval_sets(tmp_path / "full", forget_split="forget10",
                                sets=find_tofu_eval_sets(tmp_path / "full", "forget10"))
-    assert set(sets) == set(full)
-    assert sets["forget10"] == _strip(d["forget10"]) and sets["holdout10"] == [{"question": "q?", "answer": "a."}]
-    with pytest.raises(ValueError, match="no forget set"):
+    assert set(sets) == {"forget10", "retain", "real_authors", "world_facts", "holdout"}
+    assert sets["forget10"] == _strip(d["forget10"]) and sets["holdout"] == [{"question": "q?", "answer": "a."}]
+    with pytest.raises(ValueError, match="no 'forget' set"):
         load_tofu_eval_sets(tmp_path / "full", forget_split="forget05", sets={"retain": "retain_perturbed"})

@@ -300,20 +300,21 @@ def _holdout_for(forget_split: str) -> Optional[str]:
     return f"holdout{m.group(1)}" if m else None
 
 
-def _official_tofu_sets(forget_split: str) -> dict[str, str]:
-    out = {forget_split: f"{forget_split}_perturbed", "retain": "retain_perturbed",
+def _official_tofu_sets(forget_split: str, official_holdout: bool = False) -> dict[str, str]:
+    """``{role: locuslab/TOFU config}``; with ``official_holdout`` the holdout of TOFU's forget sizes."""
+    out = {"forget": f"{forget_split}_perturbed", "retain": "retain_perturbed",
            "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed"}
-    if forget_split in TOFU_HOLDOUT_SPLITS:
-        out[TOFU_HOLDOUT_SPLITS[forget_split]] = TOFU_HOLDOUT_SPLITS[forget_split]
+    if official_holdout and forget_split in TOFU_HOLDOUT_SPLITS:
+        out["holdout"] = TOFU_HOLDOUT_SPLITS[forget_split]
     return out
 
 
 def find_tofu_eval_sets(source: Union[PathLike, str], forget_split: str = "forget10") -> dict[str, str]:
-    """The TOFU evaluation sets ``source`` holds: ``{key in evaluate_tofu's data: config / file stem}``.
+    """The TOFU evaluation sets ``source`` holds: ``{role: config / file stem}``.
 
-    Keys and configs: ``forget_split`` -> ``{forget_split}_perturbed``, ``"retain"`` -> ``retain_perturbed``,
+    Roles and configs: ``"forget"`` -> ``{forget_split}_perturbed``, ``"retain"`` -> ``retain_perturbed``,
     ``"real_authors"`` -> ``real_authors_perturbed``, ``"world_facts"`` -> ``world_facts_perturbed`` and
-    ``holdoutNN`` -> ``holdoutNN`` (NN of ``forgetNN``; membership inference and privleak). For a local
+    ``"holdout"`` -> ``holdoutNN`` (NN of ``forgetNN``; membership inference and privleak). For a local
     directory, the sets whose file (``<config>.json``/``.jsonl``/``.parquet``) exists, found without reading
     them; for a Hub dataset id (``locuslab/TOFU``), the official full set, without any network call (the
     holdout only for ``forget01``/``forget05``/``forget10``, the sizes TOFU ships). A single file holds no
@@ -331,17 +332,17 @@ def find_tofu_eval_sets(source: Union[PathLike, str], forget_split: str = "forge
         wanted = _official_tofu_sets(forget_split)
         hold = _holdout_for(forget_split)
         if hold is not None:
-            wanted[hold] = hold
+            wanted["holdout"] = hold
         return {k: v for k, v in wanted.items() if v in stems}
     if os.path.isfile(src):
         return {}
     if src.lower().endswith(QA_FILE_SUFFIXES) or src.startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such file or directory: {src}")
-    return _official_tofu_sets(forget_split)
+    return _official_tofu_sets(forget_split, official_holdout=True)
 
 
 def _requirement(key: str, forget_split: str) -> Sequence[str]:
-    if key == forget_split or key.startswith("retain"):
+    if key in ("forget", forget_split) or key.startswith("retain"):
         return _FULL
     if key.startswith("holdout"):
         return _QA
@@ -359,17 +360,19 @@ def load_tofu_eval_sets(source: Union[PathLike, str] = "locuslab/TOFU", *, forge
     ``real_authors_perturbed`` / ``world_facts_perturbed`` as ``data["real_authors"]`` /
     ``data["world_facts"]`` (those in ``include``), and optionally ``holdout_split`` (e.g. ``"holdout10"``),
     from the Hub (default ``locuslab/TOFU``) or a local directory with the same file names. ``sets``
-    (``{key: config}``, e.g. from :func:`find_tofu_eval_sets`) replaces ``include`` / ``holdout_split`` and
-    loads exactly those. ``rename`` is passed to :func:`load_qa_split`.
+    (``{role: config}`` as :func:`find_tofu_eval_sets` returns it) replaces ``include`` / ``holdout_split`` and
+    loads exactly those: role ``"forget"`` as ``data[forget_split]``, ``"holdout"`` as ``data["holdout"]``
+    (which ``evaluate_tofu`` picks up by default), the others under their role. ``rename`` is passed to
+    :func:`load_qa_split`.
     """
     if sets is None:
-        cfg = {k: v for k, v in _official_tofu_sets(forget_split).items() if k == forget_split or k in include}
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("holdout")}
+        cfg = {(forget_split if k == "forget" else k): v for k, v in _official_tofu_sets(forget_split).items()
+               if k == "forget" or k in include}
         if holdout_split is not None:
             cfg[holdout_split] = holdout_split
     else:
-        cfg = dict(sets)
-        if forget_split not in cfg:
-            raise ValueError(f"sets has no forget set {forget_split!r} (keys: {sorted(cfg)})")
+        if "forget" not in sets:
+            raise ValueError(f"sets has no 'forget' set (roles: {sorted(sets)})")
+        cfg = {(forget_split if k == "forget" else k): v for k, v in sets.items()}
     return {key: load_qa_split(source, name=config, require=_requirement(key, forget_split), rename=rename)
             for key, config in cfg.items()}
