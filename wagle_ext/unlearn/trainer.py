@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import os
 from collections import defaultdict
@@ -353,11 +352,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         """Under DDP every rank must update the same weights: compare a digest of the mask bits."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        h = hashlib.sha256()
-        for name in self.mask.names():
-            h.update(name.encode())
-            h.update(self.mask[name].bits.cpu().numpy().tobytes())
-        digest = torch.tensor(list(h.digest()[:8]), dtype=torch.int64)
+        # MaskSet.checksum covers names, shapes, counts, missing and bits.
+        digest = torch.tensor(list(bytes.fromhex(self.mask.checksum().split(":", 1)[1])[:8]), dtype=torch.int64)
         gathered = [torch.zeros_like(digest) for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather(gathered, digest)
         if any(not torch.equal(g, gathered[0]) for g in gathered):
