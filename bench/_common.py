@@ -15,7 +15,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# `wagle bench --out DIR` (or WAGLE_BENCH_OUT=DIR) redirects every JSON result; default bench/results/.
+RESULTS_DIR = os.path.abspath(os.environ.get("WAGLE_BENCH_OUT") or
+                              os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 
 
 def timeit(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> dict:

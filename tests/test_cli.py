@@ -97,7 +97,7 @@ def test_bad_fields_of_other_jobs(tmp_path):
         load_config(UnlearnConfig, None, ["--objective", "forgetful"])
     with pytest.raises(ValueError, match="mask: file not found"):
         load_config(UnlearnConfig, None, ["--mask", str(tmp_path / "nope.safetensors")])
-    with pytest.raises(ValueError, match="model: 'embedded' or a save_pretrained directory"):
+    with pytest.raises(ValueError, match="model: not found"):
         load_config(EvalConfig, None, ["--model", str(tmp_path / "no_model")])
     with pytest.raises(ValueError, match="data.sourse: unknown field"):
         load_config(EvalConfig, None, ["--data.sourse", "x"])
@@ -231,7 +231,11 @@ def test_mask_unlearn_eval_chain(tmp_path, cache, capsys):
 
     edir = tmp_path / "eval"
     capsys.readouterr()
-    assert main(["eval", *common, "--model", str(udir / "model"), "--out", str(edir)]) == 0
+    # a model of one's own needs its data named: never silently the embedded benchmark's
+    assert main(["eval", *common, "--model", str(udir / "model"), "--out", str(edir)]) == 2
+    assert "data.forget" in capsys.readouterr().err
+    assert main(["eval", *common, "--model", str(udir / "model"), "--data.source", "embedded",
+                 "--out", str(edir)]) == 0
     summary = json.loads((edir / "TOFU_SUMMARY.json").read_text())
     assert {"forget_quality", "model_utility", "forget_Q_A_Prob"} <= set(summary)
     assert (edir / "TOFU_EVAL.json").is_file()

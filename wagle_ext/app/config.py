@@ -30,12 +30,22 @@ MASK_KINDS = ("dense", "random", "magnitude", "wagle", "snip", "gradient", "wand
 
 @dataclasses.dataclass
 class DataConfig:
-    """Where the QA data comes from: ``source: embedded`` (the fictitious-author benchmark) or a file /
-    directory / Hub id for :func:`wagle_ext.load_qa_split`, with the split names to read."""
+    """Where the question/answer data comes from.
 
-    source: str = "embedded"
-    forget: str = "forget10"
-    retain: str = "retain90"
+    ``forget`` / ``retain`` (and ``holdout`` for evaluation) are each a file (``.json``, ``.jsonl``,
+    ``.parquet``; used as given) or a set name inside ``source``: a directory of such files (the name is
+    the file stem, e.g. ``forget10`` for ``forget10.json``), a ``datasets.save_to_disk`` folder, or a
+    ``datasets`` Hub id (``locuslab/TOFU``: the name is the config, split ``train``). ``source:
+    embedded`` (the default with ``model: embedded``) is the fictitious-author benchmark. With a
+    ``source``, ``forget`` / ``retain`` default to ``forget10`` / ``retain90``; without one they must be
+    files. ``columns`` renames fields of the files to ours (``{"prompt": "question", "response":
+    "answer"}``)."""
+
+    source: Optional[str] = None
+    forget: Optional[str] = None
+    retain: Optional[str] = None
+    holdout: Optional[str] = None
+    columns: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -52,6 +62,9 @@ class UnlearnSettings:
     seed: int = 0
     grad_mode: str = "dense"      # "compact": gradients compacted in backward hooks (masked runs only)
     step_in_backward: bool = False  # with grad_mode "compact": update inside backward (max_grad_norm 0)
+    logging_steps: int = 0        # a progress line every N steps (0: about 10 lines per run)
+    save_steps: int = 0           # wagle unlearn: checkpoint (model, optimizer, scheduler, RNG) every N steps
+    save_total_limit: int = 2     # checkpoints kept (oldest deleted first)
 
 
 @dataclasses.dataclass
@@ -67,6 +80,7 @@ class DemoConfig:
     unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
     eval_batch_size: int = 32
     num_threads: int = 1           # torch intra-op threads (tiny models: 1 avoids spinning workers)
+    overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
     cache_dir: Optional[str] = None  # default $WAGLE_CACHE or ~/.cache/wagle_ext
     rebuild: bool = False          # retrain the benchmark models even when cached
 
@@ -77,18 +91,25 @@ class ScoreConfig:
     top-``ratio`` MaskSet (``mask.safetensors``, ``mask.png``, ``mask_stats.json``)."""
 
     out: str = "saves/mask"
-    model: str = "embedded"        # "embedded" (the benchmark's target) or a save_pretrained directory
-    tokenizer: Optional[str] = None  # default: the model's directory
+    model: str = "embedded"        # "embedded", a save_pretrained directory, a .gguf file or a Hub id
+    tokenizer: Optional[str] = None  # default: the model's
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    scores: Optional[str] = None   # wagle mask: a scores.safetensors of `wagle score` (no gradients computed)
     kind: str = "wagle"
     gamma: float = 1e-6
     ratio: float = 0.1
     scope: str = "global"
+    missing: str = "frozen"        # parameters the scores do not cover: "frozen" or "dense" (updated in full)
+    allow_empty: bool = False      # accept a ratio that selects no weight at all
     seed: int = 0
     max_batches: Optional[int] = None
+    batch_size: int = 1            # items per forward/backward while accumulating gradients
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     cache_dir: Optional[str] = None
     num_threads: int = 1
+    device: str = "auto"           # auto (CUDA when available), cpu, cuda, cuda:N
+    dtype: str = "auto"            # auto (bfloat16 on CUDA when supported, float32 on CPU), float32, bfloat16, float16
+    overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
 
 
 @dataclasses.dataclass
@@ -100,12 +121,16 @@ class UnlearnConfig:
     tokenizer: Optional[str] = None
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mask: Optional[str] = None     # a MaskSet file (``wagle mask``); None = dense unlearning
+    resume: bool = False           # continue the interrupted run in <out>.partial from its last checkpoint
     objective: str = "graddiff"
     objective_kwargs: dict = dataclasses.field(default_factory=dict)
     unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     cache_dir: Optional[str] = None
     num_threads: int = 1
+    device: str = "auto"           # auto (CUDA when available), cpu, cuda, cuda:N
+    dtype: str = "auto"            # auto (bfloat16 on CUDA when supported, float32 on CPU), float32, bfloat16, float16
+    overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
 
 
 @dataclasses.dataclass
@@ -116,21 +141,28 @@ class EvalConfig:
     model: str = "embedded"
     tokenizer: Optional[str] = None
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    retain_sets: list = dataclasses.field(default_factory=lambda: ["retain_eval", "world_facts"])
-    retain_model_eval: Optional[str] = "embedded"  # TOFU_EVAL.json / dir, "embedded", or null
+    # utility sets; null: the TOFU protocol's (retain, real_authors, world_facts when the source has them;
+    # retain_eval and world_facts of the embedded benchmark)
+    retain_sets: Optional[list] = None
+    retain_model: Optional[str] = None       # a retain-only model, evaluated in the same run (forget quality)
+    retain_model_eval: Optional[str] = None  # or its TOFU_EVAL.json / folder; null with embedded data: the benchmark's
     batch_size: int = 32
-    max_new_tokens: int = 96
+    max_new_tokens: Optional[int] = None     # greedy answer length for ROUGE; null: 200 (TOFU / open-unlearning)
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     cache_dir: Optional[str] = None
     num_threads: int = 1
+    device: str = "auto"           # auto (CUDA when available), cpu, cuda, cuda:N
+    dtype: str = "auto"            # auto (bfloat16 on CUDA when supported, float32 on CPU), float32, bfloat16, float16
+    overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
 
 
 @dataclasses.dataclass
 class BenchConfig:
     """``wagle bench``: run the microbenchmarks under ``bench/`` of a source checkout."""
 
-    out: str = "bench/results"
+    out: str = "bench/results"     # where the scripts write their JSON (the default is bench/results/ of the checkout)
     scripts: list = dataclasses.field(default_factory=lambda: ["bench_score.py", "bench_select.py"])
+    device: str = "cpu"            # cpu, or cuda[:N] for the scripts' GPU twins
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,6 +370,49 @@ def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
               u.step_in_backward)
     _check(not u.step_in_backward or u.max_grad_norm == 0, p + "step_in_backward",
            "needs grad_mode compact and max_grad_norm 0")
+    for k in ("logging_steps", "save_steps"):
+        _check(getattr(u, k) >= 0, p + k, f"must be >= 0, got {getattr(u, k)}")
+    _check(u.save_total_limit >= 1, p + "save_total_limit", f"must be >= 1, got {u.save_total_limit}")
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _validate_device(cfg: Any) -> None:
+    if hasattr(cfg, "device"):
+        d = cfg.device
+        ok = d in DEVICE_CHOICES or (d.startswith("cuda:") and d[5:].isdigit())
+        _check(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {d!r}")
+    if hasattr(cfg, "dtype"):
+        _check(cfg.dtype in DTYPE_CHOICES, "dtype", f"must be one of {', '.join(DTYPE_CHOICES)}, got {cfg.dtype!r}")
+
+
+def _validate_data(cfg: Any) -> None:
+    """Where the data comes from must be said: a model of one's own never falls back to the embedded
+    benchmark's data (that would score the model on someone else's questions)."""
+    d = cfg.data
+    if d.source is None and cfg.model == "embedded":
+        d.source = "embedded"
+    if d.source == "embedded":
+        _check(not d.columns, "data.columns", "does not apply to the embedded benchmark")
+        return
+    for k, v in d.columns.items():
+        _check(isinstance(k, str) and isinstance(v, str), "data.columns",
+               f"must map field names to field names, got {k!r}: {v!r}")
+    if d.source is None:
+        for field in ("forget", "retain") if not isinstance(cfg, EvalConfig) else ("forget",):
+            v = getattr(d, field)
+            _check(v is not None, "data." + field,
+                   f"required with --model {cfg.model}: a .json/.jsonl/.parquet file, or a set name with "
+                   "--data.source DIR|HUB_ID (no default data for a model of your own)")
+            _check(os.path.isfile(v), "data." + field,
+                   f"file not found: {v} (without --data.source, data.{field} must be a file)")
+    else:
+        if d.forget is None:
+            d.forget = "forget10"
+        if d.retain is None and not isinstance(cfg, EvalConfig):
+            d.retain = "retain90"
 
 
 def _validate_objective(name: str, field: str) -> None:
@@ -368,6 +443,10 @@ def validate(cfg: Any) -> None:
             _check(m in MASK_KINDS, f"masks[{i}]", f"unknown mask kind {m!r} (known: {', '.join(MASK_KINDS)})")
         _check(cfg.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {cfg.eval_batch_size}")
     elif isinstance(cfg, ScoreConfig):
+        _check(cfg.missing in ("frozen", "dense"), "missing", f"must be frozen or dense, got {cfg.missing!r}")
+        _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+        if cfg.scores is not None:
+            _check(os.path.isfile(cfg.scores), "scores", f"file not found: {cfg.scores}")
         _check(cfg.kind in SCORE_KINDS, "kind", f"unknown score kind {cfg.kind!r} (known: {', '.join(SCORE_KINDS)})")
         _check_by(check_ratio, "ratio", f"must be in (0, 1], got {cfg.ratio}", cfg.ratio)
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
@@ -379,13 +458,25 @@ def validate(cfg: Any) -> None:
             _check(os.path.isfile(cfg.mask), "mask", f"file not found: {cfg.mask}")
     elif isinstance(cfg, EvalConfig):
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
-        _check(cfg.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {cfg.max_new_tokens}")
+        _check(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, "max_new_tokens",
+               f"must be >= 1, got {cfg.max_new_tokens}")
+        _check(cfg.retain_model is None or cfg.retain_model_eval is None, "retain_model",
+               "give retain_model (evaluated now) or retain_model_eval (its saved evaluation), not both")
     elif isinstance(cfg, BenchConfig):
         root = source_root()
         for i, s in enumerate(cfg.scripts):
             _check(root is None or os.path.isfile(os.path.join(root, "bench", s)), f"scripts[{i}]",
                    f"{s!r} not found in {os.path.join(str(root), 'bench')}")
-    for name in ("model", "tokenizer"):
+    _validate_device(cfg)
+    for name in ("model", "tokenizer", "retain_model"):
         v = getattr(cfg, name, None)
-        if v is not None and v != "embedded":
-            _check(os.path.isdir(v), name, f"'embedded' or a save_pretrained directory, got {v!r} (not found)")
+        if v is not None and v != "embedded" and _looks_like_path(v):
+            _check(os.path.exists(v), name, f"not found: {v} (a save_pretrained directory, a .gguf file or a Hub id)")
+    if hasattr(cfg, "data") and not (isinstance(cfg, ScoreConfig) and cfg.scores is not None):
+        _validate_data(cfg)
+
+
+def _looks_like_path(v: str) -> bool:
+    """A value meant as a local path (not a Hub id ``org/name``)."""
+    return v.startswith((".", "/", "~")) or v.endswith(".gguf") or os.sep + os.sep in v or v.count("/") > 1 \
+        or os.path.exists(v)

@@ -1,0 +1,144 @@
+"""``wagle demo``: the embedded benchmark, every objective x every mask kind at one ratio and step
+budget, one table, ``results.json`` and the forget-quality / model-utility figure."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Sequence
+
+from ..plotting import plot_tradeoff
+from .config import DemoConfig, config_to_dict
+from .pipeline import _benchmark, _build_mask, _Job, _log, _unlearn
+from .runs import RunDir
+
+__all__ = ["run_demo", "TABLE_COLUMNS"]
+
+# Columns of the demo table: (results key, header, format).
+TABLE_COLUMNS = [
+    ("objective", "objective", "{}"), ("mask", "mask", "{}"), ("ratio", "ratio", "{:.2f}"),
+    ("forget_quality", "forget_quality", "{:.3g}"), ("model_utility", "model_utility", "{:.3f}"),
+    ("forget_Q_A_Prob", "forget_prob", "{:.3f}"), ("forget_truth_ratio", "forget_TR", "{:.3f}"),
+    ("forget_Q_A_ROUGE", "forget_ROUGE", "{:.3f}"), ("retain_Q_A_Prob", "retain_prob", "{:.3f}"),
+    ("retain_Q_A_ROUGE", "retain_ROUGE", "{:.3f}"), ("seconds", "seconds", "{:.1f}"),
+]
+
+
+def _format_table(rows: Sequence[dict]) -> str:
+    def cell(row, key, fmt):
+        v = row.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return fmt.format(v)
+
+    cells = [[h for _, h, _ in TABLE_COLUMNS]] + [[cell(r, k, f) for k, _, f in TABLE_COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """The main job: build or reuse the embedded benchmark, then for every objective and mask kind
+    unlearn from the target at ``cfg.ratio`` for ``cfg.unlearn.steps`` steps, evaluate, print the
+    table, write ``results.json`` and ``forget_quality_vs_utility.png`` under ``cfg.out``."""
+    with _Job("demo", cfg) as run:
+        return _run_demo(cfg, run)
+
+
+def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
+    import torch
+
+    from ..eval import evaluate_tofu
+
+    t_start = time.perf_counter()
+    out = run.work
+    t0 = time.perf_counter()
+    bench = _benchmark(cfg)
+    t_bench = time.perf_counter() - t0
+    fs = bench.config.forget_split
+    data = bench.data
+    forget, retain = data[fs], data["retain" + str(100 - int(fs[len("forget"):])).zfill(2)]
+    eval_sets = {fs: forget, "retain_eval": data["retain_eval"], "world_facts": data["world_facts"]}
+
+    def evaluate(model, where: str) -> dict:
+        return evaluate_tofu(model, bench.tokenizer, eval_sets, forget_split=fs,
+                             retain_sets=("retain_eval", "world_facts"), retain_model_eval=bench.retain_eval_path,
+                             batch_size=cfg.eval_batch_size, max_new_tokens=96, out_dir=where, progress=False)
+
+    _log("[demo] evaluating the target and the retain model (references)")
+    references = []
+    for name, model in (("target", bench.target), ("retain", bench.retain)):
+        t0 = time.perf_counter()
+        s = evaluate(model, os.path.join(out, "reference", name))
+        references.append({"objective": "-", "mask": f"({name} model)", "ratio": None, **s,
+                           "seconds": time.perf_counter() - t0})
+
+    masks: dict = {"dense": None}
+    mask_info: dict = {}
+    for kind in cfg.masks:
+        if kind == "dense":
+            continue
+        t0 = time.perf_counter()
+        _, mask = _build_mask(bench.target, bench.tokenizer, forget, retain, kind, cfg.ratio, cfg.gamma,
+                              seed=cfg.unlearn.seed)
+        path = os.path.join(out, "masks", f"{kind}_{cfg.ratio:g}.safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        mask.save(path)
+        masks[kind] = mask
+        mask_info[kind] = {"path": path, "density": mask.density, "seconds": time.perf_counter() - t0}
+        _log(f"[demo] mask {kind}: {mask.total_selected} of {mask.numel} weights ({mask.density:.3f}) "
+             f"in {mask_info[kind]['seconds']:.1f} s -> {path}")
+    if "wagle" in masks:
+        masks["wagle"].plot(os.path.join(out, "masks", "wagle_mask.png"), title=f"WAGLE mask, ratio {cfg.ratio:g}")
+
+    rows = []
+    n_runs = len(cfg.objectives) * len(cfg.masks)
+    for objective in cfg.objectives:
+        for kind in cfg.masks:
+            run_dir = os.path.join(out, "runs", f"{objective}_{kind}")
+            _log(f"[demo] ({len(rows) + 1}/{n_runs}) {objective} with {kind} mask: "
+                 f"{cfg.unlearn.steps} steps, lr {cfg.unlearn.learning_rate:g}")
+            t0 = time.perf_counter()
+            model = copy.deepcopy(bench.target)
+            torch.manual_seed(cfg.unlearn.seed)
+            train = _unlearn(model, bench.tokenizer, forget, retain, objective, masks[kind], cfg.unlearn, run_dir,
+                             demo=True)
+            train.pop("trainer")
+            t_train = time.perf_counter() - t0
+            s = evaluate(model, run_dir)
+            row = {"objective": objective, "mask": kind, "ratio": 1.0 if kind == "dense" else cfg.ratio, **s,
+                   "train_loss": train["train_loss"], "train_seconds": t_train,
+                   "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            _log(f"         forget_quality {s.get('forget_quality', float('nan')):.3g}  model_utility "
+                 f"{s['model_utility']:.3f}  forget_prob {s['forget_Q_A_Prob']:.3f}  ({row['seconds']:.1f} s)")
+            del model
+
+    table = _format_table(references + rows)
+    _log("\n" + table + "\n")
+    png = os.path.join(out, "forget_quality_vs_utility.png")
+    b = bench.config
+    plot_tradeoff(rows, references, png, f"Embedded benchmark ({b.n_authors} authors, {fs}), ratio {cfg.ratio:g}, "
+                                 f"{cfg.unlearn.steps} steps")
+    results = {
+        "config": config_to_dict(cfg),
+        "benchmark": {"directory": bench.directory, "reused_cache": not bench.built, "seconds": t_bench,
+                      "info": bench.info},
+        "masks": mask_info,
+        "references": references,
+        "rows": rows,
+        "table": table,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    with open(os.path.join(out, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    _log(f"[demo] benchmark {'reused from cache' if not bench.built else 'built'} in {t_bench:.1f} s; "
+         f"total {results['total_seconds']:.1f} s")
+    _log(f"[demo] wrote results.json, table.txt, forget_quality_vs_utility.png, masks/, runs/ under {run.path}")
+    return results

@@ -1,0 +1,274 @@
+"""The single-step jobs: ``wagle score`` / ``mask`` / ``unlearn`` / ``eval`` / ``bench``. Each
+writes into a :class:`~wagle_ext.app.runs.RunDir` (``<out>.partial`` renamed to ``out`` on success)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from .config import BenchConfig, EvalConfig, ScoreConfig, UnlearnConfig
+from .config import source_root as _source_root
+from .pipeline import (_benchmark, _compute_scores, _device_dtype, _embedded_splits, _Job, _load_model, _log,
+                       _model_tokenizer_data, _unlearn)
+from .runs import is_main_process
+
+__all__ = ["run_score", "run_unlearn", "run_eval", "run_bench"]
+
+
+def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
+    """``wagle score`` (scores.safetensors + the mask) / ``wagle mask`` (the mask; from ``cfg.scores``
+    when given, without computing gradients)."""
+    job = "mask" if with_mask else "score"
+    if cfg.scores is not None and not with_mask:
+        raise ValueError("scores: only `wagle mask` reads precomputed scores")
+    with _Job(job, cfg) as run:
+        if cfg.scores is not None:
+            model = None
+            if cfg.model != "embedded":  # bind (names, fingerprint) to the user's model when given
+                device, dtype = _device_dtype(cfg)
+                model, _ = _load_model(cfg, None, device, dtype)
+            with run.phase("load_scores"):
+                scores, info = _read_scores(cfg.scores, model)
+            _log(f"[mask] {info.get('kind', '?')} scores of {len(scores)} tensors from {cfg.scores}")
+        else:
+            model, tok, data, _, device = _model_tokenizer_data(cfg)
+            _log(f"[score] {cfg.kind} scores on {len(data['forget'])} forget / {len(data['retain'])} retain items "
+                 f"on {device}")
+            with run.phase("score"):
+                scores = _compute_scores(model, tok, data["forget"], data["retain"], cfg.kind, cfg.gamma,
+                                         seed=cfg.seed, max_batches=cfg.max_batches, batch_size=cfg.batch_size,
+                                         progress=True)
+            info = {"kind": cfg.kind, "gamma": str(cfg.gamma)}
+            if not with_mask:
+                from safetensors.torch import save_file
+
+                # safetensors lists tensors by name; the parameter order (which breaks ties in the
+                # selection) travels in the metadata
+                meta = {**{k: str(v) for k, v in info.items()}, "order": json.dumps(list(scores))}
+                save_file({n: s.detach().float().cpu().contiguous() for n, s in scores.items()},
+                          run.file("scores.safetensors"), metadata=meta)
+                _log("[score] wrote scores.safetensors")
+        with run.phase("select"):
+            mask = _select(scores, cfg, model)
+        mask.save(run.file("mask.safetensors"))
+        mask.plot(run.file("mask.png"), title=f"{info.get('kind', cfg.kind)} mask, ratio {cfg.ratio:g}")
+        with open(run.file("mask_stats.json"), "w") as f:
+            json.dump(mask.stats(), f, indent=2, default=float)
+        _log(f"[mask] {mask.total_selected} of {mask.numel} weights selected ({mask.density:.4f}, scope "
+             f"{cfg.scope}, parameters without scores: {cfg.missing}); wrote mask.safetensors, mask.png, "
+             "mask_stats.json")
+        run.update(mask={"selected": mask.total_selected, "numel": mask.numel, "density": mask.density})
+    return run.path
+
+
+def _read_scores(path: str, model=None):
+    """{name: float tensor} in parameter order (the order ``wagle score`` recorded, else the model's,
+    else the file's) and the metadata of a ``scores.safetensors``; one-line errors naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            info = dict(f.metadata() or {})
+            names = list(f.keys())
+            order = json.loads(info.pop("order", "null")) or []
+            if model is not None:
+                order = [n for n, _ in model.named_parameters()]
+            rank = {n: i for i, n in enumerate(order)}
+            pos = {n: i for i, n in enumerate(names)}
+            names.sort(key=lambda n: (rank.get(n, len(rank)), pos[n]))
+            scores = {k: f.get_tensor(k) for k in names}
+    except (SafetensorError, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"scores: {path} is not a readable scores file ({msg})") from None
+    if not scores:
+        raise ValueError(f"scores: {path} holds no tensors")
+    for k, v in scores.items():
+        if not v.is_floating_point():
+            raise ValueError(f"scores: {path}: tensor {k!r} is {v.dtype}, expected floating-point scores")
+    return scores, info
+
+
+def _select(scores, cfg: ScoreConfig, model):
+    from ..masks import build_mask
+
+    kwargs = {"scope": cfg.scope, "model": model, "missing": cfg.missing}
+    if cfg.allow_empty:
+        kwargs["allow_empty"] = True
+    mask = build_mask(scores, cfg.ratio, **kwargs)
+    if mask.total_selected == 0 and not cfg.allow_empty:  # older build_mask without its own check
+        raise ValueError(f"ratio {cfg.ratio:g} selects 0 of {mask.numel} weights; raise --ratio "
+                         "(or pass --allow_empty true)")
+    return mask
+
+
+def _load_mask(path: str, model):
+    from ..masks import MaskSet
+
+    try:
+        return MaskSet.load(path, model=model)
+    except (ValueError, KeyError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(msg if path in msg else f"mask {path}: {msg}") from None
+    except Exception as e:  # e.g. safetensors' SafetensorError on a file that is not one
+        raise ValueError(f"mask {path}: not a readable MaskSet file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _weights_digest(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, p in model.state_dict().items():
+        h.update(n.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_unlearn(cfg: UnlearnConfig) -> str:
+    with _Job("unlearn", cfg, resume=cfg.resume) as run:
+        model, tok, data, _, device = _model_tokenizer_data(cfg)
+        mask = _load_mask(cfg.mask, model) if cfg.mask else None
+        _log(f"[unlearn] {cfg.objective} on {len(data['forget'])} forget / {len(data['retain'])} retain items, "
+             f"{'dense' if mask is None else f'mask {cfg.mask}'}, {cfg.unlearn.steps} steps on {device}")
+        t0 = time.perf_counter()
+        with run.phase("unlearn"):
+            res = _unlearn(model, tok, data["forget"], data["retain"], cfg.objective, mask, cfg.unlearn,
+                           run.file("trainer", ".keep").rsplit(os.sep, 1)[0], cfg.objective_kwargs,
+                           device=device, run=run, resume=cfg.resume)
+        trainer = res.pop("trainer")
+        report = getattr(trainer, "trainable_report", None)
+        digest = _weights_digest(model)
+        digests = [digest]
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            digests = [None] * dist.get_world_size()
+            dist.all_gather_object(digests, digest)
+        with run.phase("save"):
+            trainer.save_model(run.file("model", ".keep").rsplit(os.sep, 1)[0])
+            if is_main_process():
+                tok.save_pretrained(os.path.join(run.work, "model"))
+                with open(run.file("train_log.json"), "w") as f:
+                    json.dump({**res, "seconds": time.perf_counter() - t0}, f, indent=2, default=float)
+        run.update(device=str(device), trainable=report, weights_sha256_by_rank=digests)
+        _log(f"[unlearn] train loss {res['train_loss']:.4f} in {time.perf_counter() - t0:.1f} s; model saved to "
+             "model/")
+    return run.path
+
+
+def _eval_sets(cfg: EvalConfig, bench: Any) -> tuple:
+    """(sets {name: items}, forget name, retain_sets, holdout name or None, max_new_tokens)."""
+    from .loading import load_qa_data
+
+    d = cfg.data
+    if d.source == "embedded":
+        from .embedded_benchmark import EVAL_MAX_NEW_TOKENS
+
+        names = _embedded_splits(bench, d)
+        fs = names["forget"]
+        if fs not in bench.data:
+            raise ValueError(f"data.forget: split {fs!r} not found in the embedded benchmark "
+                             f"(have: {', '.join(sorted(bench.data))})")
+        retain_sets = list(cfg.retain_sets) if cfg.retain_sets is not None else ["retain_eval", "world_facts"]
+        sets = {fs: bench.data[fs]}
+        for i, s in enumerate(retain_sets):
+            if s not in bench.data:
+                raise ValueError(f"retain_sets[{i}]: set {s!r} not found (have: {', '.join(sorted(bench.data))})")
+            sets[s] = bench.data[s]
+        return sets, fs, retain_sets, None, cfg.max_new_tokens or EVAL_MAX_NEW_TOKENS
+    cols = d.columns or None
+    full = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+    found: dict = {}
+    if d.source is not None:
+        from ..eval.tofu_data import find_tofu_eval_sets
+
+        found = dict(find_tofu_eval_sets(d.source, d.forget))
+    sets: dict = {}
+    fs = "forget"
+
+    def load(field: str, spec: str, require) -> list:
+        items = load_qa_data(d.source, spec, columns=cols, require=require, field=field, log=_log)
+        if not items:
+            raise ValueError(f"{field}: {spec} holds no items")
+        return items
+
+    sets[fs] = load("data.forget", found.get("forget", d.forget), full)
+    retain_sets: list = []
+    wanted = cfg.retain_sets
+    for key, req in (("retain", full), ("real_authors", ("question", "answer", "perturbed_answer")),
+                     ("world_facts", ("question", "answer", "perturbed_answer"))):
+        spec = found.get(key)
+        if key == "retain" and spec is None and d.retain is not None:
+            spec = d.retain
+        if spec is None or (wanted is not None and key not in wanted):
+            continue
+        sets[key] = load(f"data ({key})", spec, req)
+        retain_sets.append(key)
+    if wanted is not None:
+        for i, s in enumerate(wanted):
+            if s not in sets:
+                raise ValueError(f"retain_sets[{i}]: set {s!r} not found in {d.source or 'the data files'} "
+                                 f"(found: {', '.join(k for k in sets if k != fs) or 'none'})")
+    holdout = None
+    spec = d.holdout or found.get("holdout")
+    if spec is not None:
+        sets["holdout"] = load("data.holdout", spec, ("question", "answer"))
+        holdout = "holdout"
+    return sets, fs, retain_sets, holdout, cfg.max_new_tokens or 200
+
+
+def run_eval(cfg: EvalConfig) -> str:
+    from ..eval import evaluate_tofu
+
+    with _Job("eval", cfg) as run:
+        device, dtype = _device_dtype(cfg)
+        bench = _benchmark(cfg) if cfg.model == "embedded" or cfg.data.source == "embedded" else None
+        sets, fs, retain_sets, holdout, max_new = _eval_sets(cfg, bench)
+        ref = cfg.retain_model_eval
+        if ref == "embedded" or (ref is None and cfg.retain_model is None and cfg.data.source == "embedded"):
+            if bench is None or cfg.data.source != "embedded":
+                raise ValueError("retain_model_eval: 'embedded' needs data.source: embedded")
+            ref = bench.retain_eval_path
+        model, tok = _load_model(cfg, bench, device, dtype)
+        retain_model = None
+        if cfg.retain_model is not None:
+            retain_model, _ = _load_model(cfg, bench, device, dtype, name=cfg.retain_model)
+        _log(f"[eval] {fs}: {len(sets[fs])} items; utility sets: {', '.join(retain_sets) or 'none'}"
+             f"{'; holdout ' + str(len(sets[holdout])) if holdout else ''}; forget quality against "
+             f"{cfg.retain_model or ref or 'nothing (no retain model given)'}; {max_new} new tokens")
+        t0 = time.perf_counter()
+        with run.phase("eval"):
+            summary = evaluate_tofu(model, tok, sets, forget_split=fs, retain_sets=tuple(retain_sets),
+                                    holdout=holdout, retain_model_eval=ref, retain_model=retain_model,
+                                    batch_size=cfg.batch_size, max_new_tokens=max_new, out_dir=run.work,
+                                    progress=True)
+        for k in ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_truth_ratio", "forget_Q_A_ROUGE",
+                  "privleak"):
+            if k in summary:
+                _log(f"  {k:20s} {summary[k]:.4g}")
+        run.update(device=str(device), summary=summary)
+        _log(f"[eval] done in {time.perf_counter() - t0:.1f} s; wrote TOFU_EVAL.json, TOFU_SUMMARY.json")
+    return run.path
+
+
+def run_bench(cfg: BenchConfig) -> Optional[str]:
+    root = _source_root()
+    if root is None:
+        _log("[bench] the microbenchmarks live in bench/ of a source checkout of wagle-ext; this installation "
+             "has none (clone the repository and run `make bench` or `wagle bench` there)")
+        return None
+    out = os.path.abspath(cfg.out) if os.path.isabs(cfg.out) or cfg.out != BenchConfig.out else \
+        os.path.join(root, cfg.out)
+    os.makedirs(out, exist_ok=True)
+    env = {**os.environ, "WAGLE_BENCH_OUT": out}
+    extra = ["--device", cfg.device] if cfg.device != "cpu" else []
+    for s in cfg.scripts:
+        _log(f"[bench] {s}")
+        r = subprocess.run([sys.executable, os.path.join(root, "bench", s), *extra], cwd=root, env=env)
+        if r.returncode != 0:
+            raise ValueError(f"bench/{s} failed with exit status {r.returncode} (its output is above)")
+    _log(f"[bench] results (tables above, JSON) under {out}")
+    return out

@@ -1,0 +1,272 @@
+"""The pieces every ``wagle`` job is built from: the job's run directory and log
+(:class:`~wagle_ext.app.runs.RunDir`), device/dtype, the model and the data of a config, scores,
+masks and one unlearning run with :class:`~wagle_ext.unlearn.trainer.UnlearnTrainer` (progress lines,
+checkpoints, ``--resume``)."""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any, Optional, Sequence
+
+from .config import config_to_dict
+from .config import source_root as _source_root
+from .runs import RunDir, is_main_process
+
+__all__ = ["last_checkpoint"]
+
+_LOG_SINK: list = []  # the current job's RunDir (its log() prints and appends to log.txt)
+
+
+def _log(msg: str) -> None:
+    if _LOG_SINK:
+        _LOG_SINK[-1].log(msg)
+    elif is_main_process():
+        print(msg, flush=True)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _quiet_transformers() -> None:
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers is optional until a job needs it
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# shared pieces: run directory, device, model, data, masks, unlearning
+# ------------------------------------------------------------------------------------------------
+
+class _Job:
+    """One job's run: its :class:`RunDir` (``<out>.partial`` renamed to ``out`` on success), log sink,
+    threads and quiet transformers. ``with _Job(tag, cfg) as run:``."""
+
+    def __init__(self, tag: str, cfg: Any, *, resume: bool = False):
+        _set_threads(getattr(cfg, "num_threads", 1))
+        _quiet_transformers()
+        _init_distributed(cfg)
+        self.run = RunDir(cfg.out, overwrite=bool(getattr(cfg, "overwrite", False)), resume=resume, job=tag,
+                          config=config_to_dict(cfg), source_root=_source_root())
+
+    def __enter__(self) -> RunDir:
+        _LOG_SINK.append(self.run)
+        self.run.__enter__()
+        self.run.log(f"[{self.run.job}] writing to {self.run.work} (renamed to {self.run.path} when done)")
+        return self.run
+
+    def __exit__(self, *exc: Any) -> bool:
+        try:
+            return self.run.__exit__(*exc)
+        finally:
+            _LOG_SINK.remove(self.run)
+
+
+def _init_distributed(cfg: Any) -> None:
+    """Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) set up the process group before
+    anything else (``accelerate.PartialState``: gloo on CPU, NCCL on CUDA), so that the output
+    directory's checks and the data are coordinated across ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from accelerate import PartialState
+
+    device = getattr(cfg, "device", "auto")
+    PartialState(cpu=device == "cpu")
+
+
+def _device_dtype(cfg: Any):
+    from .loading import resolve_device, resolve_dtype
+
+    device = resolve_device(getattr(cfg, "device", "cpu"))
+    dtype = resolve_dtype(getattr(cfg, "dtype", "float32"), device)
+    return device, dtype
+
+
+def _benchmark(cfg: Any):
+    from .embedded_benchmark import load_or_build_benchmark
+
+    return load_or_build_benchmark(cfg.benchmark, cache_dir=cfg.cache_dir,
+                                   rebuild=bool(getattr(cfg, "rebuild", False)), log=_log)
+
+
+def _load_model(cfg: Any, bench: Any, device, dtype, name: Optional[str] = None):
+    """(model, tokenizer): the benchmark's target (``embedded``) or the user's model on ``device``."""
+    from .loading import check_vocab, load_model_and_tokenizer
+
+    name = cfg.model if name is None else name
+    if name == "embedded":
+        model = copy.deepcopy(bench.target).to(device=device, dtype=dtype)
+        tok = bench.tokenizer
+    else:
+        model, tok = load_model_and_tokenizer(name, cfg.tokenizer, device=device, dtype=dtype, log=_log)
+    check_vocab(model, tok)
+    return model, tok
+
+
+def _embedded_splits(bench: Any, d: Any) -> dict:
+    fs = d.forget or bench.config.forget_split
+    rs = d.retain or "retain" + str(100 - int(bench.config.forget_split[len("forget"):])).zfill(2)
+    return {"forget": fs, "retain": rs}
+
+
+def _load_data(cfg: Any, bench: Any, fields: Sequence[str] = ("forget", "retain")) -> dict:
+    """{field: items} for ``data.<field>`` (see :class:`DataConfig`); one-line errors name the field."""
+    from .loading import load_qa_data
+
+    d = cfg.data
+    out = {}
+    if d.source == "embedded":
+        names = _embedded_splits(bench, d)
+        for f in fields:
+            split = names[f]
+            if split not in bench.data:
+                raise ValueError(f"data.{f}: split {split!r} not found in the embedded benchmark "
+                                 f"(have: {', '.join(sorted(bench.data))})")
+            out[f] = bench.data[split]
+        return out
+    for f in fields:
+        spec = getattr(d, f)
+        if spec is None:
+            continue
+        items = load_qa_data(d.source, spec, columns=d.columns or None, field=f"data.{f}", log=_log)
+        if not items:
+            raise ValueError(f"data.{f}: {spec} holds no items")
+        out[f] = items
+    return out
+
+
+def _model_tokenizer_data(cfg: Any):
+    """(model, tokenizer, {"forget": items, "retain": items}, benchmark or None, device)."""
+    device, dtype = _device_dtype(cfg)
+    bench = _benchmark(cfg) if cfg.model == "embedded" or cfg.data.source == "embedded" else None
+    data = _load_data(cfg, bench)  # data errors before the (slow) model load
+    model, tok = _load_model(cfg, bench, device, dtype)
+    return model, tok, data, bench, device
+
+
+def _compute_scores(model, tok, forget, retain, kind: str, gamma: float, seed: int = 0,
+                    max_batches: Optional[int] = None, batch_size: int = 1, progress: bool = False):
+    from torch.utils.data import DataLoader
+
+    from ..attribution import score_model
+    from ..unlearn.data import QACollator
+
+    coll = QACollator(tok)
+    fl = DataLoader(forget, batch_size=batch_size, collate_fn=coll)
+    rl = DataLoader(retain, batch_size=batch_size, collate_fn=coll)
+    return score_model(model, fl, rl, kind=kind, gamma=gamma, seed=seed, max_batches=max_batches,
+                       progress=progress)
+
+
+def _build_mask(model, tok, forget, retain, kind: str, ratio: float, gamma: float, seed: int = 0,
+                scope: str = "global", max_batches: Optional[int] = None):
+    from ..masks import build_mask
+
+    scores = _compute_scores(model, tok, forget, retain, kind, gamma, seed=seed, max_batches=max_batches)
+    mask = build_mask(scores, ratio, scope=scope, model=model)
+    return scores, mask
+
+
+class _ProgressCallback:
+    """One plain line per logged step: ``[unlearn] step 10/40  loss 1.2345  grad_norm 0.88  lr 1e-05
+    12.3 s elapsed, ETA 36.9 s`` (through the job's log, so it lands in ``log.txt`` too)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        import transformers
+
+        class _CB(transformers.TrainerCallback):
+            def __init__(self):
+                self.t0 = None
+                self.step0 = 0
+
+            def on_train_begin(self, args, state, control, **kw):
+                self.t0 = time.perf_counter()
+                self.step0 = state.global_step
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if not state.is_world_process_zero or not logs or "loss" not in logs:
+                    return
+                done = state.global_step - self.step0
+                elapsed = time.perf_counter() - self.t0
+                eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+                parts = [f"loss {logs['loss']:.4f}"]
+                if logs.get("grad_norm") is not None:
+                    parts.append(f"grad_norm {float(logs['grad_norm']):.3g}")
+                if "learning_rate" in logs:
+                    parts.append(f"lr {float(logs['learning_rate']):.3g}")
+                _log(f"[unlearn] step {state.global_step}/{state.max_steps}  " + "  ".join(parts) +
+                     f"  {elapsed:.1f} s elapsed, ETA {eta:.1f} s")
+
+            def on_save(self, args, state, control, **kw):
+                if _LOG_SINK:
+                    _LOG_SINK[-1].keep_on_failure()  # checkpoints are kept for --resume if the run dies
+                if state.is_world_process_zero:
+                    _log(f"[unlearn] checkpoint at step {state.global_step}")
+
+        return _CB()
+
+
+def last_checkpoint(directory: str) -> Optional[str]:
+    """The newest complete ``checkpoint-N`` under ``directory`` (``trainer_state.json`` is written
+    last, so a checkpoint cut short by a kill is skipped), or None."""
+    if not os.path.isdir(directory):
+        return None
+    best = None
+    for name in os.listdir(directory):
+        if not name.startswith("checkpoint-") or not name[len("checkpoint-"):].isdigit():
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            n = int(name[len("checkpoint-"):])
+            if best is None or n > best[0]:
+                best = (n, path)
+    return best[1] if best else None
+
+
+def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, objective_kwargs=None, *,
+             device=None, run: Optional[RunDir] = None, resume: bool = False, demo: bool = False):
+    """Unlearn ``model`` in place with :class:`UnlearnTrainer`; returns the trainer's final log."""
+    import transformers
+
+    from ..unlearn.data import ForgetRetainDataset, QACollator
+    from ..unlearn.trainer import UnlearnTrainer
+
+    kw = dict(objective_kwargs or {})
+    kw.setdefault("alpha", u.alpha)
+    if objective.lower() in ("npo", "simnpo", "tnpo", "wtnpo", "dpo"):
+        kw.setdefault("beta", u.npo_beta)
+    save = u.save_steps > 0 and not demo
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=u.batch_size, learning_rate=u.learning_rate,
+        max_steps=u.steps, lr_scheduler_type="constant", warmup_steps=0, weight_decay=u.weight_decay,
+        max_grad_norm=u.max_grad_norm, logging_steps=u.logging_steps or max(1, u.steps // 10),
+        save_strategy="steps" if save else "no", save_steps=u.save_steps if save else 500,
+        save_total_limit=u.save_total_limit if save else None, report_to=[],
+        use_cpu=device is None or device.type == "cpu", seed=u.seed, data_seed=u.seed, disable_tqdm=True)
+    ds = ForgetRetainDataset(forget, retain, seed=u.seed, refusal=objective.lower() in ("po", "idkpo", "dpo"))
+    # compact gradients keep only masked entries: dense (mask-free) runs always use dense gradients
+    compact = mask is not None and u.grad_mode == "compact"
+    trainer = UnlearnTrainer(model=model, args=args, objective=objective, objective_kwargs=kw, mask=mask,
+                             train_dataset=ds, data_collator=QACollator(tok),
+                             grad_mode="compact" if compact else "dense",
+                             step_in_backward=compact and u.step_in_backward)
+    trainer.remove_callback(transformers.PrinterCallback)  # our own progress lines instead of raw log dicts
+    if not demo:
+        trainer.add_callback(_ProgressCallback())
+    checkpoint = None
+    if resume:
+        checkpoint = last_checkpoint(out_dir)
+        if checkpoint is None:
+            raise ValueError(f"resume: no complete checkpoint under {out_dir} (was --unlearn.save_steps set?)")
+        _log(f"[unlearn] resuming from {checkpoint}")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    model.eval()
+    return {"train_loss": float(result.training_loss), "log_history": trainer.state.log_history,
+            "trainer": trainer}
