@@ -259,7 +259,11 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
                              step_in_backward=compact and u.step_in_backward)
     trainer.remove_callback(transformers.PrinterCallback)  # our own progress lines instead of raw log dicts
     if not demo:
+        from ..masks import format_trainable_report
+
         trainer.add_callback(_ProgressCallback())
+        if trainer.trainable_report is not None:  # what will move, honestly counted (frozen = bit-identical)
+            _log("[unlearn] " + format_trainable_report(trainer.trainable_report))
     checkpoint = None
     if resume:
         checkpoint = last_checkpoint(out_dir)

@@ -268,7 +268,8 @@ def greedy_generate(model: Any, tokenizer: Any, questions: Sequence[str], batch_
     Prompts are formatted by ``collator`` (default ``QACollator(tokenizer)``), so they match training. The
     left-padded batch is built here from token ids with an attention mask (the tokenizer is never changed,
     so its ``padding_side`` is untouched); HF ``generate`` derives position ids from the mask, so a batched
-    answer equals the one-by-one answer. Generation stops at the model's ``generation_config`` eos ids or the
+    answer equals the one-by-one answer. Generation stops at the model's ``generation_config`` eos ids, the collator's
+    ``stop_token_ids`` (the template's end-of-turn tokens) or the
     tokenizer's eos; the text is decoded up to the first eos, without special tokens, stripped.
 
     Args:
@@ -289,7 +290,10 @@ def greedy_generate(model: Any, tokenizer: Any, questions: Sequence[str], batch_
     eos_ids: list[int] = []
     gen_cfg = getattr(model, "generation_config", None)
     cfg_eos = getattr(gen_cfg, "eos_token_id", None)
-    for e in (cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]) + [tokenizer.eos_token_id]:
+    # + the template's end-of-turn tokens (ChatML's <|im_end|> when eos is <|endoftext|>): where training
+    # ended every answer
+    for e in (cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]) + [tokenizer.eos_token_id] + \
+            list(collator.stop_token_ids):
         if e is not None and int(e) not in eos_ids:
             eos_ids.append(int(e))
     pad = collator.pad_token_id
