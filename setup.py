@@ -14,6 +14,7 @@ that is already installed.
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -37,6 +38,23 @@ def _want_cuda(torch_mod, cuda_home):
                 f"(torch.version.cuda={torch_mod.version.cuda!r}, CUDA_HOME={cuda_home!r})")
         return True
     return available
+
+
+# nvcc options that break the CUDA kernels' bit-exactness with the CPU ops (docs/pitfalls.md K20):
+# approximate division / square root, and flushing denormals to zero, which no intrinsic undoes
+# (-ftz=true turns even __fmul_rn into mul.rn.ftz.f32). nvcc 13 defines no macro for them, so the
+# sources cannot refuse them (device_common.cuh does where __USE_FAST_MATH__ is defined).
+_INEXACT_NVCC_FLAGS = re.compile(
+    r"(?:^|\s)(--?use[_-]fast[_-]math\b|--?ftz(?:=|\s+)true\b|--?prec[_-](?:div|sqrt)(?:=|\s+)false\b)")
+
+
+def check_nvcc_flags(flags: str) -> None:
+    """Raise if NVCC_FLAGS would make the CUDA kernels inexact (see _INEXACT_NVCC_FLAGS)."""
+    m = _INEXACT_NVCC_FLAGS.search(flags)
+    if m:
+        raise RuntimeError(f"NVCC_FLAGS contains {m.group(1).strip()!r}: the CUDA kernels must use IEEE division "
+                           "and square root and keep denormals (scores, radix keys and AdamW are compared bit "
+                           "for bit with the CPU ops); remove it")
 
 
 def get_extensions():
@@ -79,6 +97,7 @@ def get_extensions():
                         glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         define_macros.append(("WAGLE_WITH_CUDA", None))
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] if not debug else ["-O0", "-g", "-G"]
+        check_nvcc_flags(os.environ.get("NVCC_FLAGS", ""))
         nvcc += os.environ.get("NVCC_FLAGS", "").split()
         extra["nvcc"] = nvcc
         print("wagle-ext: building CUDA kernels")

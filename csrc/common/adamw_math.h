@@ -48,14 +48,19 @@ struct AdamwCoeffs {
   float b2;             // float(beta2)
 };
 
+// The step-dependent part of the coefficients, split so that a per-step table can cache the two
+// pow() calls by (beta1, beta2, step) and apply lr per call (csrc/cuda/host_plan.h): the values
+// are those of adamw_coeffs() bit for bit, because adamw_coeffs() is built from these.
+WAGLE_HD double adamw_bc1(double beta1, double step) { return 1.0 - pow(beta1, step); }
+WAGLE_HD float adamw_bc2_sqrt(double beta2, double step) { return (float)sqrt(1.0 - pow(beta2, step)); }
+WAGLE_HD float adamw_neg_step_size(double lr, double bc1) { return (float)(-(lr / bc1)); }
+
 // Coefficients for `step` (already incremented, >= 1), computed in double once like torch.
 WAGLE_HD AdamwCoeffs adamw_coeffs(double lr, double beta1, double beta2, double weight_decay,
                                   double eps, double step) {
   AdamwCoeffs c;
-  const double bc1 = 1.0 - pow(beta1, step);
-  const double bc2 = 1.0 - pow(beta2, step);
-  c.neg_step_size = (float)(-(lr / bc1));
-  c.bc2_sqrt = (float)sqrt(bc2);
+  c.neg_step_size = adamw_neg_step_size(lr, adamw_bc1(beta1, step));
+  c.bc2_sqrt = adamw_bc2_sqrt(beta2, step);
   c.eps = (float)eps;
   c.decay = (float)(1.0 - lr * weight_decay);
   c.w1 = (float)(1.0 - beta1);

@@ -259,11 +259,19 @@ inline bool check_step_offsets(const at::Tensor& offs, int64_t nnz, size_t i, co
 
 // The values of step_offsets[i] in host memory: each in [0, step), so every element's own step count
 // `step - offset` is >= 1 (the CUDA and Triton kernels flag the same condition on the device).
+// Each tensor against ITS OWN step, never the largest step of the list.
 inline void check_step_offset_values(const int32_t* offs, int64_t nnz, double step, size_t i) {
   int64_t bad = 0;
   for (int64_t k = 0; k < nnz; ++k) bad += (offs[k] < 0 || static_cast<double>(offs[k]) >= step) ? 1 : 0;
   TORCH_CHECK_VALUE(bad == 0, "masked_adamw_: ", bad, " step_offsets[", i, "] entries are outside [0, step) (step ",
                     step, ")");
+}
+
+// The same condition from the range [lo, hi] of step_offsets[i] (nnz > 0), for callers that keep
+// the range and not the values (the CUDA bindings read it from the device once per offsets tensor).
+inline void check_step_offset_range(int64_t lo, int64_t hi, double step, size_t i) {
+  TORCH_CHECK_VALUE(lo >= 0 && static_cast<double>(hi) < step, "masked_adamw_: step_offsets[", i,
+                    "] entries are outside [0, step) (range [", lo, ", ", hi, "], step ", step, ")");
 }
 
 // ---- gather_masked_ --------------------------------------------------------------------------------

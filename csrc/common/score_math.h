@@ -81,12 +81,23 @@ WAGLE_HD float fp16_bits_to_float(uint16_t h) {
 
 WAGLE_HD float abs_f(float x) { return bits_float(float_bits(x) & 0x7FFFFFFFu); }
 
+// IEEE round-to-nearest division on both sides. On the device, __fdiv_rn keeps it IEEE even if
+// NVCC_FLAGS add -prec-div=false or --use_fast_math (which turn `/` into div.approx; docs/pitfalls.md
+// K20); flushing of denormals (-ftz=true) cannot be undone here and is refused by setup.py.
+WAGLE_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
 // The score formulas. Division (not multiplication by a reciprocal) so results are bit-identical
 // to the PyTorch reference expression `(w - g_r / gamma) * g_f`.
 template <int Kind>
 WAGLE_HD float attribution_score(float w, float gf, float gr, float h, float gamma, float eps) {
-  if (Kind == kScoreWagle) return abs_f((w - gr / gamma) * gf);
-  if (Kind == kScoreWagleHessian) return abs_f((w - gr / (h + eps)) * gf);
+  if (Kind == kScoreWagle) return abs_f((w - div_rn(gr, gamma)) * gf);
+  if (Kind == kScoreWagleHessian) return abs_f((w - div_rn(gr, h + eps)) * gf);
   if (Kind == kScoreSnip) return abs_f(w * gf);
   if (Kind == kScoreGradient) return abs_f(gf);
   return abs_f(w);  // kScoreMagnitude

@@ -4,7 +4,9 @@
 // Grid-stride over 8-element vectors (16-byte loads: 2 x float4 for fp32, 1 x uint4 for bf16/fp16)
 // when every pointer is 16-byte aligned, else scalar loads; int64 indices throughout. The
 // histogram is a 2049-bin uint32 array in shared memory per block (8 KB), flushed once per block
-// with atomicAdd on the nonzero bins; the all-zero bucket is counted in a register.
+// with atomicAdd on the nonzero bins; the all-zero bucket is counted in a register, and lanes of a
+// warp that hit the same bucket add once together (__match_any_sync, hist_add_warp_aggregated), so
+// clustered scores do not serialise on one shared counter. An empty hist (null) skips all of it.
 // Bytes per element (fp32): 16 for wagle (w, g_f, g_r read; score written), 20 with a Hessian.
 #include "cuda/device_common.cuh"
 
@@ -14,16 +16,20 @@ namespace {
 
 template <int Kind, int DW, int DG>
 __global__ void __launch_bounds__(kThreads)
-    score_kernel(const void* __restrict__ w, const void* __restrict__ gf, const void* __restrict__ gr,
-                 const void* __restrict__ h, float gamma, float eps, float* __restrict__ out, int64_t n,
-                 bool vec, unsigned long long* __restrict__ hist) {
+    // No __restrict__: with inplace scoring `out` IS `gf` (attribution_scores(out=grads_forget)),
+    // and restrict on aliasing pointers lets nvcc use non-coherent loads (docs/pitfalls.md K21).
+    score_kernel(const void* w, const void* gf, const void* gr, const void* h, float gamma, float eps, float* out,
+                 int64_t n, bool vec, unsigned long long* hist) {
   constexpr bool kNeedW = Kind != kScoreGradient;
   constexpr bool kNeedGf = Kind != kScoreMagnitude;
   constexpr bool kNeedGr = Kind == kScoreWagle || Kind == kScoreWagleHessian;
   constexpr bool kNeedH = Kind == kScoreWagleHessian;
+  const bool want_hist = hist != nullptr;  // null: scores only (an empty hist tensor), no histogram work
   __shared__ uint32_t sh[kHistSize];
-  for (int i = threadIdx.x; i < kHistSize; i += blockDim.x) sh[i] = 0;
-  __syncthreads();
+  if (want_hist) {
+    for (int i = threadIdx.x; i < kHistSize; i += blockDim.x) sh[i] = 0;
+    __syncthreads();
+  }
   uint32_t zeros = 0;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -37,15 +43,18 @@ __global__ void __launch_bounds__(kThreads)
       if (kNeedGr) load8_f<DG>(gr, v, grv);
       if (kNeedH) load8_f<DG>(h, v, hv);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        s[j] = ::wagle::attribution_score<Kind>(wv[j], gfv[j], grv[j], hv[j], gamma, eps);
-        const uint32_t b = score_bucket(s[j]);
-        if (b == kZeroBucket) ++zeros;
-        else atomicAdd(sh + b, 1u);
-      }
+      for (int j = 0; j < 8; ++j) s[j] = ::wagle::attribution_score<Kind>(wv[j], gfv[j], grv[j], hv[j], gamma, eps);
       float4* o = reinterpret_cast<float4*>(out) + 2 * v;
       o[0] = make_float4(s[0], s[1], s[2], s[3]);
       o[1] = make_float4(s[4], s[5], s[6], s[7]);
+      if (want_hist) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const uint32_t b = score_bucket(s[j]);
+          if (b == kZeroBucket) ++zeros;
+          else hist_add_warp_aggregated(sh, b);
+        }
+      }
     }
     scalar_begin = nv * 8;
   }
@@ -56,13 +65,16 @@ __global__ void __launch_bounds__(kThreads)
     const float hv = kNeedH ? load_f<DG>(h, i) : 0.f;
     const float s = ::wagle::attribution_score<Kind>(wv, gfv, grv, hv, gamma, eps);
     out[i] = s;
-    const uint32_t b = score_bucket(s);
-    if (b == kZeroBucket) ++zeros;
-    else atomicAdd(sh + b, 1u);
+    if (want_hist) {
+      const uint32_t b = score_bucket(s);
+      if (b == kZeroBucket) ++zeros;
+      else hist_add_warp_aggregated(sh, b);
+    }
   }
+  if (!want_hist) return;
   if (zeros) atomicAdd(sh + kZeroBucket, zeros);
   __syncthreads();
-  if (hist != nullptr) flush_hist(sh, hist);  // null: scores only (an empty hist tensor)
+  flush_hist(sh, hist);
 }
 
 bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

@@ -3,6 +3,14 @@
 // CPU kernels so the CPU tests exercise it.
 #pragma once
 #include <cuda_runtime.h>
+
+// Scores, radix keys and the AdamW update are bit-identical to the CPU ops only with IEEE division
+// and square root and without flushing denormals (docs/pitfalls.md K20). Older nvcc define
+// __USE_FAST_MATH__ under --use_fast_math; nvcc 13 defines nothing for it or for -ftz=true, so
+// setup.py also refuses such NVCC_FLAGS, and the divisions of common/score_math.h use __fdiv_rn.
+#if defined(__USE_FAST_MATH__) || defined(__FAST_MATH__)
+#error "wagle CUDA kernels must not be built with --use_fast_math: scores and AdamW must stay bit-exact"
+#endif
 #include <stdint.h>
 
 #include "common/score_math.h"
@@ -101,6 +109,16 @@ __device__ __forceinline__ uint32_t load_word32(const uint8_t* bits, int64_t e, 
   const int64_t cnt = n - e;
   if (cnt < 32) w &= (1u << cnt) - 1u;
   return w;
+}
+
+// sh[b] += 1 for every active lane of the warp: lanes holding the same bucket add once, together
+// (one shared atomic per distinct bucket per warp instead of one per lane: clustered scores hit
+// few buckets). Call from any branch; __activemask() is the set of lanes executing the call.
+__device__ __forceinline__ void hist_add_warp_aggregated(uint32_t* sh, uint32_t b) {
+  const unsigned active = __activemask();
+  const unsigned peers = __match_any_sync(active, b);
+  if ((threadIdx.x & (kWarp - 1)) == static_cast<unsigned>(__ffs(peers) - 1))
+    atomicAdd(sh + b, static_cast<uint32_t>(__popc(peers)));
 }
 
 // Flushes a block's shared 2049-bin uint32 histogram into the global int64 one (nonzero bins).

@@ -12,11 +12,10 @@
 #include <stdint.h>
 
 #include "common/adamw_math.h"
+#include "cuda/kernel_args.h"
 
 namespace wagle {
 namespace cuda {
-
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // ---- attribution scores (attribution_score.cu) ------------------------------------------------
 // out[i] = attribution_score<kind>(w[i], gf[i], gr[i], h[i]) (common/score_math.h) for i < n, and
@@ -58,40 +57,7 @@ cudaError_t unpack_bits(const uint8_t* bits, int64_t n, uint8_t* mask, cudaStrea
 cudaError_t popcount_bits(const uint8_t* bits, int64_t n, unsigned long long* count,
                           cudaStream_t stream);
 
-// ---- masked AdamW (masked_adamw.cu) -----------------------------------------------------------
-// One tensor of a masked_adamw_ list, as the kernel reads it from device memory (the launcher
-// copies an array of these, one per tensor, to the device before the single launch).
-struct AdamwTensorMeta {
-  void* p;                 // params (DType of the call), n elements, contiguous
-  void* g;                 // grads, same dtype and size (written back with grad_scale); with
-                           // AdamwListArgs::compact_grads float32[nnz] at the compact slot
-  float* m;                // compact exp_avg, nnz entries
-  float* v;                // compact exp_avg_sq, nnz entries
-  float* vmax;             // compact max_exp_avg_sq (amsgrad), else null
-  const uint8_t* bits;     // PackedMask bits, ceil(n/8) bytes; null: dense (nnz == n)
-  const int64_t* dir;      // chunk directory, ceil(n/4096)+1 entries; null when dense
-  const int32_t* offsets;  // per-element step offsets (nnz), or null
-  int64_t n;               // elements
-  int64_t nnz;             // entries of m/v (slots are kept below it whatever dir says)
-  int64_t tail_start;      // elements >= tail_start use torch's scalar-tail form of v
-  int64_t chunk_begin;     // first global chunk (= block index) of this tensor; increasing
-  int64_t step_int;        // integral step, for step_table lookups with offsets
-  AdamwCoeffs c;           // host-computed coefficients of the tensor's step (adamw_coeffs)
-  int32_t decay_all;       // weight_decay_mode="all" and decay != 1: p *= decay on unselected
-};
-
-// Per-call arguments shared by every tensor of the list.
-struct AdamwListArgs {
-  const float* grad_scale;  // device float32 scalar, or null
-  const float* found_inf;   // device float32 scalar, or null (== 1: the kernel does nothing)
-  const float* step_table;  // device float32 [table_len][2]: (neg_step_size, bc2_sqrt) of step s
-  int64_t table_len;        // rows of step_table (0 without per-element offsets)
-  int* error;               // device int32[2], ADDED to: [0] chunks whose dir disagrees with the
-                            // bits, [1] elements whose step offset is outside [0, step)
-  bool maximize;
-  bool compact_grads;       // grads are float32[nnz] indexed like m/v (gather_masked's layout)
-};
-
+// ---- masked AdamW (masked_adamw.cu): AdamwTensorMeta, AdamwListArgs in cuda/kernel_args.h ----------
 // One masked AdamW step over num_tensors tensors of one dtype in ONE launch (one block per
 // 4096-element chunk; total_chunks = sum of ceil(n/4096) over the tensors that have work, and
 // meta[i].chunk_begin their prefix sums). Same arithmetic as the CPU op, bit for bit.

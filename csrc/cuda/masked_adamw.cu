@@ -4,7 +4,8 @@
 // Multi-tensor launch: the launcher (bindings.cpp) copies an array of AdamwTensorMeta (pointers,
 // sizes, host-computed coefficients, the tensor's first global chunk) to the device; block b
 // handles global chunk b (4096 elements) and finds its tensor by binary search over chunk_begin.
-// ~300 tensors therefore cost one launch, one small H2D copy and one 8-byte D2H flag read.
+// ~300 tensors therefore cost one launch and one small H2D copy; the error flag is read back only in
+// checked calls (bindings.cpp: the host validated the directories and offsets before the launch).
 //
 // Within a chunk (128 threads = 4 warps, warp q owns elements [1024q, 1024q+1024)): lane l loads
 // 32-bit mask word l of its quarter, popcounts it, and a warp inclusive scan (shfl_up) gives each
@@ -26,8 +27,10 @@
 // __fsqrt_rn, __fadd_rn): nvcc would otherwise contract p*decay into the final add (the CPU code
 // stops GCC doing the same with adamw_no_contract), and the intrinsics keep IEEE division and
 // square root even if NVCC_FLAGS adds -prec-div=false / -prec-sqrt=false. Denormals must not be
-// flushed: the build (setup.py) does not pass -ftz=true or --use_fast_math (which implies it);
-// tests/test_cuda.py compares with the CPU op bit for bit, denormal-range values included.
+// flushed, and no intrinsic can prevent that (-ftz=true turns __fmul_rn into mul.rn.ftz.f32): setup.py
+// refuses NVCC_FLAGS that flush or approximate (docs/pitfalls.md K20), device_common.cuh stops a
+// build whose nvcc defines __USE_FAST_MATH__, and the GPU tests compare with the CPU op bit for bit,
+// denormal-range values included.
 #include <cuda_fp16.h>
 
 #include "common/adamw_math.h"
@@ -111,7 +114,7 @@ __global__ void __launch_bounds__(kAdamwThreads)
   }
   const int64_t k0 = dense ? chunk * kDirChunk : t.dir[chunk];
   const int64_t k1 = dense ? k0 + chunk_total : t.dir[chunk + 1];
-  if (!dense && threadIdx.x == 0 && (k1 - k0 != chunk_total || k0 < 0 || k1 > t.nnz))
+  if (!dense && threadIdx.x == 0 && a.error != nullptr && (k1 - k0 != chunk_total || k0 < 0 || k1 > t.nnz))
     atomicAdd(a.error, 1);  // directory disagrees with the bits: flagged, slots kept in bounds
   const int64_t lo = k0 > 0 ? k0 : 0;
   const int64_t hi = k1 < t.nnz ? k1 : t.nnz;
@@ -134,15 +137,17 @@ __global__ void __launch_bounds__(kAdamwThreads)
     if (k < lo || k >= hi) continue;  // corrupt directory (flagged above): never out of bounds
     AdamwCoeffs c = c0;
     if (t.offsets != nullptr) {
-      // Per-element step (after set_masks): coefficients from the host table, computed there with
-      // the same adamw_coeffs() as the CPU op's per-element path.
-      const int64_t s = t.step_int - static_cast<int64_t>(t.offsets[k]);
-      if (s < 1 || s >= a.table_len) {
-        atomicAdd(a.error + 1, 1);
+      // Per-element step (after set_masks): coefficients from the host table of the steps the
+      // offsets reach (rows table_lo ..), computed there with adamw_coeffs()'s own formulas. The
+      // offset is checked against THIS tensor's step (the host did so too, from its range).
+      const int64_t off = static_cast<int64_t>(t.offsets[k]);
+      const int64_t r = t.step_int - off - a.table_lo;
+      if (off < 0 || off >= t.step_int || r < 0 || r >= a.table_len) {
+        if (a.error != nullptr) atomicAdd(a.error + 1, 1);
         continue;
       }
-      c.neg_step_size = a.step_table[2 * s];
-      c.bc2_sqrt = a.step_table[2 * s + 1];
+      c.neg_step_size = a.step_table[2 * r];
+      c.bc2_sqrt = a.step_table[2 * r + 1];
     }
     // Compact grads (gather_masked's layout): float32 at the slot k, like m/v.
     float g = a.compact_grads ? static_cast<const float*>(t.g)[k] : load_f<D>(t.g, e);

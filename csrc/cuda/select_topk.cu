@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const uint32_t key = float_key(x);
     if (prefix_bits > 0 && (key >> (32 - prefix_bits)) != prefix) continue;
-    atomicAdd(sh + ((key >> shift) & digit_mask), 1u);
+    hist_add_warp_aggregated(sh, (key >> shift) & digit_mask);  // lanes with one digit add once
   }
   // NaN scores are counted only by the top-level (prefix_bits == 0) histogram.
   if (prefix_bits == 0 && nans) atomicAdd(sh + kHistNaN, nans);

@@ -6,6 +6,7 @@ spec); this module checks the lists a caller passes and picks the back end.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -66,6 +67,49 @@ def masked_adamw_chunk_offsets(bits: torch.Tensor, numel: int) -> torch.Tensor:
     out = torch.zeros(nchunks + 1, dtype=torch.int64, device=bits.device)
     torch.cumsum(counts, 0, out=out[1:])
     return out
+
+
+# (bits, directory) pairs on a GPU already checked against each other: id(directory) ->
+# (weakref(directory), weakref(bits), versions and data pointers of both, nnz). Reading a device
+# directory is a synchronisation, so each pair is checked once (MaskedAdamW passes the same tensors
+# every step) and again only after an in-place change (version counter) or a new storage.
+_CHECKED_DIRS: dict = {}
+
+
+def _stamp(t: torch.Tensor):
+    try:
+        return (t._version, t.data_ptr(), t.numel())
+    except RuntimeError:  # inference tensors have no version counter: never cached
+        return None
+
+
+def _directory_nnz(bits: torch.Tensor, d: torch.Tensor, numel: int, name: str) -> int:
+    """nnz of a mask's directory, after checking the directory against the bits when they live on a
+    GPU: dir[0] == 0, every chunk's count equal to its bits' popcount (padding bits beyond ``numel``
+    not counted, as the kernels never read them), hence dir[-1] == nnz. Raises ValueError before any
+    kernel runs, like the CPU op; cached per (bits, directory). On the CPU the op checks the values
+    itself (host memory), so only dir[-1] is read here."""
+    if d.device.type == "cpu":
+        return int(d[-1])
+    key = id(d)
+    sd, sb = _stamp(d), _stamp(bits)
+    e = _CHECKED_DIRS.get(key)
+    if e is not None and sd is not None and sb is not None and e[0]() is d and e[1]() is bits \
+            and e[2] == sd and e[3] == sb:
+        return e[4]
+    b = bits
+    if numel % 8 and b.numel():
+        b = bits.clone()
+        b[-1:] &= (1 << (numel % 8)) - 1
+    want = masked_adamw_chunk_offsets(b, numel)
+    if not torch.equal(want, d):
+        raise ValueError(f"{name} do not match the mask bits (dir[0] must be 0 and each entry the number of "
+                         "selected elements before its chunk: rebuild it with masked_adamw_chunk_offsets)")
+    nnz = int(want[-1])
+    if sd is not None and sb is not None:
+        _CHECKED_DIRS[key] = (weakref.ref(d, lambda _r, k=key: _CHECKED_DIRS.pop(k, None)), weakref.ref(bits),
+                              sd, sb, nnz)
+    return nnz
 
 
 def masked_adamw_(
@@ -150,10 +194,8 @@ def masked_adamw_(
     empty_i32 = torch.empty(0, dtype=torch.int32, device=device)
     work_p, work_g, copy_back = [], [], []
     bits_l, dir_l, offs_l = [], [], []
-    # GPU kernels check the directory against the bits and the state size on the device
-    # (bounded slots, one flag read per call), so do not read dir[-1] here: that would be one
-    # device synchronisation per tensor.
-    nnz_on_device = device.type == "cuda" and resolve_backend("masked_adamw_", device) in ("cuda", "triton")
+    # On a GPU the directory is checked against the bits here, once per (bits, directory) pair
+    # (_directory_nnz, cached), so a bad directory raises before any kernel touches the state.
     for i, (p, g) in enumerate(zip(params, grads)):
         check_float(p, f"params[{i}]")
         if p.dtype != dtype:
@@ -179,7 +221,9 @@ def masked_adamw_(
             nch = (numel + MASKED_ADAMW_CHUNK - 1) // MASKED_ADAMW_CHUNK
             if d.dtype != torch.int64 or d.numel() != nch + 1:
                 raise ValueError(f"chunk_offsets[{i}] must be int64[{nch + 1}] (masked_adamw_chunk_offsets)")
-            nnz = exp_avgs[i].numel() if nnz_on_device else int(d[-1])  # see nnz_on_device
+            if d.device != device or b.device != device:
+                raise ValueError(f"mask_bits[{i}] and chunk_offsets[{i}] must be on {device}")
+            nnz = _directory_nnz(b, d, numel, f"chunk_offsets[{i}]")
         for name, st in (("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])) + (
                 (("max_exp_avg_sqs", max_exp_avg_sqs[i]),) if amsgrad else ()):
             if st.dtype != torch.float32 or st.numel() != nnz or not st.is_contiguous():
@@ -253,7 +297,7 @@ def gather_masked(
             raise ValueError(f"chunk_offsets must be int64[{nch + 1}] (masked_adamw_chunk_offsets of bits)")
         if bits.device != src.device or chunk_offsets.device != src.device:
             raise ValueError(f"bits and chunk_offsets must be on {src.device} like src")
-        nnz = None if src.device.type == "cuda" and out is not None else int(chunk_offsets[-1])
+        nnz = _directory_nnz(bits, chunk_offsets, n, "chunk_offsets")
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs out=")
