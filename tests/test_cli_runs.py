@@ -226,18 +226,16 @@ def _weights(path):
 
 
 @pytest.mark.parametrize("grad_mode", ["dense", "compact"])
-def test_resume_after_sigkill_is_bit_identical(user_files, tmp_path, grad_mode):
+def test_resume_after_sigkill_is_bit_identical(user_files, tmp_path, grad_mode, capsys):
     d = user_files
     mdir = tmp_path / "mask"
     assert main(["mask", *_common(d), "--kind", "magnitude", "--ratio", "0.3", "--out", str(mdir)]) == 0
-    steps = 40
+    steps = 30
     args = ["unlearn", *_common(d), "--mask", str(mdir / "mask.safetensors"), "--objective", "npo",
             "--unlearn.steps", str(steps), "--unlearn.batch_size", "2", "--unlearn.learning_rate", "1e-2",
             "--unlearn.weight_decay", "0.1", "--unlearn.grad_mode", grad_mode, "--unlearn.save_steps", "2"]
     ref = tmp_path / "uninterrupted"
-    p = _wagle([*args, "--out", str(ref)])
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out
+    assert main([*args, "--out", str(ref)]) == 0
 
     killed = tmp_path / "killed"
     partial = tmp_path / "killed.partial"
@@ -259,13 +257,10 @@ def test_resume_after_sigkill_is_bit_identical(user_files, tmp_path, grad_mode):
     assert ckpt is not None and not killed.exists() and partial.is_dir()
 
     # a plain rerun refuses to touch the interrupted run
-    r = _wagle([*args, "--out", str(killed)])
-    o, _ = r.communicate(timeout=300)
-    assert r.returncode == 1 and "--resume" in o, o
-    r = _wagle([*args, "--out", str(killed), "--resume"])
-    o, _ = r.communicate(timeout=600)
-    assert r.returncode == 0, o
-    assert "resuming from" in o
+    assert main([*args, "--out", str(killed)]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
     a, b = _weights(ref), _weights(killed)
     assert a.keys() == b.keys()
     for k in a:
@@ -335,3 +330,37 @@ def test_readme_worked_example_runs(user_files, tmp_path, monkeypatch, capsys):
         assert main(c[1:]) == 0, (c, capsys.readouterr().err)
     summary = json.loads((tmp_path / "runs" / "eval" / "TOFU_SUMMARY.json").read_text())
     assert "forget_Q_A_Prob" in summary and "model_utility" in summary
+
+
+# ------------------------------------------------------------------------------------------------
+# wagle eval on TOFU-format files, default protocol
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["official", "multi_array", "prompt_response"])
+def test_wagle_eval_on_tofu_files_defaults_to_the_full_protocol(user_files, tmp_path, variant):
+    from test_ou_parity import OU_NINE, _tofu_sets, _write_layout
+
+    _write_layout(tmp_path / "tofu", _tofu_sets(), variant)
+    retain_dir = tmp_path / "retain-model"
+    tok = char_tokenizer()
+    torch.manual_seed(1)
+    tiny_llama(len(tok), hidden=16, layers=1, heads=2, intermediate=32).save_pretrained(retain_dir)
+    tok.save_pretrained(retain_dir)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(user_files / "my-llama"), "--data.source", str(tmp_path / "tofu"),
+                 "--retain_model", str(retain_dir), "--max_new_tokens", "4", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
+    logs = json.loads((out / "TOFU_EVAL.json").read_text())
+    assert set(logs["model_utility"]["components"]) == set(OU_NINE)
+    assert {"model_utility", "forget_quality", "mia_min_k", "privleak"} <= set(summary)
+    run = json.loads((out / "run.json").read_text())
+    assert run["summary"]["model_utility"] == summary["model_utility"]
+
+    # the retain model's saved evaluation is refused for another forget set
+    other = tmp_path / "tofu2"
+    _write_layout(other, _tofu_sets(seed=3), variant)
+    assert main(["eval", "--model", str(user_files / "my-llama"), "--data.source", str(other),
+                 "--retain_model_eval", str(out / "TOFU_EVAL.json"), "--max_new_tokens", "4", "--device", "cpu",
+                 "--out", str(tmp_path / "eval2")]) == 1
+    assert not (tmp_path / "eval2").exists() and not (tmp_path / "eval2.partial").exists()
