@@ -74,6 +74,20 @@ def barrier() -> None:
         pass
 
 
+def _broadcast_from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself in a single process)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
 def git_commit(path: Optional[str]) -> Optional[str]:
     """The commit of the git checkout holding ``path`` (``+dirty`` when it has local changes), or None."""
     if not path or not os.path.isdir(os.path.join(path, ".git")) and not os.path.isfile(os.path.join(path, ".git")):
@@ -137,28 +151,17 @@ class RunDir:
         self._t0 = time.perf_counter()
         self._phases: dict = {}
         self._log_file = None
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ValueError(f"out: {self.path} exists and is not a directory")
-        if os.path.isdir(self.path) and not _is_empty_dir(self.path) and not overwrite:
-            raise ValueError(f"out: {self.path} exists and is not empty; choose a new --out or pass --overwrite "
-                             "(the old results are replaced only if the new run succeeds)")
-        if resume and not os.path.isdir(self.work):
-            raise ValueError(f"resume: no interrupted run to resume ({self.work} does not exist)")
-        if os.path.isdir(self.work) and not resume and not overwrite:
-            raise ValueError(f"out: {self.work} holds an interrupted run; pass --resume to continue it from its last "
-                             "checkpoint or --overwrite to discard it")
-        parent = os.path.dirname(self.path)
+        # Rank 0 checks and creates the work directory; the others learn the outcome from it (checking
+        # themselves would race with rank 0 creating <out>.partial).
+        error = None
         if self.main:
             try:
-                os.makedirs(parent, exist_ok=True)
-            except OSError as e:
-                raise ValueError(f"out: cannot create {parent}: {e.strerror}") from None
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"out: cannot write to {parent} (permission denied)")
-            if os.path.isdir(self.work) and not resume:
-                shutil.rmtree(self.work)
-            os.makedirs(self.work, exist_ok=True)
-            self._log_file = open(os.path.join(self.work, "log.txt"), "a", encoding="utf-8")
+                self._prepare(overwrite, resume)
+            except ValueError as e:
+                error = str(e)
+        error = _broadcast_from_main(error)
+        if error is not None:
+            raise ValueError(error)
         barrier()
         self.record: dict = {
             "job": job, "status": "running", "argv": list(argv) if argv is not None else sys.argv[1:],
@@ -171,6 +174,30 @@ class RunDir:
         if self.main and config is not None:  # the config alone, to rerun with `wagle <job> config.json`
             with open(os.path.join(self.work, "config.json"), "w") as f:
                 json.dump(config, f, indent=2)
+
+    def _prepare(self, overwrite: bool, resume: bool) -> None:
+        """Rank 0: the checks of the class docstring, then create the work directory and open the log."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ValueError(f"out: {self.path} exists and is not a directory")
+        if os.path.isdir(self.path) and not _is_empty_dir(self.path) and not overwrite:
+            raise ValueError(f"out: {self.path} exists and is not empty; choose a new --out or pass --overwrite "
+                             "(the old results are replaced only if the new run succeeds)")
+        if resume and not os.path.isdir(self.work):
+            raise ValueError(f"resume: no interrupted run to resume ({self.work} does not exist)")
+        if os.path.isdir(self.work) and not resume and not overwrite:
+            raise ValueError(f"out: {self.work} holds an interrupted run; pass --resume to continue it from its last "
+                             "checkpoint or --overwrite to discard it")
+        parent = os.path.dirname(self.path)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"out: cannot create {parent}: {e.strerror}") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"out: cannot write to {parent} (permission denied)")
+        if os.path.isdir(self.work) and not resume:
+            shutil.rmtree(self.work)
+        os.makedirs(self.work, exist_ok=True)
+        self._log_file = open(os.path.join(self.work, "log.txt"), "a", encoding="utf-8")
 
     # ------------------------------------------------------------------ logging
     def log(self, msg: str) -> None:
