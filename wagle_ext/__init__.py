@@ -24,7 +24,8 @@ from .ops import (
     score_histogram,
     unpack_bits,
 )
-from .masks import MaskSet, PackedMask, build_mask, model_fingerprint, partition_names, select_topk_mask
+from .masks import (MaskSet, PackedMask, build_mask, format_trainable_report, model_fingerprint, partition_names,
+                    select_topk_mask, trainable_report)
 
 # attribution
 from .attribution import (
@@ -42,7 +43,8 @@ from .unlearn.data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
 from .unlearn.objectives import OBJECTIVES, Objective, get_objective
 
 # evaluation
-from .eval import evaluate_tofu, forget_quality, load_qa_split, load_tofu_eval_sets, model_utility, truth_ratio
+from .eval import (evaluate_tofu, find_tofu_eval_sets, forget_quality, load_qa_split, load_tofu_eval_sets, model_utility,
+                   privleak, truth_ratio)
 
 
 def __getattr__(name: str):
@@ -69,6 +71,8 @@ __all__ = [
     "MaskSet",
     "accumulate_gradients",
     "build_mask",
+    "trainable_report",
+    "format_trainable_report",
     "collect_input_norms",
     "compute_scores",
     "estimate_hessian_diagonal",
@@ -89,7 +93,9 @@ __all__ = [
     "frozen_reference",
     # evaluation
     "evaluate_tofu",
+    "find_tofu_eval_sets",
     "forget_quality",
+    "privleak",
     "load_qa_split",
     "load_tofu_eval_sets",
     "model_utility",
