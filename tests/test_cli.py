@@ -226,8 +226,12 @@ def test_mask_unlearn_eval_chain(tmp_path, cache, capsys):
 
     # a split that the data does not have: one line naming the field, exit status 1
     capsys.readouterr()
-    assert main(["eval", *common, "--data.forget", "forget77", "--out", str(tmp_path / "bad")]) == 1
+    assert main(["eval", *common, "--data.source", "embedded", "--data.forget", "forget77",
+                 "--out", str(tmp_path / "bad")]) == 1
     assert "data.forget" in capsys.readouterr().err
+    # without a source, data.forget is a file: checked with the config (status 2)
+    assert main(["eval", *common, "--data.forget", "forget77", "--out", str(tmp_path / "bad")]) == 2
+    assert "data.forget: file not found" in capsys.readouterr().err
 
     edir = tmp_path / "eval"
     capsys.readouterr()

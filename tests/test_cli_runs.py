@@ -364,3 +364,43 @@ def test_wagle_eval_on_tofu_files_defaults_to_the_full_protocol(user_files, tmp_
                  "--retain_model_eval", str(out / "TOFU_EVAL.json"), "--max_new_tokens", "4", "--device", "cpu",
                  "--out", str(tmp_path / "eval2")]) == 1
     assert not (tmp_path / "eval2").exists() and not (tmp_path / "eval2.partial").exists()
+
+
+def test_data_source_builder_name_and_files_with_the_embedded_model(capsys, tmp_path):
+    from wagle_ext.config import UnlearnConfig, load_config
+
+    # `--data.source json` would make `datasets` read every file of the current folder
+    assert main(["unlearn", "--model", "embedded", "--data.source", "json", "--out", str(tmp_path / "x")]) == 2
+    assert "data.source" in _err_line(capsys)
+    # a forget file given with the default (embedded) model is used, not replaced by the benchmark's data
+    f = tmp_path / "forget.json"
+    f.write_text(json.dumps(_qa(2, "f")))
+    cfg = load_config(UnlearnConfig, None, ["--data.forget", str(f), "--data.retain", str(f)])
+    assert cfg.data.source is None and cfg.data.forget == str(f)
+
+
+def test_bench_out_reaches_the_scripts(monkeypatch, tmp_path):
+    """``wagle bench --out DIR`` hands DIR to the scripts (WAGLE_BENCH_OUT), whose write_json honours it."""
+    import importlib.util
+
+    from wagle_ext.cli import _source_root
+
+    root = _source_root()
+    if root is None:
+        pytest.skip("needs a source checkout (bench/)")
+    seen = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: seen.append((cmd, kw["env"])) or Done())
+    out = tmp_path / "results"
+    assert main(["bench", "--out", str(out), "--scripts", "[bench_score.py]"]) == 0
+    assert seen and seen[0][1]["WAGLE_BENCH_OUT"] == str(out)
+    monkeypatch.undo()  # the real subprocess.run again (write_json records the environment with it)
+    monkeypatch.setenv("WAGLE_BENCH_OUT", str(out))
+    spec = importlib.util.spec_from_file_location("bench_common_for_test", os.path.join(root, "bench", "_common.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = mod.write_json("probe", {"rows": []})
+    assert path == str(out / "probe.json") and json.loads((out / "probe.json").read_text())["bench"] == "probe"

@@ -376,6 +376,8 @@ def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
 
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# `datasets.load_dataset` builder names: as a source they would read every file of the current folder
+_DATASETS_BUILDERS = ("json", "jsonl", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "imagefolder")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -392,11 +394,14 @@ def _validate_data(cfg: Any) -> None:
     """Where the data comes from must be said: a model of one's own never falls back to the embedded
     benchmark's data (that would score the model on someone else's questions)."""
     d = cfg.data
-    if d.source is None and cfg.model == "embedded":
-        d.source = "embedded"
+    if d.source is None and cfg.model == "embedded" and d.forget is None and d.retain is None:
+        d.source = "embedded"  # the benchmark's model on the benchmark's data; files given are used as given
     if d.source == "embedded":
         _check(not d.columns, "data.columns", "does not apply to the embedded benchmark")
         return
+    _check(d.source is None or os.path.exists(d.source) or d.source.lower() not in _DATASETS_BUILDERS,
+           "data.source", f"{d.source!r} names a `datasets` file format, not a dataset: give the files themselves "
+           "(--data.forget forget.json --data.retain retain.json) or the folder holding them")
     for k, v in d.columns.items():
         _check(isinstance(k, str) and isinstance(v, str), "data.columns",
                f"must map field names to field names, got {k!r}: {v!r}")

@@ -39,6 +39,13 @@ def _quiet_transformers() -> None:
         transformers.utils.logging.disable_progress_bar()
     except Exception:  # pragma: no cover - transformers is optional until a job needs it
         pass
+    try:  # datasets' own bars and warnings would garble the one-line errors and log files
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except Exception:  # pragma: no cover
+        pass
 
 
 # ------------------------------------------------------------------------------------------------
