@@ -330,6 +330,12 @@ def test_readme_worked_example_runs(user_files, tmp_path, monkeypatch, capsys):
         assert main(c[1:]) == 0, (c, capsys.readouterr().err)
     summary = json.loads((tmp_path / "runs" / "eval" / "TOFU_SUMMARY.json").read_text())
     assert "forget_Q_A_Prob" in summary and "model_utility" in summary
+    # progress of every phase lands in the run's log as plain lines with an ETA (stdout is no TTY here)
+    score_log = (tmp_path / "runs" / "score" / "log.txt").read_text()
+    assert re.search(r"forget gradients: \d+/\d+ \(\d+%\) .* ETA", score_log), score_log
+    unlearn_log = (tmp_path / "runs" / "unlearn" / "log.txt").read_text()
+    assert re.search(r"step 10/10 .*loss .* ETA", unlearn_log) and "trainable" in unlearn_log, unlearn_log
+    assert "\r" not in score_log + unlearn_log
 
 
 # ------------------------------------------------------------------------------------------------

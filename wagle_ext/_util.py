@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -34,7 +34,8 @@ def progress(iterable: Iterable, *, enabled: bool, desc: str, total: Optional[in
 
     On a terminal (stderr is a TTY) a tqdm bar; otherwise (a log file, a pipe, a batch job) one plain
     line on stderr at the first item, then at most every ``every_s`` seconds and at the end:
-    ``desc: 40/120 (33%) 12.0 s elapsed, ETA 24.0 s`` -- no carriage returns to garble a log.
+    ``desc: 40/120 (33%) 12.0 s elapsed, ETA 24.0 s`` -- no carriage returns to garble a log (to
+    :data:`progress_sink` when set).
     ``total`` defaults to ``len(iterable)`` when it has one (else no percentage or ETA)."""
     if not enabled:
         return iterable
@@ -62,6 +63,18 @@ def progress_line(desc: str, done: int, total: Optional[int], elapsed: float) ->
     return f"{desc}: {done} {elapsed:.1f} s elapsed"
 
 
+#: Where the plain progress lines go: ``None`` = stderr; the ``wagle`` jobs point it at their log
+#: (printed and appended to ``log.txt``) while they run.
+progress_sink: Optional[Callable[[str], None]] = None
+
+
+def _emit(line: str) -> None:
+    if progress_sink is not None:
+        progress_sink(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
 def _progress_lines(iterable: Iterable, desc: str, total: Optional[int], every_s: float) -> Iterator:
     t0 = time.perf_counter()
     last = None
@@ -71,7 +84,7 @@ def _progress_lines(iterable: Iterable, desc: str, total: Optional[int], every_s
         done += 1
         now = time.perf_counter()
         if last is None or now - last >= every_s:
-            print(progress_line(desc, done, total, now - t0), file=sys.stderr, flush=True)
+            _emit(progress_line(desc, done, total, now - t0))
             last, reported = now, done
     if reported != done and (total is None or done == total):
-        print(progress_line(desc, done, total, time.perf_counter() - t0) + " done", file=sys.stderr, flush=True)
+        _emit(progress_line(desc, done, total, time.perf_counter() - t0) + " done")

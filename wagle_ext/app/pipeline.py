@@ -64,16 +64,22 @@ class _Job:
                           config=config_to_dict(cfg), source_root=_source_root())
 
     def __enter__(self) -> RunDir:
+        from .. import _util
+
         _LOG_SINK.append(self.run)
+        self._old_sink, _util.progress_sink = _util.progress_sink, self.run.log  # progress lines into log.txt
         self.run.__enter__()
         self.run.log(f"[{self.run.job}] writing to {self.run.work} (renamed to {self.run.path} when done)")
         return self.run
 
     def __exit__(self, *exc: Any) -> bool:
+        from .. import _util
+
         try:
             return self.run.__exit__(*exc)
         finally:
             _LOG_SINK.remove(self.run)
+            _util.progress_sink = self._old_sink
 
 
 def _init_distributed(cfg: Any) -> None:
