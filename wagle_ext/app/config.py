@@ -9,6 +9,10 @@ ill-typed value raises ``ValueError`` naming the field (``benchmark.n_authors: e
 
 Output layout follows open-unlearning's ``saves/<mode>/<task name>``: every job writes under ``out``
 (default ``saves/<job>``); evaluations write ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json`` there.
+
+Long file: one dataclass per job (seven, ``wagle sweep``'s the largest) and the field-by-field checks of
+each, kept next to each other so that a field and its rule change together; the generic loader
+(YAML/overrides -> typed dataclass, ~150 lines) could move to its own module if this grows further.
 """
 from __future__ import annotations
 
@@ -21,11 +25,15 @@ from typing import Any, Callable, Optional, Sequence, Union
 from .._checks import check_grad_mode, check_ratio
 from .embedded_benchmark import BenchmarkConfig
 
-__all__ = ["DemoConfig", "ScoreConfig", "UnlearnConfig", "EvalConfig", "BenchConfig", "load_config",
-           "parse_overrides", "config_to_dict", "MASK_KINDS"]
+__all__ = ["DemoConfig", "ScoreConfig", "UnlearnConfig", "EvalConfig", "BenchConfig", "SweepConfig", "EvalSettings",
+           "load_config", "parse_overrides", "config_to_dict", "MASK_KINDS", "EVAL_METRICS"]
 
 # Demo mask kinds: "dense" = no mask, the others are score kinds of wagle_ext.score_model.
 MASK_KINDS = ("dense", "random", "magnitude", "wagle", "snip", "gradient", "wanda")
+# Metric sets of the evaluation along the trajectory (EvalSettings.metrics).
+EVAL_METRICS = ("all", "fast")
+# WAGLE gammas given as a name: the Hessian diagonal estimated from the retain data (score_model's hessian=)
+HESSIAN_ESTIMATES = ("fisher", "ema")
 
 
 @dataclasses.dataclass
@@ -65,6 +73,22 @@ class UnlearnSettings:
     logging_steps: int = 0        # a progress line every N steps (0: about 10 lines per run)
     save_steps: int = 0           # wagle unlearn: checkpoint (model, optimizer, scheduler, RNG) every N steps
     save_total_limit: int = 2     # checkpoints kept (oldest deleted first)
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """Evaluation along the unlearning trajectory (``wagle unlearn --eval_every N``, ``wagle sweep``): the
+    options of ``wagle eval`` plus the metric set. ``metrics: all`` = the full TOFU protocol of ``wagle
+    eval`` (ROUGE by greedy generation: the expensive part; OU's ``model_utility``); ``fast`` = no
+    generation: answer probabilities, truth ratios, ``forget_quality`` and ``model_utility_no_rouge`` (the
+    harmonic mean of the utility components without ROUGE)."""
+
+    metrics: str = "all"
+    retain_sets: Optional[list] = None       # as `wagle eval` (null: the protocol's sets found in the data)
+    retain_model: Optional[str] = None       # a retain-only model, evaluated once (forget-quality reference)
+    retain_model_eval: Optional[str] = None  # or its TOFU_EVAL.json / folder; null with embedded data: the benchmark's
+    batch_size: int = 32
+    max_new_tokens: Optional[int] = None     # greedy answer length for ROUGE; null: 200 (96 on the embedded benchmark)
 
 
 @dataclasses.dataclass
@@ -125,6 +149,8 @@ class UnlearnConfig:
     objective: str = "graddiff"
     objective_kwargs: dict = dataclasses.field(default_factory=dict)
     unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
+    eval_every: int = 0            # evaluate every N steps (and at steps 0 and last) into trajectory.json; 0: never
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)  # what --eval_every evaluates, and on what
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     cache_dir: Optional[str] = None
     num_threads: int = 1
@@ -154,6 +180,41 @@ class EvalConfig:
     device: str = "auto"           # auto (CUDA when available), cpu, cuda, cuda:N
     dtype: str = "auto"            # auto (bfloat16 on CUDA when supported, float32 on CPU), float32, bfloat16, float16
     overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """``wagle sweep``: objectives x mask kinds (x WAGLE gammas) x ratios x learning rates x seeds, each run
+    unlearning from the same model with evaluation every ``eval_every`` steps; then the forget-quality /
+    model-utility fronts (``fronts.png``), the table of the best forget quality at model utility >= 95% /
+    90% of the original model's (``table.txt``) and ``results.json``. Every run writes
+    ``runs/<key>/result.json`` (key: a hash of its settings); a rerun into the same ``out`` skips the runs
+    already done (``--overwrite`` starts afresh). Masks depend on kind, gamma, ratio, model and data
+    (never on the learning rate or the unlearning seed): built once, kept under ``masks/``."""
+
+    out: str = "saves/sweep"
+    model: str = "embedded"
+    tokenizer: Optional[str] = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    objectives: list = dataclasses.field(default_factory=lambda: ["graddiff"])
+    masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle"])
+    gammas: list = dataclasses.field(default_factory=lambda: [1e-6])  # WAGLE's gamma values; also "fisher"/"ema"
+    ratios: list = dataclasses.field(default_factory=lambda: [0.1])
+    learning_rates: list = dataclasses.field(default_factory=lambda: [1e-3])
+    seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds (data order, retain pairing)
+    seed_benchmark: bool = False   # embedded model: also train one benchmark per seed (benchmark.seed + seed)
+    mask_seed: int = 0             # seed of the mask scores (random masks, data order of the gradients)
+    eval_every: int = 10
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)  # its learning_rate/seed: the grid's
+    workers: int = 1               # runs in parallel processes (each with num_threads threads)
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
+    cache_dir: Optional[str] = None
+    rebuild: bool = False          # retrain the benchmark models even when cached
+    num_threads: int = 1
+    device: str = "auto"           # auto (CUDA when available), cpu, cuda, cuda:N
+    dtype: str = "auto"            # auto (bfloat16 on CUDA when supported, float32 on CPU), float32, bfloat16, float16
+    overwrite: bool = False        # discard the runs of an earlier sweep into out
 
 
 @dataclasses.dataclass
@@ -375,6 +436,52 @@ def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
     _check(u.save_total_limit >= 1, p + "save_total_limit", f"must be >= 1, got {u.save_total_limit}")
 
 
+def _validate_eval(e: EvalSettings, p: str = "eval.") -> None:
+    _check(e.metrics in EVAL_METRICS, p + "metrics", f"must be one of {', '.join(EVAL_METRICS)}, got {e.metrics!r}")
+    _check(e.batch_size >= 1, p + "batch_size", f"must be >= 1, got {e.batch_size}")
+    _check(e.max_new_tokens is None or e.max_new_tokens >= 1, p + "max_new_tokens",
+           f"must be >= 1, got {e.max_new_tokens}")
+    _check(e.retain_model is None or e.retain_model_eval is None, p + "retain_model",
+           "give retain_model (evaluated once) or retain_model_eval (its saved evaluation), not both")
+    if e.retain_model is not None and e.retain_model != "embedded" and _looks_like_path(e.retain_model):
+        _check(os.path.exists(e.retain_model), p + "retain_model", f"not found: {e.retain_model}")
+    if e.retain_model_eval not in (None, "embedded"):
+        _check(os.path.exists(e.retain_model_eval), p + "retain_model_eval", f"not found: {e.retain_model_eval}")
+
+
+def _validate_sweep(cfg: "SweepConfig") -> None:
+    from ..attribution import SCORE_KINDS
+
+    _check(len(cfg.objectives) > 0, "objectives", "must name at least one objective")
+    for i, o in enumerate(cfg.objectives):
+        _validate_objective(o, f"objectives[{i}]")
+    _check(len(cfg.masks) > 0, "masks", "must name at least one mask kind")
+    for i, m in enumerate(cfg.masks):
+        _check(m == "dense" or m in SCORE_KINDS, f"masks[{i}]",
+               f"unknown mask kind {m!r} (known: dense, {', '.join(SCORE_KINDS)})")
+    _check(len(set(cfg.masks)) == len(cfg.masks), "masks", "names a mask kind twice")
+    _check(len(cfg.gammas) > 0 or "wagle" not in cfg.masks, "gammas", "must hold at least one gamma for wagle")
+    for i, g in enumerate(cfg.gammas):
+        ok = g in HESSIAN_ESTIMATES or (isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0)
+        _check(ok, f"gammas[{i}]", f"must be a number > 0 or one of {', '.join(HESSIAN_ESTIMATES)}, got {g!r}")
+    for name in ("ratios", "learning_rates", "seeds"):
+        values = getattr(cfg, name)
+        _check(len(values) > 0, name, "must hold at least one value")
+        _check(len(set(map(str, values))) == len(values), name, "holds a value twice")
+    for i, r in enumerate(cfg.ratios):
+        _check_by(check_ratio, f"ratios[{i}]", f"must be in (0, 1], got {r!r}", r)
+    for i, lr in enumerate(cfg.learning_rates):
+        _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0, f"learning_rates[{i}]",
+               f"must be a number > 0, got {lr!r}")
+    for i, s in enumerate(cfg.seeds):
+        _check(isinstance(s, int) and not isinstance(s, bool) and s >= 0, f"seeds[{i}]",
+               f"must be an int >= 0, got {s!r}")
+    _check(cfg.eval_every >= 1, "eval_every", f"must be >= 1, got {cfg.eval_every}")
+    _check(cfg.workers >= 1, "workers", f"must be >= 1, got {cfg.workers}")
+    _check(not cfg.seed_benchmark or cfg.model == "embedded", "seed_benchmark",
+           "only applies to the embedded benchmark (--model embedded)")
+
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # `datasets.load_dataset` builder names: as a source they would read every file of the current folder
 _DATASETS_BUILDERS = ("json", "jsonl", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "imagefolder")
@@ -437,6 +544,8 @@ def validate(cfg: Any) -> None:
         _validate_benchmark(cfg.benchmark)
     if hasattr(cfg, "unlearn"):
         _validate_unlearn(cfg.unlearn)
+    if isinstance(getattr(cfg, "eval", None), EvalSettings):
+        _validate_eval(cfg.eval)
     if isinstance(cfg, DemoConfig):
         _check_by(check_ratio, "ratio", f"must be in (0, 1], got {cfg.ratio}", cfg.ratio)
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
@@ -457,8 +566,11 @@ def validate(cfg: Any) -> None:
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
         _check(cfg.scope in ("global", "per_tensor", "per_row"), "scope",
                f"must be global, per_tensor or per_row, got {cfg.scope!r}")
+    elif isinstance(cfg, SweepConfig):
+        _validate_sweep(cfg)
     elif isinstance(cfg, UnlearnConfig):
         _validate_objective(cfg.objective, "objective")
+        _check(cfg.eval_every >= 0, "eval_every", f"must be >= 0, got {cfg.eval_every}")
         if cfg.mask is not None:
             _check(os.path.isfile(cfg.mask), "mask", f"file not found: {cfg.mask}")
     elif isinstance(cfg, EvalConfig):

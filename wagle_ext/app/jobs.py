@@ -1,5 +1,7 @@
 """The single-step jobs: ``wagle score`` / ``mask`` / ``unlearn`` / ``eval`` / ``bench``. Each
-writes into a :class:`~wagle_ext.app.runs.RunDir` (``<out>.partial`` renamed to ``out`` on success)."""
+writes into a :class:`~wagle_ext.app.runs.RunDir` (``<out>.partial`` renamed to ``out`` on success).
+``wagle unlearn --eval_every N`` evaluates along the run (:func:`_trajectory_setup`, also used by
+``wagle sweep``) into ``trajectory.json``."""
 from __future__ import annotations
 
 import json
@@ -12,7 +14,7 @@ from typing import Any, Optional
 from .config import BenchConfig, EvalConfig, ScoreConfig, UnlearnConfig
 from .config import source_root as _source_root
 from .pipeline import (_benchmark, _compute_scores, _device_dtype, _embedded_splits, _Job, _load_model, _log,
-                       _model_tokenizer_data, _unlearn)
+                       _model_tokenizer_data, _trajectory_evaluator, _unlearn)
 from .runs import is_main_process
 
 __all__ = ["run_score", "run_unlearn", "run_eval", "run_bench"]
@@ -127,17 +129,61 @@ def _weights_digest(model) -> str:
     return h.hexdigest()
 
 
+def _trajectory_setup(cfg: Any, bench: Any, tok: Any, device, dtype, work_dir: str) -> tuple:
+    """(evaluate, info) for the evaluation along a run: the sets of ``wagle eval`` (:func:`_eval_sets`
+    with ``cfg.eval``'s options), the forget-quality reference (the embedded benchmark's retain
+    evaluation, ``eval.retain_model_eval``, or ``eval.retain_model`` evaluated once here into
+    ``<work_dir>/trajectory_reference``) and ``eval.metrics``. ``info``: what is evaluated, and
+    ``utility_key`` (``model_utility``, or ``model_utility_no_rouge`` for ``fast``)."""
+    import types
+
+    e, d = cfg.eval, cfg.data
+    sets, fs, retain_sets, holdout, max_new = _eval_sets(
+        types.SimpleNamespace(data=d, retain_sets=e.retain_sets, max_new_tokens=e.max_new_tokens), bench)
+    ref = e.retain_model_eval
+    if ref == "embedded" or (ref is None and e.retain_model is None and d.source == "embedded"):
+        if bench is None or d.source != "embedded":
+            raise ValueError("eval.retain_model_eval: 'embedded' needs data.source: embedded")
+        ref = bench.retain_eval_path
+    if e.retain_model is not None:
+        from ..eval import evaluate_tofu
+
+        retain_model, _ = _load_model(cfg, bench, device, dtype, name=e.retain_model)
+        ref = os.path.join(work_dir, "trajectory_reference")
+        _log(f"[eval] evaluating the retain model {e.retain_model} once (forget-quality reference) -> {ref}")
+        evaluate_tofu(retain_model, tok, sets, forget_split=fs, retain_sets=tuple(retain_sets), holdout=holdout,
+                      batch_size=e.batch_size, max_new_tokens=max_new, out_dir=ref, progress=False)
+        del retain_model
+    evaluate = _trajectory_evaluator(tok, sets, fs, retain_sets, metrics=e.metrics, reference=ref,
+                                     holdout=holdout if e.metrics == "all" else None, batch_size=e.batch_size,
+                                     max_new_tokens=max_new)
+    info = {"metrics": e.metrics, "forget_set": fs, "n_forget": len(sets[fs]), "retain_sets": list(retain_sets),
+            "holdout": holdout if e.metrics == "all" else None, "reference": ref, "max_new_tokens": max_new,
+            "utility_key": "model_utility" if e.metrics == "all" else "model_utility_no_rouge"}
+    return evaluate, info
+
+
 def run_unlearn(cfg: UnlearnConfig) -> str:
     with _Job("unlearn", cfg, resume=cfg.resume) as run:
-        model, tok, data, _, device = _model_tokenizer_data(cfg)
+        model, tok, data, bench, device = _model_tokenizer_data(cfg)
         mask = _load_mask(cfg.mask, model) if cfg.mask else None
         _log(f"[unlearn] {cfg.objective} on {len(data['forget'])} forget / {len(data['retain'])} retain items, "
              f"{'dense' if mask is None else f'mask {cfg.mask}'}, {cfg.unlearn.steps} steps on {device}")
+        callbacks = []
+        if cfg.eval_every:
+            from ..unlearn.trajectory import TrajectoryCallback
+
+            with run.phase("eval_setup"):
+                evaluate, info = _trajectory_setup(cfg, bench, tok, device, _device_dtype(cfg)[1], run.work)
+            _log(f"[unlearn] evaluating every {cfg.eval_every} steps ({info['metrics']} metrics: {info['forget_set']} "
+                 f"and {', '.join(info['retain_sets']) or 'no utility sets'}) into trajectory.json")
+            callbacks.append(TrajectoryCallback(evaluate, cfg.eval_every, run.file("trajectory.json"), log=_log))
+            run.update(trajectory=info)
         t0 = time.perf_counter()
         with run.phase("unlearn"):
             res = _unlearn(model, tok, data["forget"], data["retain"], cfg.objective, mask, cfg.unlearn,
                            run.file("trainer", ".keep").rsplit(os.sep, 1)[0], cfg.objective_kwargs,
-                           device=device, run=run, resume=cfg.resume)
+                           device=device, run=run, resume=cfg.resume, callbacks=callbacks)
         trainer = res.pop("trainer")
         report = getattr(trainer, "trainable_report", None)
         digest = _weights_digest(model)

@@ -1,7 +1,9 @@
 """The pieces every ``wagle`` job is built from: the job's run directory and log
 (:class:`~wagle_ext.app.runs.RunDir`), device/dtype, the model and the data of a config, scores,
-masks and one unlearning run with :class:`~wagle_ext.unlearn.trainer.UnlearnTrainer` (progress lines,
-checkpoints, ``--resume``)."""
+masks, one unlearning run with :class:`~wagle_ext.unlearn.trainer.UnlearnTrainer` (progress lines,
+checkpoints, ``--resume``, extra callbacks such as the trajectory evaluation) and the evaluator that
+:class:`~wagle_ext.unlearn.trajectory.TrajectoryCallback` calls along the run
+(:func:`_trajectory_evaluator`: the full TOFU protocol, or its generation-free ``fast`` subset)."""
 from __future__ import annotations
 
 import copy
@@ -165,7 +167,8 @@ def _model_tokenizer_data(cfg: Any):
 
 
 def _compute_scores(model, tok, forget, retain, kind: str, gamma: float, seed: int = 0,
-                    max_batches: Optional[int] = None, batch_size: int = 1, progress: bool = False):
+                    max_batches: Optional[int] = None, batch_size: int = 1, progress: bool = False,
+                    hessian: Optional[str] = None):
     from torch.utils.data import DataLoader
 
     from ..attribution import score_model
@@ -175,7 +178,7 @@ def _compute_scores(model, tok, forget, retain, kind: str, gamma: float, seed: i
     fl = DataLoader(forget, batch_size=batch_size, collate_fn=coll)
     rl = DataLoader(retain, batch_size=batch_size, collate_fn=coll)
     return score_model(model, fl, rl, kind=kind, gamma=gamma, seed=seed, max_batches=max_batches,
-                       progress=progress)
+                       progress=progress, hessian=hessian)
 
 
 def _build_mask(model, tok, forget, retain, kind: str, ratio: float, gamma: float, seed: int = 0,
@@ -244,8 +247,10 @@ def last_checkpoint(directory: str) -> Optional[str]:
 
 
 def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, objective_kwargs=None, *,
-             device=None, run: Optional[RunDir] = None, resume: bool = False, demo: bool = False):
-    """Unlearn ``model`` in place with :class:`UnlearnTrainer`; returns the trainer's final log."""
+             device=None, run: Optional[RunDir] = None, resume: bool = False, demo: bool = False,
+             callbacks: Sequence[Any] = ()):
+    """Unlearn ``model`` in place with :class:`UnlearnTrainer`; returns the trainer's final log.
+    ``demo``: no progress lines, no checkpoints; ``callbacks``: added to the trainer (after its own)."""
     import transformers
 
     from ..unlearn.data import ForgetRetainDataset, QACollator
@@ -277,6 +282,8 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
         trainer.add_callback(_ProgressCallback())
         if trainer.trainable_report is not None:  # what will move, honestly counted (frozen = bit-identical)
             _log("[unlearn] " + format_trainable_report(trainer.trainable_report))
+    for cb in callbacks:
+        trainer.add_callback(cb)
     checkpoint = None
     if resume:
         checkpoint = last_checkpoint(out_dir)
@@ -287,3 +294,113 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
     model.eval()
     return {"train_loss": float(result.training_loss), "log_history": trainer.state.log_history,
             "trainer": trainer}
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation along the trajectory
+# ------------------------------------------------------------------------------------------------
+
+def _trajectory_evaluator(tok, sets: dict, forget_split: str, retain_sets: Sequence[str], *, metrics: str,
+                          reference=None, holdout: Optional[str] = None, batch_size: int = 32,
+                          max_new_tokens: int = 200):
+    """``model -> {metric: float}`` for :class:`~wagle_ext.unlearn.trajectory.TrajectoryCallback`.
+
+    ``metrics="all"``: :func:`~wagle_ext.eval.evaluate_tofu` on ``sets`` (the numbers ``wagle eval``
+    reports: ROUGE by greedy generation, OU's 9-component ``model_utility``, privleak with a holdout).
+    ``metrics="fast"``: no generation -- answer probabilities and truth ratios of the forget set and of
+    each retain-type set, ``forget_quality`` and ``model_utility_no_rouge`` (the harmonic mean of the
+    utility components without the ROUGE ones); each value equals the one of ``evaluate_tofu`` under the
+    same name. ``reference``: the retain model's evaluation (``TOFU_EVAL.json`` path or dict) for
+    forget quality, read once here; None: no forget quality."""
+    from ..eval import evaluate_tofu, load_retain_eval, resolve_tofu_sets
+
+    if metrics == "all":
+        def evaluate_all(model) -> dict:
+            return evaluate_tofu(model, tok, sets, forget_split=forget_split, retain_sets=tuple(retain_sets),
+                                 holdout=holdout, retain_model_eval=reference, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, progress=False)
+
+        return evaluate_all
+    if metrics != "fast":
+        raise ValueError(f"eval.metrics must be all or fast, got {metrics!r}")
+    prefixes, _ = resolve_tofu_sets(sets, forget_split, tuple(retain_sets), None)
+    ref_tr = None
+    if reference is not None:
+        from ..eval import forget_set_identity
+
+        ref = load_retain_eval(reference)
+        mine = forget_set_identity(sets[forget_split])
+        if ref["forget_items"] is not None and ref["forget_items"] != mine or \
+                ref["forget_items"] is None and ref["n_items"] != mine["n"]:
+            raise ValueError(f"retain-model evaluation {ref['where']} was made on a different forget set than "
+                             "the one evaluated here")
+        ref_tr = ref["forget_truth_ratios"]
+
+    def evaluate_fast(model) -> dict:
+        return _fast_metrics(model, tok, sets, forget_split, prefixes, ref_tr, batch_size)
+
+    return evaluate_fast
+
+
+def _fast_metrics(model, tok, sets: dict, forget_split: str, prefixes: dict, ref_tr, batch_size: int) -> dict:
+    """The generation-free subset of the TOFU protocol (see :func:`_trajectory_evaluator`), computed as
+    :func:`~wagle_ext.eval.evaluate_tofu` computes it (same batches, same formulas)."""
+    import math
+
+    import numpy as np
+
+    from ..eval import (answer_log_probs, answer_probability, forget_quality, model_utility, normalised_probability,
+                        truth_ratio, truth_ratio_score)
+    from ..unlearn.data import QACollator
+
+    col = QACollator(tok)
+
+    def mean(x) -> float:
+        return float(np.mean(np.asarray(x, dtype=np.float64)))
+
+    def field(items, key):
+        return answer_log_probs(model, tok, [it["question"] for it in items], [it[key] for it in items], batch_size,
+                                collator=col, progress=False)
+
+    def perturbed(items) -> list:
+        flat_q, flat_a, owner = [], [], []
+        for i, it in enumerate(items):
+            for a in it["perturbed_answer"]:
+                flat_q.append(it["question"])
+                flat_a.append(a)
+                owner.append(i)
+        lp = answer_log_probs(model, tok, flat_q, flat_a, batch_size, collator=col, progress=False).mean_log_prob
+        rows: list = [[] for _ in items]
+        for o, v in zip(owner, lp.tolist()):
+            rows[o].append(v)
+        return rows
+
+    def prob(lp) -> float:
+        return mean(answer_probability(lp.sum_log_prob, lp.num_tokens))
+
+    model.eval()
+    forget = sets[forget_split]
+    true, para, pert = field(forget, "answer"), field(forget, "paraphrased_answer"), perturbed(forget)
+    tr = truth_ratio(para.mean_log_prob, pert)
+    out = {"forget_Q_A_Prob": prob(true), "forget_Q_A_PARA_Prob": prob(para),
+           "forget_truth_ratio": truth_ratio_score(tr, "closer_to_1_better")}
+    if ref_tr is not None:
+        out["forget_quality"] = float(forget_quality(tr, ref_tr))
+    utility = {}
+    for s, p in prefixes.items():
+        items = sets[s]
+        true, pert = field(items, "answer"), perturbed(items)
+        if p == "retain":
+            para = field(items, "paraphrased_answer")
+            out[f"{p}_Q_A_Prob"] = utility[f"{p}_Q_A_Prob"] = prob(true)
+            r = truth_ratio(para.mean_log_prob, pert)
+        else:
+            true_p = answer_probability(true.sum_log_prob, true.num_tokens)
+            norm = normalised_probability(true_p, [[math.exp(v) for v in row] for row in pert])
+            out[f"{p}_Q_A_Prob"] = prob(true)
+            out[f"{p}_Q_A_Prob_normalised"] = utility[f"{p}_Q_A_Prob_normalised"] = mean(norm)
+            r = truth_ratio(true.mean_log_prob, pert)
+        out[f"{p}_Truth_Ratio"] = utility[f"{p}_Truth_Ratio"] = truth_ratio_score(r, "true_better")
+    if utility:
+        out["model_utility_no_rouge"] = model_utility(utility)
+    return out
