@@ -57,11 +57,23 @@ def _model(tok, gen, **kw):
     return tiny_llama(len(tok), seed=_seed(gen), **kw)
 
 
+def per_example(batches):
+    """Every sequence of every batch as its own batch of one, trimmed to its real tokens."""
+    out = []
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            n = int(b["attention_mask"][i].sum())
+            out.append({k: v[i:i + 1, :n] for k, v in b.items()})
+    return out
+
+
 def manual_grads(model, batches, square=False, reduction="sum"):
-    """WAGLE's loop (docs/algorithms.md 1.4 pseudo-code), in fp32: zero_grad, backward, add .grad."""
+    """WAGLE's loop (docs/algorithms.md 1.4 pseudo-code) with batches of ONE sequence, in fp32:
+    zero_grad, HF ``outputs.loss`` backward, add .grad -- the reference any batch size must match."""
     model.eval()
     acc = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in model.named_parameters()}
-    for b in batches:
+    examples = per_example(batches)
+    for b in examples:
         model.zero_grad(set_to_none=True)
         model(**b).loss.backward()
         for n, p in model.named_parameters():
@@ -70,8 +82,14 @@ def manual_grads(model, batches, square=False, reduction="sum"):
                 acc[n] += g * g if square else g
     model.zero_grad(set_to_none=True)
     if reduction == "mean":
-        acc = {n: a / len(batches) for n, a in acc.items()}
+        acc = {n: a / len(examples) for n, a in acc.items()}
     return acc
+
+
+def assert_close_fp32(got, want, rel=2e-5):
+    """Equal up to fp32 rounding of differently ordered sums: |got - want| <= rel * max|want|."""
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=0, atol=rel * scale + 1e-30)
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -86,8 +104,9 @@ def test_accumulate_matches_manual_loop(tok, gen, reduction, square):
     assert list(got) == [n for n, _ in model.named_parameters()]
     for n in want:
         assert got[n].dtype == torch.float32 and got[n].shape == want[n].shape
-        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-12)
-    assert got.info == {"reduction": reduction, "num_batches": len(forget), "square": square, "dtype": "float32"}
+        assert_close_fp32(got[n], want[n])
+    assert got.info == {"reduction": reduction, "num_batches": len(forget), "num_examples": 4, "square": square,
+                        "dtype": "float32"}
     assert all(p.grad is None for p in model.parameters())
     # WAGLE sums: the summed gradient is not the gradient of one big batch's mean loss.
     assert any(got[n].abs().sum() > 0 for n in got)
@@ -100,7 +119,7 @@ def test_accumulate_bf16_model_upcasts_per_step(tok, gen):
     want = manual_grads(model, forget)
     for n in want:
         assert got[n].dtype == torch.float32
-        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-12)
+        assert_close_fp32(got[n], want[n], rel=2e-2)  # bf16 forward: batched vs one-by-one rounding
     half = accumulate_gradients(model, forget, dtype=torch.bfloat16, progress=False)
     assert all(t.dtype == torch.bfloat16 for t in half.values())
 
@@ -115,7 +134,7 @@ def test_accumulate_tied_embeddings(tok, gen):
     assert "lm_head.weight" not in got
     want = manual_grads(model, forget)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-12)
+        assert_close_fp32(got[n], want[n])
 
 
 def test_accumulate_gradient_checkpointing_train_mode(tok, gen):
@@ -169,7 +188,16 @@ def test_accumulate_custom_loss_batch_key_names(tok, gen):
     names = ["model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
     got = accumulate_gradients(model, paired, neg_ce, batch_key="forget", names=names, progress=False)
     assert list(got) == names and calls == [False] * len(forget)  # eval mode during the pass
-    want = manual_grads(model, forget)
+    # The custom loss is used as given (here HF's token mean over the whole batch, not per sequence).
+    model.eval()
+    params = dict(model.named_parameters())
+    want = {n: torch.zeros_like(params[n]) for n in names}
+    for b in forget:
+        model.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+        for n in names:
+            want[n] += params[n].grad
+    model.zero_grad(set_to_none=True)
     for n in names:
         torch.testing.assert_close(got[n], -want[n], rtol=1e-6, atol=1e-12)
     assert all(p.requires_grad for p in model.parameters())  # the temporary freeze is undone
@@ -181,8 +209,9 @@ def test_accumulate_errors(tok, gen):
     model = _model(tok, gen)
     forget, _ = _data(tok, gen)
     bad = dict(forget[0])
-    bad["labels"] = torch.full_like(bad["labels"], -100)  # no label token: HF loss is NaN
-    with pytest.raises(ValueError, match="nan"):
+    bad["labels"] = bad["labels"].clone()
+    bad["labels"][1] = -100  # sequence 1 has no label token: its token mean (HF loss alone) is NaN
+    with pytest.raises(ValueError, match=r"sequence\(s\) \[1\].*no label token"):
         accumulate_gradients(model, [forget[0], bad], progress=False)
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="reduction"):

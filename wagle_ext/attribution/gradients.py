@@ -12,6 +12,16 @@ Batch format: a dict with ``input_ids``, ``attention_mask``, ``labels`` (``-100`
 padding), as produced by the package's collators; paired loaders (``{"forget": {...}, "retain":
 {...}}``) are read with ``batch_key=``. Any ``loss_fn(model, batch) -> scalar tensor`` may replace the
 default loss.
+
+Batch-size invariance (docs/algorithms.md 5): the default loss, :func:`causal_lm_sequence_loss`, is
+the SUM over the batch's sequences of each sequence's token-mean cross-entropy -- exactly the loss a
+batch of one computes (HF ``outputs.loss`` of that sequence alone), padding excluded and left padding
+given the positions it would have unpadded. Its gradient is therefore the sum of the per-example
+gradients, and a pass with batches of 8 accumulates the same ``g_f`` / ``g_r`` as a pass with batches
+of 1 (to fp32 rounding), at the cost of one forward+backward per batch. Accumulations that are not
+linear in the gradient (``square=True``: Fisher diagonal; ``reduction="ema"``) need per-example
+gradients: there each batch is split into its sequences (padding trimmed) and run one by one, which
+is exact and costs what a batch-1 loader costs.
 """
 from __future__ import annotations
 
@@ -21,22 +31,22 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .._util import model_device, progress as progress_bar, to_device
+from .._util import progress as progress_bar
 from ..naming import LAYER_RE
+from .losses import _model_inputs, _num_sequences, _split_sequences, causal_lm_loss, causal_lm_sequence_loss
 
 __all__ = [
     "GradientDict",
     "LossFn",
     "accumulate_gradients",
     "causal_lm_loss",
+    "causal_lm_sequence_loss",
     "collect_input_norms",
     "decoder_linear_names",
     "estimate_hessian_diagonal",
 ]
 
 logger = logging.getLogger("wagle_ext.attribution")
-
-_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -50,25 +60,6 @@ class GradientDict(OrderedDict):
     def __init__(self, *args, info: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.info = dict(info or {})
-
-
-# ----------------------------------------------------------------------------- losses
-def causal_lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Token-mean next-token cross-entropy over the label tokens of the batch: HF ``outputs.loss``
-    (WAGLE's ``ce_mean``; labels ``-100`` are ignored). Works for any ``AutoModelForCausalLM``.
-
-    ``batch``: dict with ``input_ids`` [B, T] int64, ``attention_mask`` [B, T], ``labels`` [B, T]
-    (other keys are ignored). Tensors are moved to the model's device. Returns a scalar.
-
-    The same loss gives ``g_f`` on forget answers, ``g_r`` on retain answers and, on refusal-target
-    batches, the PO forget gradient (WAGLE ``snip_advanced_CL``).
-    """
-    if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
-        raise ValueError("causal_lm_loss needs a dict batch with 'input_ids' and 'labels' "
-                         "(and usually 'attention_mask'); pass batch_key= for paired loaders "
-                         "or a custom loss_fn(model, batch)")
-    inputs = to_device({k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch}, model_device(model))
-    return model(**inputs, use_cache=False).loss
 
 
 # ----------------------------------------------------------------------------- gradient accumulation
@@ -99,23 +90,29 @@ def accumulate_gradients(
     progress: bool = True,
     desc: str = "gradients",
 ) -> GradientDict:
-    """One pass over ``dataloader``, accumulating per-batch gradients of ``loss_fn`` per parameter.
+    """One pass over ``dataloader``, accumulating gradients of ``loss_fn`` per parameter.
+
+    With the default loss (:func:`causal_lm_sequence_loss`, a sum of per-sequence losses) the
+    result is the sum of per-EXAMPLE gradients whatever the batch size; ``square=True`` and
+    ``reduction="ema"`` split every batch into its sequences (module docstring).
 
     Args:
         model: any ``nn.Module`` (e.g. an ``AutoModelForCausalLM``), any parameter dtype/device.
             It is put in eval mode (no dropout, as WAGLE's ``snip_advanced``) and restored to its
             previous mode afterwards. Parameter values are not changed; every ``.grad`` is left
             ``None`` (existing ``.grad`` are discarded).
-        dataloader: iterable of batches (dicts, see :func:`causal_lm_loss`).
-        loss_fn: ``loss_fn(model, batch) -> scalar``; default :func:`causal_lm_loss`.
-        reduction: ``"sum"`` (WAGLE and SalUn: the sum over batches), ``"mean"`` (sum / number of
-            batches), or ``"ema"``: ``a <- beta * a + (1 - beta) * g`` per batch from ``a = 0``,
-            no bias correction (WAGLE's ``hessian()`` EMA of squared retain gradients with
-            ``square=True``).
+        dataloader: iterable of batches (dicts, see :func:`causal_lm_sequence_loss`).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default :func:`causal_lm_sequence_loss`. For
+            batch-size invariance a custom loss must be a SUM of per-sequence losses;
+            :func:`causal_lm_loss` (HF's token mean over the whole batch) reproduces the old default.
+        reduction: ``"sum"`` (WAGLE and SalUn: the sum over examples), ``"mean"`` (sum / number of
+            examples, i.e. sequences: ``input_ids.shape[0]`` summed over batches), or ``"ema"``:
+            ``a <- beta * a + (1 - beta) * g`` per example from ``a = 0``, no bias correction
+            (WAGLE's ``hessian()`` EMA of squared retain gradients with ``square=True``).
         dtype: accumulator dtype (float32 by default; WAGLE summed in the bf16 model dtype, see
             docs/pitfalls.md #4). Gradients are upcast per parameter as they arrive.
         square: accumulate ``g * g`` (elementwise) instead of ``g``: an empirical Fisher diagonal
-            at batch granularity.
+            of per-example gradients (batches are split into sequences).
         beta: EMA decay for ``reduction="ema"``.
         batch_key: when given, the loss sees ``batch[batch_key]`` (paired loaders).
         names: restrict to these parameter names (default: every parameter with ``requires_grad``).
@@ -129,10 +126,10 @@ def accumulate_gradients(
     Returns:
         :class:`GradientDict` ``{name: tensor}`` shaped like each parameter, ``dtype``, on the
         parameter's device, in ``named_parameters()`` order; parameters that received no gradient
-        get zeros. ``.info``: reduction, num_batches, square, dtype, beta.
+        get zeros. ``.info``: reduction, num_batches, num_examples, square, dtype, beta.
 
     Raises:
-        ValueError: a non-finite loss (e.g. a batch with no label tokens gives NaN), no batches.
+        ValueError: a non-finite loss, a sequence without label tokens, no batches.
 
     Memory: the accumulators (one per parameter) plus the step's activations and, transiently, one
     parameter's gradient; the model's full ``.grad`` set is never materialised next to them
@@ -151,7 +148,8 @@ def accumulate_gradients(
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
     if loss_fn is None:
-        loss_fn = causal_lm_loss
+        loss_fn = causal_lm_sequence_loss
+    per_example = square or reduction == "ema"
     params = _named_trainable(model, names)
     if not params:
         raise ValueError("model has no parameter with requires_grad=True to accumulate gradients for")
@@ -198,6 +196,7 @@ def accumulate_gradients(
     handles = []
     frozen_state = [p.requires_grad for p in frozen]
     n_batches = 0
+    n_examples = 0
     try:
         if eval_mode:
             model.eval()
@@ -220,20 +219,22 @@ def accumulate_gradients(
                 if not isinstance(batch, Mapping) or batch_key not in batch:
                     raise ValueError(f"batch has no key {batch_key!r} (batch_key=)")
                 batch = batch[batch_key]
-            touched.clear()
-            loss = loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                                 + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
-            if not torch.isfinite(loss.detach()):
-                raise ValueError(f"loss is {loss.item()} at batch {n_batches} (a batch whose labels are all "
-                                 "-100 gives NaN token-mean CE); fix the data or the loss_fn")
-            loss.backward()
-            if ema:
-                for name, _ in params:  # parameters without a gradient this batch still decay
-                    if name not in touched and name in acc:
-                        acc[name].mul_(beta)
+            for step in (_split_sequences(batch) if per_example else (batch,)):
+                touched.clear()
+                loss = loss_fn(model, step)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                                     + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+                if not torch.isfinite(loss.detach()):
+                    raise ValueError(f"loss is {loss.item()} at batch {n_batches} (a sequence whose labels are all "
+                                     "-100 gives NaN token-mean CE); fix the data or the loss_fn")
+                loss.backward()
+                if ema:
+                    for name, _ in params:  # parameters without a gradient this step still decay
+                        if name not in touched and name in acc:
+                            acc[name].mul_(beta)
             n_batches += 1
+            n_examples += _num_sequences(batch)
     finally:
         for h in handles:
             h.remove()
@@ -244,14 +245,15 @@ def accumulate_gradients(
     if n_batches == 0:
         raise ValueError("dataloader yielded no batches")
 
-    out = GradientDict(info={"reduction": reduction, "num_batches": n_batches, "square": bool(square),
+    out = GradientDict(info={"reduction": reduction, "num_batches": n_batches, "num_examples": n_examples,
+                             "square": bool(square),
                              "dtype": str(dtype).replace("torch.", ""), **({"beta": beta} if ema else {})})
     for name, p in params:
         a = acc.pop(name, None)
         if a is None:
             a = torch.zeros(p.shape, dtype=dtype, device=p.device)
         elif reduction == "mean":
-            a.div_(n_batches)
+            a.div_(n_examples)
         out[name] = a.view(p.shape)
     return out
 
@@ -268,10 +270,11 @@ def estimate_hessian_diagonal(
 ) -> GradientDict:
     """Diagonal estimate of the retain-loss Hessian, for ``compute_scores(..., hessian=h)``.
 
-    ``method="fisher"``: the empirical Fisher diagonal, the mean over batches of squared retain
-    gradients (FILA/LoKU-style, batch granularity). ``method="ema"``: an EMA of squared retain
+    ``method="fisher"``: the empirical Fisher diagonal, the mean over examples of squared per-example
+    retain gradients (FILA/LoKU-style). ``method="ema"``: an EMA of squared per-example retain
     gradients (``h <- beta*h + (1-beta)*g^2``) over ``passes`` passes (WAGLE ``hessian()``: beta =
-    0.95, 10 passes). Extra ``kwargs`` go to :func:`accumulate_gradients`. fp32, param shapes.
+    0.95, 10 passes). Both split batches into sequences (one forward+backward per example), so they
+    do not depend on the loader's batch size. Extra ``kwargs`` go to :func:`accumulate_gradients`. fp32, param shapes.
     """
     if method not in ("fisher", "ema"):
         raise ValueError(f"method must be 'fisher' or 'ema', got {method!r}")
@@ -291,8 +294,8 @@ def estimate_hessian_diagonal(
         # beta^n * previous + this pass's EMA-from-zero.
         e = accumulate_gradients(model, retain_loader, loss_fn, reduction="ema", square=True, beta=beta,
                                  desc="EMA of squared retain gradients", **kwargs)
-        n = e.info["num_batches"]
-        total_batches += n
+        n = e.info["num_examples"]  # one EMA step per example
+        total_batches += e.info["num_batches"]
         if h is None:
             h = e
         else:
@@ -329,7 +332,9 @@ def collect_input_norms(
 
     For each module, ``scaler_j = sum over calibration tokens of x_j^2 / number of sequences`` (the
     running mean in WAGLE/Wanda ``WrappedGPT.add_batch``, computed as one fp32 sum) and the returned
-    norm is ``sqrt(scaler_j)``. The normalisation is common to a whole row, so per-row selection does
+    norm is ``sqrt(scaler_j)``. With ``exclude_padding`` (default) the sum runs over the real tokens
+    of every sequence, so the norms do not depend on the batch size (to fp32 rounding); left-padded
+    rows get the positions they have unpadded. The normalisation is common to a whole row, so per-row selection does
     not depend on it.
 
     Args:
@@ -373,7 +378,6 @@ def collect_input_norms(
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in targets]
     n_seq = 0
     n_batches = 0
-    device = model_device(model)
     try:
         model.eval()
         for batch in progress_bar(dataloader, enabled=progress, desc="wanda calibration"):
@@ -385,7 +389,7 @@ def collect_input_norms(
                 raise ValueError("calibration batches must be dicts with 'input_ids'")
             am = batch.get("attention_mask")
             state["mask"] = am if (exclude_padding and am is not None) else None
-            inputs = to_device({k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}, device)
+            inputs = _model_inputs(model, batch, ("input_ids", "attention_mask", "position_ids"))
             model(**inputs, use_cache=False)
             n_seq += int(batch["input_ids"].shape[0]) if batch["input_ids"].dim() > 1 else 1
             n_batches += 1

@@ -16,6 +16,7 @@ from ..naming import model_fingerprint, normalize_param_name
 from ..ops import KERNEL_SCORE_KINDS, attribution_scores
 from .gradients import (GradientDict, LossFn, accumulate_gradients, collect_input_norms, decoder_linear_names,
                         estimate_hessian_diagonal)
+from .grouped import GroupedScores, accumulator_bytes_per_param, parse_bytes, plan_groups
 
 __all__ = ["SCORE_KINDS", "ScoreDict", "compute_scores", "score_model", "wagle_term_norms"]
 
@@ -51,6 +52,52 @@ def _random_scores(shape: torch.Size, seed: int, name: str, device: torch.device
     return torch.rand(shape, generator=gen, dtype=torch.float32).to(device)
 
 
+class _TermNorms:
+    """Running sums behind :func:`wagle_term_norms`, so grouped attribution adds tensors group by
+    group and gets the same floats as one call over all tensors (same order of additions)."""
+
+    def __init__(self) -> None:
+        self.w2 = 0.0
+        self.r2 = 0.0
+        self.n_w = 0
+        self.n = 0
+
+    def add(self, weights, grads_retain, *, gamma: float, hessian=None, eps: float = 1e-8) -> None:
+        chunk = 1 << 20  # bounded temporaries (~12 MB): this runs next to full-model accumulators
+        for i, (w, g) in enumerate(zip(weights, grads_retain)):
+            wflat = w.detach().reshape(-1)
+            gflat = g.reshape(-1)
+            hflat = hessian[i].reshape(-1) if hessian is not None else None
+            for lo in range(0, wflat.numel(), chunk):
+                wf = wflat[lo:lo + chunk].to(torch.float32)
+                gf = gflat[lo:lo + chunk].to(torch.float32)
+                if hflat is not None:
+                    r = gf / (hflat[lo:lo + chunk].to(torch.float32) + eps)
+                else:
+                    r = gf / gamma
+                self.w2 += float(wf.double().square().sum())
+                self.r2 += float(r.double().square().sum())
+                self.n_w += int((wf.abs() > r.abs()).sum())
+            self.n += wflat.numel()
+
+    def result(self) -> dict:
+        wn, rn = math.sqrt(float(self.w2)), math.sqrt(float(self.r2))
+        return {
+            "weight_norm": wn,
+            "retain_term_norm": rn,
+            "retain_over_weight": (rn / wn) if wn > 0 else math.inf,
+            "frac_weight_dominant": (self.n_w / self.n) if self.n else 0.0,
+            "dominant": "weight" if wn >= rn else "retain_gradient",
+        }
+
+
+def _log_terms(terms: dict, hessian_given: bool) -> None:
+    denom = "||g_r/(h+eps)||" if hessian_given else "||g_r||/gamma"
+    logger.info("wagle score terms: ||w|| = %.4g, %s = %.4g (ratio %.3g); |w| > |retain term| for %.3g%% "
+                "of weights; dominant: %s", terms["weight_norm"], denom, terms["retain_term_norm"],
+                terms["retain_over_weight"], 100 * terms["frac_weight_dominant"], terms["dominant"])
+
+
 def wagle_term_norms(
     weights: Sequence[torch.Tensor],
     grads_retain: Sequence[torch.Tensor],
@@ -63,34 +110,9 @@ def wagle_term_norms(
     warning"): ``weight_norm`` = ||w||_2, ``retain_term_norm`` = ||g_r / gamma||_2 (or
     ``||g_r / (h + eps)||``), their ratio, ``frac_weight_dominant`` = fraction of elements with
     ``|w| > |g_r / gamma|``, and ``dominant`` (``"weight"`` or ``"retain_gradient"``). Reads only."""
-    w2 = 0.0
-    r2 = 0.0
-    n_w = 0
-    n = 0
-    chunk = 1 << 20  # bounded temporaries (~12 MB): this runs next to full-model accumulators
-    for i, (w, g) in enumerate(zip(weights, grads_retain)):
-        wflat = w.detach().reshape(-1)
-        gflat = g.reshape(-1)
-        hflat = hessian[i].reshape(-1) if hessian is not None else None
-        for lo in range(0, wflat.numel(), chunk):
-            wf = wflat[lo:lo + chunk].to(torch.float32)
-            gf = gflat[lo:lo + chunk].to(torch.float32)
-            if hflat is not None:
-                r = gf / (hflat[lo:lo + chunk].to(torch.float32) + eps)
-            else:
-                r = gf / gamma
-            w2 += float(wf.double().square().sum())
-            r2 += float(r.double().square().sum())
-            n_w += int((wf.abs() > r.abs()).sum())
-        n += wflat.numel()
-    wn, rn = math.sqrt(float(w2)), math.sqrt(float(r2))
-    return {
-        "weight_norm": wn,
-        "retain_term_norm": rn,
-        "retain_over_weight": (rn / wn) if wn > 0 else math.inf,
-        "frac_weight_dominant": (n_w / n) if n else 0.0,
-        "dominant": "weight" if wn >= rn else "retain_gradient",
-    }
+    t = _TermNorms()
+    t.add(weights, grads_retain, gamma=gamma, hessian=hessian, eps=eps)
+    return t.result()
 
 
 def compute_scores(
@@ -194,13 +216,11 @@ def compute_scores(
                 info[key] = dict(d.info)
 
     if kind == "wagle" and log_terms:
-        terms = wagle_term_norms([params[n] for n in names], [g_r[n] for n in names], gamma=gamma,  # type: ignore[index]
-                                 hessian=None if hessian is None else [hessian[n] for n in names], eps=eps)
-        info["terms"] = terms
-        denom = "||g_r||/gamma" if hessian is None else "||g_r/(h+eps)||"
-        logger.info("wagle score terms: ||w|| = %.4g, %s = %.4g (ratio %.3g); |w| > |retain term| for %.3g%% "
-                    "of weights; dominant: %s", terms["weight_norm"], denom, terms["retain_term_norm"],
-                    terms["retain_over_weight"], 100 * terms["frac_weight_dominant"], terms["dominant"])
+        acc = _TermNorms()
+        acc.add([params[n] for n in names], [g_r[n] for n in names], gamma=gamma,  # type: ignore[index]
+                hessian=None if hessian is None else [hessian[n] for n in names], eps=eps)
+        info["terms"] = acc.result()
+        _log_terms(info["terms"], hessian is not None)
 
     out = ScoreDict(info=info)
     for n in names:
@@ -255,7 +275,9 @@ def score_model(
     names: Optional[Sequence[str]] = None,
     max_batches: Optional[int] = None,
     progress: bool = True,
-) -> ScoreDict:
+    memory_budget: Union[None, int, str] = None,
+    groups: Optional[Sequence[Sequence[str]]] = None,
+) -> Union[ScoreDict, GroupedScores]:
     """Gradients and scores in one call (WAGLE ``snip_advanced`` and its baselines).
 
     Order (as WAGLE): one pass over ``retain_loader`` for ``g_r`` (``kind="wagle"``), then one pass
@@ -268,14 +290,33 @@ def score_model(
             by tensor, so peak memory is weights + ``g_r`` + ``g_f`` (one accumulator + one
             gradient buffer). ``False``: ``g_f``/``g_r`` stay alive next to a fresh score buffer
             (weights + 3 buffers). Scores are identical.
-        forget_loss_fn / retain_loss_fn: default :func:`causal_lm_loss` (for PO pass the
+        forget_loss_fn / retain_loss_fn: default :func:`causal_lm_sequence_loss` (for PO pass the
             refusal-target batches as the forget loader, WAGLE ``snip_advanced_CL``).
         forget_key / retain_key: ``batch_key`` for paired loaders.
+        memory_budget: bounded-memory attribution: bytes (int) or a string such as ``"16GB"`` /
+            ``"16GiB"`` for the per-weight fp32 buffers of the attribution (``g_r`` + ``g_f`` = 8 B
+            per weight for ``wagle``, 12 with an estimated Hessian, 4 for the other kinds; see
+            :func:`plan_groups`). The parameters are split into consecutive groups that fit and a
+            :class:`GroupedScores` is returned instead of a ScoreDict: nothing runs until it is
+            iterated, each group then runs its own data passes (``len(groups)`` x the passes of an
+            unbounded run) and yields its scores, bit-identical to the unbounded ones.
+            ``build_mask(grouped, ratio)`` gives the same MaskSet as ``build_mask`` of the unbounded
+            scores (docs/algorithms.md 5.2).
+        groups: explicit groups instead of ``memory_budget``: lists of parameter names that
+            together cover the scored parameters, each a consecutive run in parameter order.
         Other arguments as in :func:`accumulate_gradients` and :func:`compute_scores`.
+
+    Returns:
+        :class:`ScoreDict`, or :class:`GroupedScores` with ``memory_budget`` / ``groups``.
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"kind must be one of {SCORE_KINDS}, got {kind!r}")
     acc_kw = dict(reduction=reduction, max_batches=max_batches, progress=progress, names=names)
+    if memory_budget is not None or groups is not None:
+        return _grouped(model, forget_loader, retain_loader, kind=kind, gamma=gamma, hessian=hessian,
+                        reduction=reduction, forget_loss_fn=forget_loss_fn, retain_loss_fn=retain_loss_fn,
+                        forget_key=forget_key, retain_key=retain_key, seed=seed, names=names,
+                        max_batches=max_batches, progress=progress, memory_budget=memory_budget, groups=groups)
     if kind in ("magnitude", "random"):
         return compute_scores(model, kind=kind, seed=seed, names=names)
     if forget_loader is None:
@@ -311,3 +352,102 @@ def score_model(
     scores = compute_scores(model, g_f, g_r, kind=kind, gamma=gamma, hessian=h, inplace=stream)
     del g_f, g_r, h
     return scores
+
+
+def _check_groups(model: torch.nn.Module, groups: Sequence[Sequence[str]], names: Optional[Sequence[str]],
+                  kind: str) -> list:
+    """Explicit groups: lists of names, together the scored parameters, consecutive in parameter order."""
+    if isinstance(groups, (str, bytes)) or not all(
+            not isinstance(g, (str, bytes)) and all(isinstance(n, str) for n in g) for g in groups):
+        raise TypeError("groups must be a sequence of sequences of parameter names")
+    groups = [list(g) for g in groups]
+    if not groups or any(not g for g in groups):
+        raise ValueError("groups must be non-empty lists of parameter names")
+    if kind == "wanda":
+        scored = decoder_linear_names(model)
+        if names is not None:
+            scored = [n for n in scored if n in set(names)]
+    else:
+        scored = [n for n, p in model.named_parameters() if p.requires_grad]
+        if names is not None:
+            scored = [n for n in scored if n in set(names)]
+    flat = [n for g in groups for n in g]
+    if flat != scored:
+        raise ValueError("groups must be consecutive runs of the scored parameters in parameter order, together "
+                         f"all of them ({len(scored)} names, first {scored[:2]}); got {len(flat)} names, "
+                         f"first {flat[:2]}")
+    return groups
+
+
+def _grouped(model, forget_loader, retain_loader, *, kind, gamma, hessian, reduction, forget_loss_fn,
+             retain_loss_fn, forget_key, retain_key, seed, names, max_batches, progress, memory_budget,
+             groups) -> GroupedScores:
+    """``score_model`` with ``memory_budget`` / ``groups``: a :class:`GroupedScores` whose groups are
+    scored exactly as the unbounded path scores them (same passes, same order, same kernels)."""
+    if kind in ("wagle", "snip", "gradient", "wanda") and forget_loader is None:
+        raise ValueError(f"kind={kind!r} needs forget_loader")
+    if kind == "wagle" and retain_loader is None:
+        raise ValueError("kind='wagle' needs retain_loader")
+    if hessian is not None and kind != "wagle":
+        raise ValueError(f"hessian is only used by kind='wagle', got kind={kind!r}")
+    if isinstance(hessian, str) and hessian not in ("fisher", "ema"):
+        raise ValueError(f"hessian must be None, 'fisher', 'ema' or a mapping, got {hessian!r}")
+    estimated = isinstance(hessian, str)
+    if memory_budget is not None and groups is not None:
+        raise ValueError("pass memory_budget= or groups=, not both")
+    if groups is not None:
+        groups = _check_groups(model, groups, names, kind)
+        budget = None
+    else:
+        budget = parse_bytes(memory_budget)
+        plan_names = names
+        if kind == "wanda":
+            plan_names = [n for n in decoder_linear_names(model) if names is None or n in set(names)]
+        groups = plan_groups(model, budget, kind=kind, hessian_estimated=estimated, names=plan_names)
+    params = OrderedDict(model.named_parameters())
+    shapes = OrderedDict((n, params[n].shape) for g in groups for n in g)
+    per_group = {"wagle": 2 + int(estimated), "snip": 1, "gradient": 1}.get(kind, 0)
+    plan = {"groups": len(groups), "memory_budget_bytes": budget,
+            "bytes_per_weight": accumulator_bytes_per_param(kind, estimated),
+            "largest_group_weights": max(sum(params[n].numel() for n in g) for g in groups),
+            "data_passes_per_group": per_group,
+            "data_passes": per_group * len(groups) + (1 if kind == "wanda" else 0)}
+    acc_kw = dict(reduction=reduction, max_batches=max_batches, progress=progress)
+    state: dict = {}
+
+    def score_group(i: int, group: list) -> ScoreDict:
+        tag = f" [group {i + 1}/{len(groups)}]"
+        if i == 0:
+            state["terms"] = _TermNorms()
+            if kind == "wanda":
+                state["norms"] = collect_input_norms(model, forget_loader, batch_key=forget_key,
+                                                     max_batches=max_batches, progress=progress,
+                                                     names=[n for g in groups for n in g])
+        if kind in ("magnitude", "random"):
+            return compute_scores(model, kind=kind, seed=seed, names=group)
+        if kind == "wanda":
+            return compute_scores(model, kind="wanda", input_norms=state["norms"], names=group)
+        h = g_r = None
+        if kind == "wagle":
+            if estimated:
+                h = estimate_hessian_diagonal(model, retain_loader, retain_loss_fn, method=hessian,
+                                              batch_key=retain_key, max_batches=max_batches, progress=progress,
+                                              names=group)
+            elif hessian is not None:
+                h = GradientDict(((n, hessian[n]) for n in group), info=getattr(hessian, "info", None))
+            g_r = accumulate_gradients(model, retain_loader, retain_loss_fn, batch_key=retain_key,
+                                       desc="retain gradients" + tag, names=group, **acc_kw)
+        g_f = accumulate_gradients(model, forget_loader, forget_loss_fn, batch_key=forget_key,
+                                   desc="forget gradients" + tag, names=group, **acc_kw)
+        if kind == "wagle":
+            state["terms"].add([params[n] for n in group], [g_r[n] for n in group], gamma=gamma,
+                               hessian=None if h is None else [h[n] for n in group])
+        return compute_scores(model, g_f, g_r, kind=kind, gamma=gamma, hessian=h, inplace=True, log_terms=False)
+
+    def finalize(info: dict) -> None:
+        if kind == "wagle":
+            info["terms"] = state["terms"].result()
+            _log_terms(info["terms"], hessian is not None)
+        state.clear()
+
+    return GroupedScores(groups, shapes, score_group, finalize, plan)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -20,8 +20,18 @@ from .._checks import FLOAT_DTYPES, check_ratio
 from ..naming import model_fingerprint
 from .distributed import all_gather_masks, world_size
 from .maskset import SCOPES, MaskSet
+from .streaming import StreamingTopK
 
-__all__ = ["select_per_row", "build_mask"]
+__all__ = ["select_per_row", "build_mask", "is_score_groups"]
+
+
+def is_score_groups(scores: Any) -> bool:
+    """True for *grouped scores*: not a mapping, but an iterable of ``{name: scores}`` mappings (the
+    groups, in global order) with ``.shapes`` (``{name: shape}`` of every name the groups will
+    yield, in that order) and optionally ``.info`` (read after the iteration). What
+    :func:`wagle_ext.attribution.score_model` returns with ``memory_budget=`` / ``groups=``."""
+    return (not isinstance(scores, Mapping) and isinstance(getattr(scores, "shapes", None), Mapping)
+            and isinstance(scores, Iterable))
 
 PatternArg = Union[None, str, Sequence[str]]
 
@@ -84,7 +94,7 @@ def select_per_row(scores: torch.Tensor, ratio: float, *, chunk_elements: int = 
 
 
 def build_mask(
-    scores: Mapping[str, torch.Tensor],
+    scores: Union[Mapping[str, torch.Tensor], Iterable[Mapping[str, torch.Tensor]]],
     ratio: float,
     *,
     scope: str = "global",
@@ -105,6 +115,13 @@ def build_mask(
             parameter order; larger = more important = selected first. Typically from
             :func:`wagle_ext.attribution.compute_scores`; its ``.info`` (score kind, gamma, model
             fingerprint, ...) is copied into the mask metadata when present.
+            Or *grouped scores* (:func:`is_score_groups`, e.g. ``score_model(...,
+            memory_budget="16GB")``): the groups are consumed one at a time and never held together
+            -- global scope keeps only the running top-k candidates (:class:`StreamingTopK`: 1 bit
+            per weight + one score per selected weight), the other scopes select per tensor as it
+            arrives -- and the result is the MaskSet ``build_mask`` gives for all groups merged
+            into one mapping (same bits, same metadata plus the groups' provenance). Not with
+            ``process_group``.
         ratio: fraction of the **included** weights selected for update, in (0, 1]. The count is
             exactly ``int(N * ratio)`` with N = all included elements (``"global"``), each
             tensor's elements (``"per_tensor"``) or each row's columns (``"per_row"``).
@@ -144,6 +161,10 @@ def build_mask(
     Returns:
         :class:`MaskSet` on the scores' device. Nothing is mutated.
     """
+    if not isinstance(scores, Mapping) and is_score_groups(scores):
+        return _build_mask_grouped(scores, ratio, scope=scope, include=include, exclude=exclude,
+                                   excluded=excluded, missing=missing, allow_empty=allow_empty, model=model,
+                                   metadata=metadata, process_group=process_group)
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a mapping name -> tensor, got {type(scores).__name__}")
     check_ratio(ratio)
@@ -198,8 +219,13 @@ def build_mask(
             ordered[n] = masks[n]
         elif excluded != "absent":
             ordered[n] = PackedMask.full(scores[n].shape, excluded == "dense", device=scores[n].device)
+    return _mask_set(ordered, getattr(scores, "info", None), ratio, scope, include, exclude, excluded, missing,
+                     model, metadata, process_group, gather)
 
-    info = dict(getattr(scores, "info", None) or {})
+
+def _mask_set(ordered, scores_info, ratio, scope, include, exclude, excluded, missing, model, metadata,
+              process_group, gather) -> MaskSet:
+    info = dict(scores_info or {})
     meta: dict = {k: v for k, v in info.items() if _jsonable(v)}
     meta.update({
         "ratio": float(ratio),
@@ -224,6 +250,76 @@ def build_mask(
     if model is not None and (process_group is None or gather):
         result.check_compatible(model, strict=False)
     return result
+
+
+def _build_mask_grouped(groups, ratio: float, *, scope: str, include: PatternArg, exclude: PatternArg,
+                        excluded: str, missing: str, allow_empty: bool, model, metadata, process_group) -> MaskSet:
+    """``build_mask`` over grouped scores, one group alive at a time (see ``build_mask``)."""
+    check_ratio(ratio)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if excluded not in ("frozen", "dense", "absent"):
+        raise ValueError(f"excluded must be 'frozen', 'dense' or 'absent', got {excluded!r}")
+    if missing not in ("dense", "frozen"):
+        raise ValueError(f"missing must be 'frozen' or 'dense', got {missing!r}")
+    if process_group is not None:
+        raise ValueError("grouped scores (memory_budget=/groups=) are selected on one process; "
+                         "process_group= is not supported with them")
+    inc = _compile_patterns(include, "include")
+    exc = _compile_patterns(exclude, "exclude")
+    shapes = OrderedDict((n, torch.Size(s)) for n, s in groups.shapes.items())
+    names = list(shapes)
+    selected_names = [n for n in names if (not inc or _matches(n, inc)) and not _matches(n, exc)]
+    if not selected_names:
+        raise ValueError(
+            f"no parameter left to select from: include={include!r}, exclude={exclude!r} matched "
+            f"none/all of {len(names)} names (first: {names[:3]})")
+    # Shapes alone decide k and emptiness: meta tensors stand in for the scores.
+    meta = {n: torch.empty(shapes[n], device="meta") for n in selected_names}
+    if not allow_empty:
+        _check_not_empty(meta, selected_names, ratio, scope, None)
+    chosen = set(selected_names)
+    streaming = StreamingTopK(int(sum(shapes[n].numel() for n in selected_names) * ratio)) \
+        if scope == "global" else None
+    masks: dict = {}
+    seen: list = []
+    device = None
+    for group in groups:
+        if not isinstance(group, Mapping):
+            raise TypeError(f"each group must be a mapping name -> tensor, got {type(group).__name__}")
+        batch = []
+        for n, s in group.items():
+            if not isinstance(n, str):
+                raise TypeError(f"scores keys must be parameter names (str), got {type(n).__name__}")
+            if not isinstance(s, torch.Tensor) or s.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"scores[{n!r}] must be a float32/bfloat16/float16 tensor")
+            if len(seen) >= len(names) or names[len(seen)] != n:
+                expected = names[len(seen)] if len(seen) < len(names) else "nothing"
+                raise ValueError(f"grouped scores yielded {n!r} where .shapes announces {expected!r}")
+            if s.shape != shapes[n]:
+                raise ValueError(f"scores[{n!r}] has shape {tuple(s.shape)}; .shapes says {tuple(shapes[n])}")
+            seen.append(n)
+            device = s.device if device is None else device
+            if n not in chosen:
+                if excluded != "absent":
+                    masks[n] = PackedMask.full(s.shape, excluded == "dense", device=s.device)
+            elif scope == "global":
+                batch.append((n, s))
+            elif scope == "per_tensor":
+                masks[n] = select_topk_mask([s], ratio=ratio, scope="per_tensor")[0]
+            else:
+                masks[n] = select_per_row(s, ratio)
+        if batch:
+            streaming.push(batch)  # type: ignore[union-attr]
+        del batch, group
+    if len(seen) != len(names):
+        raise ValueError(f"grouped scores yielded {len(seen)} of the {len(names)} tensors .shapes announces "
+                         f"(first missing: {names[len(seen)]!r})")
+    if streaming is not None:
+        masks.update(streaming.finish())
+    ordered: "OrderedDict[str, PackedMask]" = OrderedDict((n, masks[n]) for n in names if n in masks)
+    return _mask_set(ordered, getattr(groups, "info", None), ratio, scope, include, exclude, excluded, missing,
+                     model, metadata, None, True)
 
 
 def _check_not_empty(scores, names, ratio: float, scope: str, process_group) -> None:
