@@ -2,7 +2,7 @@
 
 :func:`plot_mask_density` draws a :class:`~wagle_ext.MaskSet`'s layer-sensitivity view (used by
 ``MaskSet.plot``); :func:`plot_tradeoff` draws the demo's forget-quality / model-utility plane (used
-by ``wagle demo``). Both take plain data (duck-typed objects and dicts) and import nothing from
+by ``wagle demo``); :func:`plot_fronts` draws ``wagle sweep``'s trade-off curves. All take plain data (duck-typed objects and dicts) and import nothing from
 ``wagle_ext``: matplotlib is an optional dependency, loaded on the first figure.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence, Union
 
-__all__ = ["plot_mask_density", "plot_tradeoff"]
+__all__ = ["plot_mask_density", "plot_tradeoff", "plot_fronts"]
 
 
 def _pyplot():
@@ -130,6 +130,68 @@ def plot_tradeoff(rows: Sequence[dict], references: Sequence[dict], path: str, t
     ax.set_ylabel("forget quality, KS p-value vs retain model (log; higher = better)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dict] = (),
+                thresholds: Sequence[float] = (), target_utility: Sequence[float] = (),
+                xlabel: str = "model utility (higher = better)") -> None:
+    """Write a PNG of forget quality (log) vs model utility, one panel per objective.
+
+    ``panels``: ``{objective: {"curves": [...], "fronts": {method: [(x, log10 y), ...]}, "overall":
+    [(x, log10 y), ...]}}``; a curve is one setting's trajectory (``method``, ``label``, ``x``, ``xerr``,
+    ``log10_y``, ``log10_yerr``: the means over seeds at each evaluated step and their spread). Each
+    method has one colour (its settings one line style each, thin, with error bars); its Pareto front is
+    the thick line; points on the front of all methods are ringed in black. ``references``: ``{"name",
+    "x", "log10_y"}`` in grey; ``target_utility`` x ``thresholds``: vertical dotted lines (e.g. 95% / 90%
+    of the original model's utility)."""
+    plt = _pyplot()
+
+    names = list(panels)
+    methods = list(dict.fromkeys(c["method"] for p in panels.values() for c in p["curves"]))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, len(names), figsize=(7.2 * len(names), 5.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        panel = panels[name]
+        seen: dict = {}
+        for c in panel["curves"]:
+            k = seen.setdefault(c["method"], [])
+            k.append(c["label"])
+            ls = styles[(len(k) - 1) % len(styles)]
+            y = [10 ** v for v in c["log10_y"]]
+            lo = [10 ** v - 10 ** (v - e) for v, e in zip(c["log10_y"], c["log10_yerr"])]
+            hi = [10 ** (v + e) - 10 ** v for v, e in zip(c["log10_y"], c["log10_yerr"])]
+            ax.errorbar(c["x"], y, xerr=c["xerr"], yerr=[lo, hi], color=colors[c["method"]], ls=ls, lw=0.9,
+                        marker="o", ms=3, alpha=0.55, elinewidth=0.6, capsize=1.5,
+                        label=f"{c['method']}: {c['label']}")
+        for m, pts in panel["fronts"].items():
+            if pts:
+                ax.plot([p[0] for p in pts], [10 ** p[1] for p in pts], color=colors[m], lw=2.6, alpha=0.95,
+                        drawstyle="steps-post" if len(pts) > 1 else "default", marker="D", ms=5)
+        ov = panel.get("overall", [])
+        if ov:
+            ax.scatter([p[0] for p in ov], [10 ** p[1] for p in ov], s=110, facecolors="none", edgecolors="black",
+                       linewidths=1.4, zorder=5, label="Pareto front (all methods)")
+        for ref, marker in zip(references, ("X", "P", "X", "P")):
+            ax.scatter([ref["x"]], [10 ** ref["log10_y"]], marker=marker, color="lightgray", edgecolors="black",
+                       s=90, zorder=4)
+            ax.annotate(ref["name"], (ref["x"], 10 ** ref["log10_y"]), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8)
+        for t in target_utility:
+            for thr in thresholds:
+                ax.axvline(thr * t, color="gray", ls=":", lw=0.9)
+                ax.annotate(f"{thr:.0%}", (thr * t, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                            ha="right", va="top", color="gray", rotation=90)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("forget quality (KS p-value vs retain model; log; higher = better)")
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,6 +5,7 @@
     wagle mask   [CONFIG] [--key value ...]   scores -> top-ratio MaskSet (mask.safetensors, mask.png)
     wagle unlearn [CONFIG] [--key value ...]  model + mask + objective -> unlearned model
     wagle eval   [CONFIG] [--key value ...]   TOFU-protocol evaluation (TOFU_EVAL.json, TOFU_SUMMARY.json)
+    wagle sweep  [CONFIG] [--key value ...]   objectives x masks x ratios x lrs x seeds -> fronts, table
     wagle bench  [CONFIG] [--key value ...]   microbenchmarks of a source checkout (bench/)
 
 CONFIG is a YAML or JSON file of the job's fields (:mod:`wagle_ext.config`); ``--key value``
@@ -22,16 +23,17 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .config import BenchConfig, DemoConfig, EvalConfig, ScoreConfig, UnlearnConfig, load_config
+from .config import BenchConfig, DemoConfig, EvalConfig, ScoreConfig, SweepConfig, UnlearnConfig, load_config
 from .config import source_root as _source_root  # noqa: F401  (tests and `wagle bench` look it up here)
 from .demo import run_demo
 from .jobs import run_bench, run_eval, run_score, run_unlearn
 from .runs import is_main_process
+from .sweep import run_sweep
 
 __all__ = ["main", "run_demo"]
 
 JOBS = {"demo": DemoConfig, "score": ScoreConfig, "mask": ScoreConfig, "unlearn": UnlearnConfig,
-        "eval": EvalConfig, "bench": BenchConfig}
+        "eval": EvalConfig, "bench": BenchConfig, "sweep": SweepConfig}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,7 +44,7 @@ def _fields_help(cls: type, prefix: str = "") -> list:
     lines = []
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type in (
-                "BenchmarkConfig", "UnlearnSettings", "DataConfig")):
+                "BenchmarkConfig", "UnlearnSettings", "DataConfig", "EvalSettings")):
             sub = getattr(cls(), f.name)
             lines += _fields_help(type(sub), prefix + f.name + ".")
         else:
@@ -56,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="wagle", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[2:9]))
+                                     epilog="\n".join(__doc__.split("\n")[2:10]))
     parser.add_argument("job", choices=sorted(JOBS))
     parser.add_argument("config", nargs="?", help="YAML or JSON file of job fields")
     if not argv or argv[0] in ("-h", "--help"):
@@ -88,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = run_unlearn(cfg)
         elif job == "eval":
             out = run_eval(cfg)
+        elif job == "sweep":
+            out = run_sweep(cfg)
         else:
             out = run_bench(cfg)
     except KeyboardInterrupt:

@@ -449,9 +449,21 @@ def _validate_eval(e: EvalSettings, p: str = "eval.") -> None:
         _check(os.path.exists(e.retain_model_eval), p + "retain_model_eval", f"not found: {e.retain_model_eval}")
 
 
+def _as_float(v: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: numbers in lists are converted here."""
+    if isinstance(v, str) and v not in HESSIAN_ESTIMATES:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 def _validate_sweep(cfg: "SweepConfig") -> None:
     from ..attribution import SCORE_KINDS
 
+    cfg.gammas, cfg.ratios, cfg.learning_rates = ([_as_float(v) for v in getattr(cfg, k)]
+                                                  for k in ("gammas", "ratios", "learning_rates"))
     _check(len(cfg.objectives) > 0, "objectives", "must name at least one objective")
     for i, o in enumerate(cfg.objectives):
         _validate_objective(o, f"objectives[{i}]")

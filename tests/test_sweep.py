@@ -1,0 +1,103 @@
+"""``wagle sweep`` on a tiny grid: the front PNG, the table and results.json are written, the numbers
+in them come from the runs' trajectories, masks are shared across learning rates and seeds, and a
+rerun skips the finished runs (a grown grid runs only the new ones)."""
+import json
+import os
+
+import pytest
+import torch
+
+from wagle_ext.cli import main
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+TINY = ["--benchmark.n_authors", "10", "--benchmark.hidden_size", "32", "--benchmark.intermediate_size", "64",
+        "--benchmark.train_steps", "40", "--benchmark.batch_size", "8", "--unlearn.steps", "4",
+        "--unlearn.batch_size", "2", "--eval_every", "2", "--eval.batch_size", "64", "--eval.max_new_tokens", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _runs(out):
+    return {d: os.path.getmtime(os.path.join(out, "runs", d, "result.json")) for d in os.listdir(os.path.join(out, "runs"))}
+
+
+def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    args = ["sweep", *TINY, "--cache_dir", str(tmp_path / "cache"), "--masks", "[dense, wagle]", "--ratios", "[0.1]",
+            "--learning_rates", "[1e-2]", "--seeds", "[0, 1]", "--out", out]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert f"results in {out}" in text
+    for f in ("fronts.png", "table.txt", "results.json", "run.json", "log.txt"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert os.path.getsize(os.path.join(out, "fronts.png")) > 10_000
+    res = json.loads(open(os.path.join(out, "results.json")).read())
+    assert res["n_runs"] == 4 and res["n_skipped"] == 0 and res["utility_key"] == "model_utility"
+    assert len(os.listdir(os.path.join(out, "masks"))) == 1  # the wagle mask, shared by both seeds
+    # every run: trajectory at steps 2 and 4 (step 0 is the original model, evaluated once)
+    for r in res["runs"]:
+        assert [e["step"] for e in r["trajectory"]] == [2, 4]
+        assert {"forget_quality", "model_utility", "forget_Q_A_ROUGE"} <= set(r["trajectory"][-1]["metrics"])
+    target = next(iter(res["references"].values()))["target"]["metrics"]
+    # the table's numbers are the runs' own: best FQ over the points keeping >= 95% of the original utility
+    table = open(os.path.join(out, "table.txt")).read()
+    assert table.strip() == res["table"].strip() and "FQ @ MU>=95%" in table and "FQ @ MU>=90%" in table
+    for row in res["table_rows"]:
+        runs = [r for r in res["runs"] if r["settings"]["method"] == row["method"]]
+        assert len(runs) == 2
+        per_seed = []
+        for r in sorted(runs, key=lambda r: r["settings"]["seed"]):
+            pts = [target] + [e["metrics"] for e in r["trajectory"]]
+            per_seed.append(max(m["forget_quality"] for m in pts if m["model_utility"] >= 0.95 * target["model_utility"]))
+        assert row["0.95"]["per_seed"] == pytest.approx(per_seed)
+        assert row["0.95"]["mean"] == pytest.approx(sum(per_seed) / 2)
+        assert row["method"] in table and f"{row['0.95']['mean']:.3g}" in table
+    curve = res["settings"][0]["curve"]
+    assert [p["step"] for p in curve] == [0, 2, 4] and curve[0]["utility_mean"] == target["model_utility"]
+
+    # rerun: nothing is redone
+    before = _runs(out)
+    assert main(args) == 0
+    assert "4 runs (4 done before, skipped)" in capsys.readouterr().out
+    assert _runs(out) == before
+    assert json.loads(open(os.path.join(out, "results.json")).read())["n_skipped"] == 4
+    # a grown grid (one more seed) runs only the new runs, and reuses the mask
+    assert main([*args, "--seeds", "[0, 1, 2]"]) == 0
+    assert "6 runs (4 done before, skipped)" in capsys.readouterr().out
+    after = _runs(out)
+    assert len(after) == 6 and all(after[k] == v for k, v in before.items())
+    assert len(os.listdir(os.path.join(out, "masks"))) == 1
+    res = json.loads(open(os.path.join(out, "results.json")).read())
+    assert all(len(row["0.9"]["per_seed"]) == 3 for row in res["table_rows"])
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["--masks", "[dense, lottery]"], r"masks\[1\]: unknown mask kind"),
+    (["--gammas", "[0]"], r"gammas\[0\]: must be a number > 0"),
+    (["--ratios", "[0.1, 2]"], r"ratios\[1\]: must be in"),
+    (["--learning_rates", "[]"], "learning_rates: must hold at least one value"),
+    (["--seeds", "[0, 0]"], "seeds: holds a value twice"),
+    (["--eval_every", "0"], "eval_every: must be >= 1"),
+    (["--workers", "0"], "workers: must be >= 1"),
+    (["--eval.metrics", "some"], "eval.metrics: must be one of all, fast"),
+])
+def test_bad_sweep_fields_are_named(overrides, field, capsys):
+    import re
+
+    assert main(["sweep", *overrides]) == 2
+    assert re.search(field, capsys.readouterr().err)
+
+
+def test_config_reads_numbers_yaml_reads_as_strings():
+    from wagle_ext.app.config import SweepConfig, load_config
+
+    cfg = load_config(SweepConfig, None, ["--learning_rates", "[1e-3, 5e-4]", "--gammas", "[1e-6, 1, fisher]"])
+    assert cfg.learning_rates == [1e-3, 5e-4] and cfg.gammas == [1e-6, 1.0, "fisher"]
