@@ -47,7 +47,7 @@ __all__ = ["run_sweep", "THRESHOLDS"]
 
 THRESHOLDS = (0.95, 0.90)
 _FORMAT = 1  # enters every run key: bump when a run's result changes meaning
-_CONTEXTS: dict = {}  # per process: benchmark seed -> loaded model, data, evaluator
+_CONTEXTS: dict = {}  # per process: (context, sweep dir, eval settings) -> loaded model, data, evaluator
 
 
 def run_sweep(cfg: SweepConfig) -> str:
@@ -119,8 +119,9 @@ def _context(cfg: SweepConfig, bseed: int, work: str) -> Any:
 
     ident = _context_identity(cfg, bseed)
     ckey = _key(ident)
-    if ckey in _CONTEXTS:
-        return _CONTEXTS[ckey]
+    cache_key = _key([ckey, work, dataclasses.asdict(cfg.eval), cfg.cache_dir, cfg.device, cfg.dtype])
+    if cache_key in _CONTEXTS:
+        return _CONTEXTS[cache_key]
     device, dtype = _device_dtype(cfg)
     c = copy.deepcopy(cfg)
     c.benchmark = dataclasses.replace(cfg.benchmark, seed=bseed)
@@ -134,7 +135,9 @@ def _context(cfg: SweepConfig, bseed: int, work: str) -> Any:
     evaluate, info = _trajectory_setup(c, bench, tok, device, dtype, ref_dir)
     ctx = types.SimpleNamespace(key=ckey, ident=ident, bench=bench, model=model, tok=tok, data=data,
                                 evaluate=evaluate, info=info, device=device, ref_dir=ref_dir)
-    _CONTEXTS[ckey] = ctx
+    while len(_CONTEXTS) >= 4:  # each holds a model: keep the few most recent
+        _CONTEXTS.pop(next(iter(_CONTEXTS)))
+    _CONTEXTS[cache_key] = ctx
     return ctx
 
 
