@@ -410,3 +410,35 @@ def test_bench_out_reaches_the_scripts(monkeypatch, tmp_path):
     spec.loader.exec_module(mod)
     path = mod.write_json("probe", {"rows": []})
     assert path == str(out / "probe.json") and json.loads((out / "probe.json").read_text())["bench"] == "probe"
+
+
+# ------------------------------------------------------------------------------------------------
+# wagle attack and wagle unlearn --geffect_every
+# ------------------------------------------------------------------------------------------------
+
+def test_wagle_attack_writes_every_attack(user_files, tmp_path):
+    d = user_files
+    out = tmp_path / "attack"
+    assert main(["attack", "--model", str(d / "my-llama"), "--data.forget", str(d / "forget.json"), "--device", "cpu",
+                 "--reference_model", str(d / "my-llama"), "--relearn_steps", "[0, 2]", "--max_new_tokens", "4",
+                 "--relearn_fraction", "0.3", "--out", str(out)]) == 0
+    allres = json.loads((out / "ATTACKS.json").read_text())
+    assert set(allres["results"]) == {"relearn", "in_context", "prompt", "output_quality"}
+    for kind in allres["results"]:
+        assert (out / f"ATTACK_{kind}.json").is_file()
+        assert set(allres["results"][kind]) == {"model", "reference_model"}
+    assert [c["step"] for c in allres["results"]["relearn"]["model"]["curve"]] == [0, 2]
+    q = allres["results"]["output_quality"]["model"]
+    assert q["mean_perplexity"] is not None and len(q["generations"]) == 6
+    assert main(["attack", "--model", str(d / "my-llama"), "--data.forget", str(d / "forget.json"),
+                 "--attacks", "[jailbreak]", "--out", str(tmp_path / "a2")]) == 1
+
+
+def test_unlearn_records_the_g_effect(user_files, tmp_path):
+    d = user_files
+    out = tmp_path / "ge"
+    assert main(["unlearn", *_common(d), "--objective", "npo", "--unlearn.steps", "4", "--unlearn.batch_size", "2",
+                 "--geffect_every", "2", "--out", str(out)]) == 0
+    ge = json.loads((out / "g_effect.json").read_text())
+    assert [r["step"] for r in ge["records"]] == [2, 4] and ge["objective"] == "npo"
+    assert (out / "g_effect.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,7 @@
     wagle unlearn [CONFIG] [--key value ...]  model + mask + objective -> unlearned model
     wagle eval   [CONFIG] [--key value ...]   TOFU-protocol evaluation (TOFU_EVAL.json, TOFU_SUMMARY.json)
     wagle sweep  [CONFIG] [--key value ...]   objectives x masks x ratios x lrs x seeds -> fronts, table
+    wagle attack [CONFIG] [--key value ...]   relearning / in-context / prompt attacks, output quality
     wagle bench  [CONFIG] [--key value ...]   microbenchmarks of a source checkout (bench/)
 
 CONFIG is a YAML or JSON file of the job's fields (:mod:`wagle_ext.config`); ``--key value``
@@ -28,12 +29,13 @@ from .config import source_root as _source_root  # noqa: F401  (tests and `wagle
 from .demo import run_demo
 from .jobs import run_bench, run_eval, run_score, run_unlearn
 from .runs import is_main_process
+from .attack import AttackConfig, run_attack
 from .sweep import run_sweep
 
 __all__ = ["main", "run_demo"]
 
 JOBS = {"demo": DemoConfig, "score": ScoreConfig, "mask": ScoreConfig, "unlearn": UnlearnConfig,
-        "eval": EvalConfig, "bench": BenchConfig, "sweep": SweepConfig}
+        "eval": EvalConfig, "bench": BenchConfig, "sweep": SweepConfig, "attack": AttackConfig}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="wagle", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[2:10]))
+                                     epilog="\n".join(__doc__.split("\n")[2:11]))
     parser.add_argument("job", choices=sorted(JOBS))
     parser.add_argument("config", nargs="?", help="YAML or JSON file of job fields")
     if not argv or argv[0] in ("-h", "--help"):
@@ -92,6 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = run_eval(cfg)
         elif job == "sweep":
             out = run_sweep(cfg)
+        elif job == "attack":
+            out = run_attack(cfg)
         else:
             out = run_bench(cfg)
     except KeyboardInterrupt:

@@ -151,6 +151,7 @@ class UnlearnConfig:
     unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
     eval_every: int = 0            # evaluate every N steps (and at steps 0 and last) into trajectory.json; 0: never
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)  # what --eval_every evaluates, and on what
+    geffect_every: int = 0         # record the G-effect every N steps into g_effect.json / g_effect.png; 0: never
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     cache_dir: Optional[str] = None
     num_threads: int = 1
@@ -509,6 +510,13 @@ def _validate_device(cfg: Any) -> None:
         _check(cfg.dtype in DTYPE_CHOICES, "dtype", f"must be one of {', '.join(DTYPE_CHOICES)}, got {cfg.dtype!r}")
 
 
+def _required_data(cfg: Any) -> tuple:
+    """The data fields a job cannot run without (a job class may say with ``DATA_FIELDS``)."""
+    if isinstance(cfg, EvalConfig):
+        return ("forget",)
+    return getattr(type(cfg), "DATA_FIELDS", ("forget", "retain"))
+
+
 def _validate_data(cfg: Any) -> None:
     """Where the data comes from must be said: a model of one's own never falls back to the embedded
     benchmark's data (that would score the model on someone else's questions)."""
@@ -525,7 +533,7 @@ def _validate_data(cfg: Any) -> None:
         _check(isinstance(k, str) and isinstance(v, str), "data.columns",
                f"must map field names to field names, got {k!r}: {v!r}")
     if d.source is None:
-        for field in ("forget", "retain") if not isinstance(cfg, EvalConfig) else ("forget",):
+        for field in _required_data(cfg):
             v = getattr(d, field)
             _check(v is not None, "data." + field,
                    f"required with --model {cfg.model}: a .json/.jsonl/.parquet file, or a set name with "
@@ -535,7 +543,7 @@ def _validate_data(cfg: Any) -> None:
     else:
         if d.forget is None:
             d.forget = "forget10"
-        if d.retain is None and not isinstance(cfg, EvalConfig):
+        if d.retain is None and "retain" in _required_data(cfg):
             d.retain = "retain90"
 
 
@@ -581,6 +589,7 @@ def validate(cfg: Any) -> None:
     elif isinstance(cfg, SweepConfig):
         _validate_sweep(cfg)
     elif isinstance(cfg, UnlearnConfig):
+        _check(cfg.geffect_every >= 0, "geffect_every", f"must be >= 0, got {cfg.geffect_every}")
         _validate_objective(cfg.objective, "objective")
         _check(cfg.eval_every >= 0, "eval_every", f"must be >= 0, got {cfg.eval_every}")
         if cfg.mask is not None:

@@ -163,6 +163,20 @@ def _trajectory_setup(cfg: Any, bench: Any, tok: Any, device, dtype, work_dir: s
     return evaluate, info
 
 
+def _geffect_callback(cfg: UnlearnConfig, tok: Any, data: dict, mask: Any, path: str):
+    """The G-effect probe of ``wagle unlearn --geffect_every N``: batches drawn like the training
+    batches (same batch size, another seed), the trainer's objective and reference (bound by
+    ``_unlearn``), split masked/frozen when there is a mask."""
+    from torch.utils.data import DataLoader
+
+    from ..eval.g_effect import GEffectCallback
+    from ..unlearn.data import ForgetRetainDataset, QACollator
+
+    ds = ForgetRetainDataset(data["forget"], data["retain"], seed=cfg.unlearn.seed + 1)
+    loader = DataLoader(ds, batch_size=cfg.unlearn.batch_size, shuffle=False, collate_fn=QACollator(tok))
+    return GEffectCallback(cfg.objective, loader, every=cfg.geffect_every, mask=mask, path=path)
+
+
 def run_unlearn(cfg: UnlearnConfig) -> str:
     with _Job("unlearn", cfg, resume=cfg.resume) as run:
         model, tok, data, bench, device = _model_tokenizer_data(cfg)
@@ -179,6 +193,11 @@ def run_unlearn(cfg: UnlearnConfig) -> str:
                  f"and {', '.join(info['retain_sets']) or 'no utility sets'}) into trajectory.json")
             callbacks.append(TrajectoryCallback(evaluate, cfg.eval_every, run.file("trajectory.json"), log=_log))
             run.update(trajectory=info)
+        geffect = None
+        if cfg.geffect_every:
+            geffect = _geffect_callback(cfg, tok, data, mask, run.file("g_effect.json"))
+            callbacks.append(geffect)
+            _log(f"[unlearn] recording the G-effect every {cfg.geffect_every} steps into g_effect.json")
         t0 = time.perf_counter()
         with run.phase("unlearn"):
             res = _unlearn(model, tok, data["forget"], data["retain"], cfg.objective, mask, cfg.unlearn,
@@ -199,6 +218,11 @@ def run_unlearn(cfg: UnlearnConfig) -> str:
                 tok.save_pretrained(os.path.join(run.work, "model"))
                 with open(run.file("train_log.json"), "w") as f:
                     json.dump({**res, "seconds": time.perf_counter() - t0}, f, indent=2, default=float)
+        if geffect is not None and is_main_process() and geffect.result["records"]:
+            from ..eval.g_effect import plot_g_effect
+
+            plot_g_effect({cfg.objective: geffect.result}, run.file("g_effect.png"),
+                          title=f"G-effect of {cfg.objective} ({'dense' if mask is None else 'masked'})")
         run.update(device=str(device), trainable=report, weights_sha256_by_rank=digests)
         _log(f"[unlearn] train loss {res['train_loss']:.4f} in {time.perf_counter() - t0:.1f} s; model saved to "
              "model/")

@@ -283,6 +283,8 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
         if trainer.trainable_report is not None:  # what will move, honestly counted (frozen = bit-identical)
             _log("[unlearn] " + format_trainable_report(trainer.trainable_report))
     for cb in callbacks:
+        if hasattr(cb, "bind_trainer"):  # e.g. the G-effect probe: the trainer's objective and reference model
+            cb.bind_trainer(trainer)
         trainer.add_callback(cb)
     checkpoint = None
     if resume:

@@ -229,6 +229,12 @@ class GEffectCallback:
                 self._probe = None
                 self._it = None
 
+            def bind_trainer(self, trainer) -> None:
+                """Probe exactly what ``trainer`` optimises: its objective and reference model."""
+                self.objective = trainer.objective
+                if self.ref_model is None:
+                    self.ref_model = trainer.ref_model
+
             def _next_batch(self):
                 if self._it is None:
                     self._it = iter(self.loader)
