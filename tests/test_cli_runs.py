@@ -442,3 +442,17 @@ def test_unlearn_records_the_g_effect(user_files, tmp_path):
     ge = json.loads((out / "g_effect.json").read_text())
     assert [r["step"] for r in ge["records"]] == [2, 4] and ge["objective"] == "npo"
     assert (out / "g_effect.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mask_with_a_memory_budget_equals_the_unbounded_mask(user_files, tmp_path):
+    d = user_files
+    assert main(["mask", *_common(d), "--kind", "wagle", "--ratio", "0.1", "--out", str(tmp_path / "a")]) == 0
+    # a budget far below the 8 B/param (47 KB) of the two accumulators of this 5840-weight model: several groups
+    assert main(["mask", *_common(d), "--kind", "wagle", "--ratio", "0.1", "--memory_budget", "16KB",
+                 "--out", str(tmp_path / "b")]) == 0
+    from wagle_ext import MaskSet
+
+    a, b = MaskSet.load(str(tmp_path / "a" / "mask.safetensors")), MaskSet.load(str(tmp_path / "b" / "mask.safetensors"))
+    assert a == b
+    assert "parameter groups" in (tmp_path / "b" / "log.txt").read_text()
+    assert main(["score", *_common(d), "--memory_budget", "12KB", "--out", str(tmp_path / "c")]) == 1

@@ -127,7 +127,8 @@ class ScoreConfig:
     allow_empty: bool = False      # accept a ratio that selects no weight at all
     seed: int = 0
     max_batches: Optional[int] = None
-    batch_size: int = 1            # items per forward/backward while accumulating gradients
+    batch_size: int = 8            # items per forward/backward while accumulating (scores do not depend on it)
+    memory_budget: Optional[str] = None  # wagle mask: bound the gradient accumulators ("16GB"): grouped passes
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     cache_dir: Optional[str] = None
     num_threads: int = 1
@@ -581,6 +582,11 @@ def validate(cfg: Any) -> None:
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
         if cfg.scores is not None:
             _check(os.path.isfile(cfg.scores), "scores", f"file not found: {cfg.scores}")
+        if cfg.memory_budget is not None:
+            from ..attribution import parse_bytes
+
+            _check_by(parse_bytes, "memory_budget", f"a size such as 16GB or 512MiB, got {cfg.memory_budget!r}",
+                      cfg.memory_budget)
         _check(cfg.kind in SCORE_KINDS, "kind", f"unknown score kind {cfg.kind!r} (known: {', '.join(SCORE_KINDS)})")
         _check_by(check_ratio, "ratio", f"must be in (0, 1], got {cfg.ratio}", cfg.ratio)
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")

@@ -26,6 +26,9 @@ def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
     job = "mask" if with_mask else "score"
     if cfg.scores is not None and not with_mask:
         raise ValueError("scores: only `wagle mask` reads precomputed scores")
+    if cfg.memory_budget is not None and not with_mask:
+        raise ValueError("memory_budget: scores of a bounded run are produced group by group and never held "
+                         "at once; use `wagle mask --memory_budget ...` (mask straight from the grouped passes)")
     with _Job(job, cfg) as run:
         if cfg.scores is not None:
             model = None
@@ -42,7 +45,10 @@ def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
             with run.phase("score"):
                 scores = _compute_scores(model, tok, data["forget"], data["retain"], cfg.kind, cfg.gamma,
                                          seed=cfg.seed, max_batches=cfg.max_batches, batch_size=cfg.batch_size,
-                                         progress=True)
+                                         progress=True, memory_budget=cfg.memory_budget)
+            if cfg.memory_budget is not None:
+                _log(f"[score] memory budget {cfg.memory_budget}: {len(scores.groups)} parameter groups, "
+                     f"{2 * len(scores.groups)} passes over the data")
             info = {"kind": cfg.kind, "gamma": str(cfg.gamma)}
             if not with_mask:
                 from safetensors.torch import save_file

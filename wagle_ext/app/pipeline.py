@@ -167,8 +167,11 @@ def _model_tokenizer_data(cfg: Any):
 
 
 def _compute_scores(model, tok, forget, retain, kind: str, gamma: float, seed: int = 0,
-                    max_batches: Optional[int] = None, batch_size: int = 1, progress: bool = False,
-                    hessian: Optional[str] = None):
+                    max_batches: Optional[int] = None, batch_size: int = 8, progress: bool = False,
+                    hessian: Optional[str] = None, memory_budget: Optional[str] = None):
+    """Attribution scores (a ``{name: tensor}`` dict, or with ``memory_budget`` grouped scores that
+    re-run the data passes per group: hand them to ``build_mask`` once). The accumulated gradient is a
+    sum of per-example gradients, so ``batch_size`` changes the speed, not the scores."""
     from torch.utils.data import DataLoader
 
     from ..attribution import score_model
@@ -178,7 +181,7 @@ def _compute_scores(model, tok, forget, retain, kind: str, gamma: float, seed: i
     fl = DataLoader(forget, batch_size=batch_size, collate_fn=coll)
     rl = DataLoader(retain, batch_size=batch_size, collate_fn=coll)
     return score_model(model, fl, rl, kind=kind, gamma=gamma, seed=seed, max_batches=max_batches,
-                       progress=progress, hessian=hessian)
+                       progress=progress, hessian=hessian, memory_budget=memory_budget)
 
 
 def _build_mask(model, tok, forget, retain, kind: str, ratio: float, gamma: float, seed: int = 0,
