@@ -46,10 +46,14 @@ def models(pinned_threads):
 
 
 @pytest.mark.statistical
-def test_relearning_recovers_hidden_knowledge_not_unknown_knowledge(models, record_stat):
-    """Calibrated (seeds 0-2, 2 cores, AVX2, under load): the unlearned model's held-out forget
-    probability rose 0.11 / 0.11 / 0.19 after 25 steps (bound 0.05); the retain-only model ended at
-    0.065 / 0.049 / 0.037 (bound 0.25) where the target starts at 0.89-0.95."""
+def test_relearning_brings_forgotten_answers_back(models, record_stat):
+    """The attack does something: 25 steps on one forget item raise the other forget items' answer
+    probability above the unlearned level, and a retain-only model (never saw them) stays low.
+    Calibrated with tools/stress_tests.sh (seeds 0-4 x threads 1/2 x ATen default/avx2, 2-core AMD
+    EPYC, AVX2): the unlearned model's rise was 0.028-0.20 (bound 0.01); the retain-only model ended
+    at 0.032-0.125 (bound 0.25) where the target starts at 0.93-0.97. The two overlap: in 2 of 5
+    seeds the retain-only model ended higher than the unlearned one, so this test does not claim that
+    the unlearned model still *knows* the answers -- only that the attack moves them."""
     m = models
     before = {n: [p.detach().clone() for p in m[n].parameters()] for n in ("unlearned", "retain_model")}
     res = {}
@@ -66,7 +70,7 @@ def test_relearning_recovers_hidden_knowledge_not_unknown_knowledge(models, reco
     record_stat("relearn_retain_model_after", p["retain_model"][1])
     record_stat("target_prob_before", p["target"][0])
     assert p["target"][0] > 0.5, p  # the target knows the held-out answers
-    assert rise > 0.05, p
+    assert rise > 0.01, p
     assert p["retain_model"][1] < 0.25, p
     # the attack trains a copy: the models themselves are untouched
     for n, ps in before.items():
