@@ -24,7 +24,7 @@ PY=${PY:-.venv/bin/python}
 SEEDS=${STRESS_SEEDS:-"0 1 2"}
 THREADS=${STRESS_THREADS:-"1 2"}
 CAPS=${STRESS_CAPS:-"default avx2 avx512"}
-TESTS=${STRESS_TESTS:-"tests/test_trainer.py tests/test_evaluation.py tests/test_objectives.py tests/test_cli.py tests/test_compact_grads.py"}
+TESTS=${STRESS_TESTS:-"tests/test_trainer.py tests/test_evaluation.py tests/test_objectives.py tests/test_cli.py tests/test_compact_grads.py tests/test_attacks.py"}
 OUT=${STRESS_OUT:-build/stress}
 mkdir -p "$OUT"
 : > "$OUT/stats.jsonl"
