@@ -23,13 +23,24 @@ from _common import print_table, write_json  # noqa: E402
 
 
 def llama(args):
-    """A randomly initialised fp32 LlamaForCausalLM of the bench's size (hidden, layers, vocab)."""
+    """A randomly initialised LlamaForCausalLM of the bench's size (hidden, layers, vocab; intermediate
+    ``args.intermediate`` or 2.75 x hidden), built directly in ``args.dtype`` (default float32): a bf16
+    7B model is never materialised in fp32 (27 GB)."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                      num_key_value_heads=args.hidden // 64, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg)
+    inter = getattr(args, "intermediate", None) or int(args.hidden * 2.75)
+    heads = getattr(args, "heads", None) or args.hidden // 64
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=inter,
+                      num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=512)
+    dtype = getattr(torch, getattr(args, "dtype", None) or "float32")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
 
 
 def random_mask(model, ratio: float, gen, slice_elems: int = 1 << 20):
