@@ -1,0 +1,94 @@
+// Compact master weights of masked_adamw_master_ (docs/kernels.md 5): writing the fp32 master value
+// back to a bfloat16/float16 parameter, with round-to-nearest-even (each back end's own conversion,
+// identical bits: c10's on the CPU, the bit formulas of csrc/cuda/masked_adamw.cu on the device) or
+// stochastic rounding, shared by the CPU (csrc/cpu/masked_adamw.cpp) and CUDA
+// (csrc/cuda/masked_adamw.cu) kernels; the Triton kernel and the reference
+// (wagle_ext/kernels/reference.py) compute the same integers and floats step by step.
+//
+// Stochastic rounding is counter based: the random bits of element e (flat index in its tensor) at
+// step s of a tensor seeded with `seed` are sr_bits(sr_key(seed, s), e) -- no generator state, so
+// every back end and every thread layout draws the same bits, and a run is reproducible from the
+// seed and the step count alone (a checkpoint needs no RNG state).
+//
+//   key  = mix64(seed + 0x9E3779B97F4A7C15 * step)             (splitmix64 finaliser, once per tensor)
+//   r    = hash32(hash32(lo32(e) ^ lo32(key)) ^ hi32(e) ^ hi32(key))   (lowbias32, a bijection of uint32)
+//   n    = round_to_nearest_even(x)       (16-bit pattern of the target format)
+//   x == n, NaN, or n infinite   -> n     (exact values, NaN and overflow round as RNE)
+//   lo, hi = the two neighbours of x (sign-magnitude patterns n-1/n or n/n+1 around |x|)
+//   frac = (|x| - |lo|) / (|hi| - |lo|)   (exact: Sterbenz, and a power-of-two divisor)
+//   out  = float(r >> 8) * 2^-24 < frac ? hi : lo
+// P(hi) = ceil(frac * 2^24) / 2^24: exactly frac for every bf16 value and fp16 normal value (frac
+// has at most 16 resp. 13 bits there), within 2^-24 of it in the fp16 subnormal range.
+#pragma once
+#include <stdint.h>
+
+#include "common/layout.h"
+#include "common/score_math.h"
+
+namespace wagle {
+
+// How masked_adamw_master_ writes each parameter (per tensor in the kernels).
+enum Rounding : int {
+  kRoundNoMaster = 0,    // no master copy: the update reads and writes p itself (masked_adamw_)
+  kRoundNearest = 1,     // master copy, p = round_to_nearest_even(master)
+  kRoundStochastic = 2,  // master copy, p = stochastic_round(master)
+};
+
+// lowbias32 (C. Wellons, hash-prospector): a bijective 32-bit mixer.
+WAGLE_HD uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// splitmix64's finaliser.
+WAGLE_HD uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// The key of one tensor at one step (computed on the host, once per tensor and call).
+WAGLE_HD uint64_t sr_key(uint64_t seed, int64_t step) {
+  return mix64(seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(step));
+}
+
+// 32 random bits of element e (flat index in its tensor) under `key`.
+WAGLE_HD uint32_t sr_bits(uint64_t key, int64_t e) {
+  const uint64_t u = static_cast<uint64_t>(e);
+  const uint32_t r = hash32(static_cast<uint32_t>(u) ^ static_cast<uint32_t>(key));
+  return hash32(r ^ static_cast<uint32_t>(u >> 32) ^ static_cast<uint32_t>(key >> 32));
+}
+
+template <bool Fp16>
+WAGLE_HD float half_bits_to_float(uint16_t b) {
+  return Fp16 ? fp16_bits_to_float(b) : bf16_bits_to_float(b);
+}
+
+// Stochastic rounding of x to bfloat16 (Fp16 = false) or float16, given n = the
+// round-to-nearest-even pattern of x in that format and r = sr_bits(...) of the element.
+template <bool Fp16>
+WAGLE_HD uint16_t stochastic_round_bits(float x, uint16_t n, uint32_t r) {
+  const float ax = abs_f(x);
+  const float an = abs_f(half_bits_to_float<Fp16>(n));
+  const uint16_t inf = Fp16 ? 0x7C00u : 0x7F80u;
+  if (x != x || an == ax || (n & 0x7FFFu) == inf) return n;  // NaN, exact, overflow (as RNE)
+  uint16_t lo, hi;
+  if (an < ax) {
+    lo = n;
+    hi = static_cast<uint16_t>(n + 1u);  // sign-magnitude: one step away from zero
+  } else {
+    hi = n;
+    lo = static_cast<uint16_t>(n - 1u);  // one step toward zero (n != +-0 here: |n| > |x| >= 0)
+  }
+  const float flo = abs_f(half_bits_to_float<Fp16>(lo));
+  const float fhi = abs_f(half_bits_to_float<Fp16>(hi));
+  const float frac = div_rn(ax - flo, fhi - flo);  // both differences exact
+  const float u = static_cast<float>(r >> 8) * 5.9604644775390625e-8f;  // r24 / 2^24, exact
+  return u < frac ? hi : lo;
+}
+
+}  // namespace wagle
