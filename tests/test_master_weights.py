@@ -233,7 +233,7 @@ def test_stochastic_rounding_is_unbiased(dtype, gen, record_stat):
         assert bool(((y == base) | (y.abs() == (base.abs() + ulp))).all())
         pv = stats.binomtest(up, n, f).pvalue
         worst = min(worst, pv)
-        assert pv > 1e-4, (f, up / n, pv)
+        assert pv > 1e-6, (f, up / n, pv)  # a false alarm once in ~10^5 runs (10 tests per run)
     record_stat("min_binom_pvalue", worst)
     # random positions: the sum of rounding errors (in ulps) has mean 0 and variance sum f(1-f)
     x = (torch.randn(n, generator=gen) * 0.3).float()
@@ -392,7 +392,7 @@ def test_state_dict_round_trip(rounding, grad_mode, gen):
     for p, q in zip(ps, ps2):
         assert _same(p.detach(), q.detach())
         a, b = opt.master_weight(p), opt2.master_weight(q)
-        assert (a is None and b is None and p.numel() == 0) or _same(a, b)
+        assert (a is None and b is None) or _same(a, b)  # None: nothing selected, no state
 
 
 def test_stochastic_rounding_deterministic_per_seed(gen):

@@ -70,25 +70,31 @@ WAGLE_HD float half_bits_to_float(uint16_t b) {
 
 // Stochastic rounding of x to bfloat16 (Fp16 = false) or float16, given n = the
 // round-to-nearest-even pattern of x in that format and r = sr_bits(...) of the element.
+// Branch-free (selects only), so the CPU kernel's loops vectorise it; the discarded candidates of
+// the exact/NaN/overflow cases may divide by zero or read NaN patterns, harmlessly.
 template <bool Fp16>
 WAGLE_HD uint16_t stochastic_round_bits(float x, uint16_t n, uint32_t r) {
   const float ax = abs_f(x);
   const float an = abs_f(half_bits_to_float<Fp16>(n));
   const uint16_t inf = Fp16 ? 0x7C00u : 0x7F80u;
-  if (x != x || an == ax || (n & 0x7FFFu) == inf) return n;  // NaN, exact, overflow (as RNE)
-  uint16_t lo, hi;
-  if (an < ax) {
-    lo = n;
-    hi = static_cast<uint16_t>(n + 1u);  // sign-magnitude: one step away from zero
-  } else {
-    hi = n;
-    lo = static_cast<uint16_t>(n - 1u);  // one step toward zero (n != +-0 here: |n| > |x| >= 0)
-  }
+  const bool keep = (x != x) | (an == ax) | ((n & 0x7FFFu) == inf);  // NaN, exact, overflow (as RNE)
+  const bool below = an < ax;  // n is the lower neighbour: the upper one is one step away from zero
+  const uint16_t other = static_cast<uint16_t>(below ? n + 1u : n - 1u);  // sign-magnitude steps
+  const uint16_t lo = below ? n : other;
+  const uint16_t hi = below ? other : n;
   const float flo = abs_f(half_bits_to_float<Fp16>(lo));
   const float fhi = abs_f(half_bits_to_float<Fp16>(hi));
   const float frac = div_rn(ax - flo, fhi - flo);  // both differences exact
   const float u = static_cast<float>(r >> 8) * 5.9604644775390625e-8f;  // r24 / 2^24, exact
-  return u < frac ? hi : lo;
+  const uint16_t pick = u < frac ? hi : lo;
+  return keep ? n : pick;
+}
+
+// float -> bf16 bits, round to nearest even, NaN -> 0x7FC0: c10::BFloat16(float) and the CUDA
+// kernel's f32_to_bf16_bits, as plain integer operations.
+WAGLE_HD uint16_t f32_to_bf16_rne_bits(float x) {
+  const uint32_t u = float_bits(x);
+  return x != x ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
 }
 
 }  // namespace wagle

@@ -215,7 +215,23 @@ WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& 
 #pragma omp simd
       for (int i = 0; i < kWord; ++i) p[i] = from_f<T>(pf[i]);
     } else {
-      for (int i = 0; i < kWord; ++i) p[i] = round_out<T, R>(pf[i], t.sr_key, e + i);
+      // stochastic rounding on the 16-bit patterns (T is bf16 or fp16 here), one vectorisable loop
+      // for bf16 (integer RNE); fp16 takes c10's conversion for the nearest pattern first
+      uint16_t* __restrict__ pb = reinterpret_cast<uint16_t*>(p);
+      const uint64_t key = t.sr_key;
+      if (std::is_same<T, c10::BFloat16>::value) {
+#pragma omp simd
+        for (int i = 0; i < kWord; ++i)
+          pb[i] = stochastic_round_bits<false>(pf[i], f32_to_bf16_rne_bits(pf[i]), sr_bits(key, e + i));
+      } else {
+        alignas(64) uint16_t nb[kWord];
+        for (int i = 0; i < kWord; ++i) {
+          const T y = from_f<T>(pf[i]);
+          std::memcpy(&nb[i], &y, 2);
+        }
+#pragma omp simd
+        for (int i = 0; i < kWord; ++i) pb[i] = stochastic_round_bits<true>(pf[i], nb[i], sr_bits(key, e + i));
+      }
     }
   }
 }
