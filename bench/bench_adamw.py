@@ -70,21 +70,24 @@ def bf16_rows(shapes, args, copy_bps: float, gen: torch.Generator) -> list:
     rows.append({"params": n, "tensors": len(shapes), "impl": "torch fused bf16", "mask": "-", "density": 1.0,
                  "ms": t0 * 1e3, "vs_fused": 1.0, "state_MB": n * 4 / 2**20, "state_ratio": 1.0,
                  "GBps": TORCH_BF16_TRAFFIC * n / t0 / 1e9, "pct_copy": 100 * TORCH_BF16_TRAFFIC * n / t0 / copy_bps})
-    for d in args.bf16_densities:
+    runs = [(d, "nearest") for d in args.bf16_densities] + [(args.bf16_densities[0], "stochastic")]
+    for d, rounding in runs:
         masks = make_masks(params, d, "clustered", gen)
-        opt = MaskedAdamW(params, masks=masks, lr=1e-5, weight_decay=0.1)  # master_weights: on for bf16
+        # master_weights: on for bf16 (the default)
+        opt = MaskedAdamW(params, masks=masks, lr=1e-5, weight_decay=0.1, rounding=rounding)
         opt.step()
         t = timeit(opt.step, reps=args.reps, warmup=1)["min_s"]
         tf = timeit(fused.step, reps=args.reps, warmup=0)["min_s"]
         sb = opt.state_bytes()
         nnz = sum(int(opt.state[p]["exp_avg"].numel()) for p in params if p in opt.state)
         moved = MASTER_TRAFFIC * nnz + (n / 8 if d < 1 else 0)
-        rows.append({"params": n, "tensors": len(shapes), "impl": "MaskedAdamW bf16+master",
+        rows.append({"params": n, "tensors": len(shapes),
+                     "impl": "MaskedAdamW bf16+master" + (" SR" if rounding == "stochastic" else ""),
                      "mask": "clustered" if d < 1 else "full", "density": d, "ms": t * 1e3, "fused_ms": tf * 1e3,
                      "vs_fused": t / tf, "speedup": tf / t, "state_MB": sb["total"] / 2**20,
                      "state_ratio": sb["total"] / (n * 4), "GBps": moved / t / 1e9,
                      "pct_copy": 100 * moved / t / copy_bps})
-        print(f"  {n:.2e} bf16+master d={d:<5} {t * 1e3:8.1f} ms (torch fused bf16 {tf * 1e3:.1f})  x{tf / t:5.2f}  "
+        print(f"  {n:.2e} bf16+master {rounding:10s} d={d:<5} {t * 1e3:8.1f} ms (torch fused bf16 {tf * 1e3:.1f})  x{tf / t:5.2f}  "
               f"{moved / t / 1e9:.1f} GB/s = {100 * moved / t / copy_bps:.0f}% of copy", flush=True)
         del opt, masks
         gc.collect()

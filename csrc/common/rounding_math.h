@@ -63,38 +63,64 @@ WAGLE_HD uint32_t sr_bits(uint64_t key, int64_t e) {
   return hash32(r ^ static_cast<uint32_t>(u >> 32) ^ static_cast<uint32_t>(key >> 32));
 }
 
+// Bit casts for this header: intrinsics on the device, __builtin_bit_cast on the host (memcpy-based
+// helpers keep GCC from vectorising the CPU kernel's stochastic-rounding loop).
+WAGLE_HD uint32_t rm_float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  return __builtin_bit_cast(uint32_t, x);
+#endif
+}
+WAGLE_HD float rm_bits_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  return __builtin_bit_cast(float, b);
+#endif
+}
+WAGLE_HD float rm_abs(float x) { return rm_bits_float(rm_float_bits(x) & 0x7FFFFFFFu); }
+
+// float value of a 16-bit pattern h (in a uint32, < 2^16) of bf16 (Fp16 = false) or fp16: the
+// formulas of score_math.h bf16_bits_to_float / fp16_bits_to_float (c10's), on uint32.
 template <bool Fp16>
-WAGLE_HD float half_bits_to_float(uint16_t b) {
-  return Fp16 ? fp16_bits_to_float(b) : bf16_bits_to_float(b);
+WAGLE_HD float half_bits_to_float(uint32_t h) {
+  if (!Fp16) return rm_bits_float(h << 16);
+  const uint32_t w = h << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = rm_bits_float((two_w >> 4) + (0xE0u << 23)) * rm_bits_float(0x7800000u);
+  const float denormalized = rm_bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  return rm_bits_float(sign | (two_w < (1u << 27) ? rm_float_bits(denormalized) : rm_float_bits(normalized)));
 }
 
 // Stochastic rounding of x to bfloat16 (Fp16 = false) or float16, given n = the
-// round-to-nearest-even pattern of x in that format and r = sr_bits(...) of the element.
-// Branch-free (selects only), so the CPU kernel's loops vectorise it; the discarded candidates of
-// the exact/NaN/overflow cases may divide by zero or read NaN patterns, harmlessly.
+// round-to-nearest-even pattern of x in that format (< 2^16) and r = sr_bits(...) of the element.
+// Branch-free, on uint32/float only, so the CPU kernel's loops vectorise it; the discarded
+// candidates of the exact/NaN/overflow cases may divide by zero or read NaN patterns, harmlessly.
 template <bool Fp16>
-WAGLE_HD uint16_t stochastic_round_bits(float x, uint16_t n, uint32_t r) {
-  const float ax = abs_f(x);
-  const float an = abs_f(half_bits_to_float<Fp16>(n));
-  const uint16_t inf = Fp16 ? 0x7C00u : 0x7F80u;
+WAGLE_HD uint32_t stochastic_round_bits(float x, uint32_t n, uint32_t r) {
+  const float ax = rm_abs(x);
+  const float an = rm_abs(half_bits_to_float<Fp16>(n));
+  const uint32_t inf = Fp16 ? 0x7C00u : 0x7F80u;
   const bool keep = (x != x) | (an == ax) | ((n & 0x7FFFu) == inf);  // NaN, exact, overflow (as RNE)
   const bool below = an < ax;  // n is the lower neighbour: the upper one is one step away from zero
-  const uint16_t other = static_cast<uint16_t>(below ? n + 1u : n - 1u);  // sign-magnitude steps
-  const uint16_t lo = below ? n : other;
-  const uint16_t hi = below ? other : n;
-  const float flo = abs_f(half_bits_to_float<Fp16>(lo));
-  const float fhi = abs_f(half_bits_to_float<Fp16>(hi));
+  const uint32_t other = (below ? n + 1u : n - 1u) & 0xFFFFu;  // sign-magnitude steps
+  const uint32_t lo = below ? n : other;
+  const uint32_t hi = below ? other : n;
+  const float flo = rm_abs(half_bits_to_float<Fp16>(lo));
+  const float fhi = rm_abs(half_bits_to_float<Fp16>(hi));
   const float frac = div_rn(ax - flo, fhi - flo);  // both differences exact
-  const float u = static_cast<float>(r >> 8) * 5.9604644775390625e-8f;  // r24 / 2^24, exact
-  const uint16_t pick = u < frac ? hi : lo;
+  const float u = static_cast<float>(static_cast<int32_t>(r >> 8)) * 5.9604644775390625e-8f;  // r24/2^24, exact
+  const uint32_t pick = u < frac ? hi : lo;
   return keep ? n : pick;
 }
 
-// float -> bf16 bits, round to nearest even, NaN -> 0x7FC0: c10::BFloat16(float) and the CUDA
+// float -> bf16 pattern, round to nearest even, NaN -> 0x7FC0: c10::BFloat16(float) and the CUDA
 // kernel's f32_to_bf16_bits, as plain integer operations.
-WAGLE_HD uint16_t f32_to_bf16_rne_bits(float x) {
-  const uint32_t u = float_bits(x);
-  return x != x ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+WAGLE_HD uint32_t f32_to_bf16_rne_bits(float x) {
+  const uint32_t u = rm_float_bits(x);
+  return x != x ? 0x7FC0u : (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
 }
 
 }  // namespace wagle

@@ -77,7 +77,7 @@ WAGLE_ALWAYS_INLINE T round_out(float x, uint64_t key, int64_t i) {
   if (R == kRoundStochastic && !std::is_same<T, float>::value) {
     uint16_t b;
     std::memcpy(&b, &y, 2);
-    b = stochastic_round_bits<std::is_same<T, c10::Half>::value>(x, b, sr_bits(key, i));
+    b = static_cast<uint16_t>(stochastic_round_bits<std::is_same<T, c10::Half>::value>(x, b, sr_bits(key, i)));
     std::memcpy(&y, &b, 2);
   }
   return y;
@@ -215,23 +215,32 @@ WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& 
 #pragma omp simd
       for (int i = 0; i < kWord; ++i) p[i] = from_f<T>(pf[i]);
     } else {
-      // stochastic rounding on the 16-bit patterns (T is bf16 or fp16 here), one vectorisable loop
-      // for bf16 (integer RNE); fp16 takes c10's conversion for the nearest pattern first
+      // stochastic rounding on the 16-bit patterns (T is bf16 or fp16 here) in uint32 lanes, one
+      // vectorised loop: within a 64-aligned word, lo32(e + i) = lo32(e) + i and hi32(e + i) = hi32(e),
+      // so sr_bits(key, e + i) is computed on 32-bit integers. fp16 takes c10's RNE pattern first.
       uint16_t* __restrict__ pb = reinterpret_cast<uint16_t*>(p);
-      const uint64_t key = t.sr_key;
+      const uint32_t k0 = static_cast<uint32_t>(t.sr_key);
+      const uint32_t k1 = static_cast<uint32_t>(t.sr_key >> 32) ^ static_cast<uint32_t>(static_cast<uint64_t>(e) >> 32);
+      const uint32_t e0 = static_cast<uint32_t>(e);
+      alignas(64) uint32_t nb[kWord];
+      alignas(64) uint32_t out[kWord];
       if (std::is_same<T, c10::BFloat16>::value) {
 #pragma omp simd
-        for (int i = 0; i < kWord; ++i)
-          pb[i] = stochastic_round_bits<false>(pf[i], f32_to_bf16_rne_bits(pf[i]), sr_bits(key, e + i));
+        for (int i = 0; i < kWord; ++i) nb[i] = f32_to_bf16_rne_bits(pf[i]);
       } else {
-        alignas(64) uint16_t nb[kWord];
         for (int i = 0; i < kWord; ++i) {
           const T y = from_f<T>(pf[i]);
-          std::memcpy(&nb[i], &y, 2);
+          uint16_t b16;
+          std::memcpy(&b16, &y, 2);
+          nb[i] = b16;
         }
-#pragma omp simd
-        for (int i = 0; i < kWord; ++i) pb[i] = stochastic_round_bits<true>(pf[i], nb[i], sr_bits(key, e + i));
       }
+      constexpr bool kFp16 = std::is_same<T, c10::Half>::value;
+#pragma omp simd
+      for (int i = 0; i < kWord; ++i)
+        out[i] = stochastic_round_bits<kFp16>(pf[i], nb[i], hash32(hash32((e0 + static_cast<uint32_t>(i)) ^ k0) ^ k1));
+#pragma omp simd
+      for (int i = 0; i < kWord; ++i) pb[i] = static_cast<uint16_t>(out[i]);
     }
   }
 }

@@ -86,7 +86,7 @@ __device__ __forceinline__ void store_rounded(const AdamwTensorMeta& t, int64_t 
     store_f<D>(t.p, e, x);
     return;
   }
-  const uint16_t b = stochastic_round_bits<D == kF16>(x, half_bits<D>(x), sr_bits(t.sr_key, e));
+  const uint16_t b = static_cast<uint16_t>(stochastic_round_bits<D == kF16>(x, half_bits<D>(x), sr_bits(t.sr_key, e)));
   static_cast<uint16_t*>(t.p)[e] = b;
 }
 
