@@ -323,8 +323,9 @@ def test_stochastic_rounding_on_gpu_equals_reference(gpu_backend_name, dtype, ge
     n = x.numel()
     p = torch.zeros(n, dtype=dtype, device=CUDA)
     mw = x.to(CUDA)
-    fn = torch.ops.wagle.masked_adamw_master_ if gpu_backend_name == "cuda" else \
-        __import__("wagle_ext.kernels.triton", fromlist=["x"]).masked_adamw_master_
+    from wagle_ext.kernels import triton as tk
+
+    fn = torch.ops.wagle.masked_adamw_master_ if gpu_backend_name == "cuda" else tk.masked_adamw_master_
     z = torch.zeros(n, device=CUDA)
     fn([p], [torch.zeros(n, dtype=dtype, device=CUDA)], [z.clone()], [z.clone()], [], [torch.tensor(3.0)],
        [torch.empty(0, dtype=torch.uint8, device=CUDA)], [torch.empty(0, dtype=torch.int64, device=CUDA)],

@@ -87,5 +87,5 @@ def memory_report(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimi
 
 def format_memory_report(report: dict) -> str:
     """One line: ``weights 1.90 GB, gradients 0.02 GB, ...`` (GB = 1e9 bytes)."""
-    keys = ("weights", "gradients", "optimizer_state", "masks", "total", "dense_adamw")
+    keys = ("weights", "gradients", "optimizer_state", "master_weights", "masks", "total", "dense_adamw")
     return ", ".join(f"{k} {report[k] / 1e9:.3f} GB" for k in keys)
