@@ -489,3 +489,35 @@ def test_deepcopy_keeps_master(gen):
     _apply(opt, ps, _grads(ps, gen))
     sd = copy.deepcopy(opt.state_dict())
     assert sd["state"][0]["master_weight"].dtype == torch.float32 and sd["state"][0]["master_weight"].numel() == 100
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+def test_found_inf_skips_master_too(backend, gen):
+    """found_inf == 1 (GradScaler, fp16): weights, master copies and moments all unchanged."""
+    impl = op_impl("masked_adamw_master_", backend)
+    a = MWProblems(torch.float16, "random", gen)
+    b = a.clone()
+    a.call(impl, a.grads(gen), SEEDS, **_kw(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0)))
+    for s in b.step:
+        s += 1
+    a.assert_same(b)
+
+
+def test_step_in_backward_with_master_weights(gen):
+    """step_in_backward (LOMO/SIFT) updates through the master copy like step(): same trajectory."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 5)).to(torch.bfloat16)
+    twin = copy.deepcopy(model)
+    masks = {n: torch.rand(p.shape, generator=gen) < 0.5 for n, p in model.named_parameters()}
+    kw = dict(lr=1e-3, grad_mode="compact", rounding="stochastic", seed=1)
+    o1 = MaskedAdamW.from_model(model, masks, **kw)
+    o2 = MaskedAdamW.from_model(twin, masks, step_in_backward=True, **kw)
+    for _ in range(3):
+        x = torch.randn(8, 40, generator=gen).to(torch.bfloat16)
+        model(x).float().pow(2).sum().backward()
+        o1.step()
+        o1.zero_grad()
+        twin(x).float().pow(2).sum().backward()  # twin's hooks step each parameter in backward
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert _same(p.detach(), q.detach()), n
+        assert _same(o1.master_weight(p), o2.master_weight(q)), n
