@@ -11,8 +11,14 @@ one launch per tensor), at each mask density, reports:
 * the ratio against ``torch.optim.AdamW(fused=True)`` on the same tensors (the dense fused step that
   a masked update replaces: grad *= mask would still pay it in full).
 
+With ``--dtype bfloat16 --master`` (or float16) the masked step keeps compact fp32 master weights
+(``wagle::masked_adamw_master_``, what MaskedAdamW does for bf16/fp16 by default; ``--rounding
+stochastic`` adds seeds): + 8 B per selected element (read and write the master copy), and p is
+only written there. torch fused AdamW on the same bf16 tensors keeps bf16 state.
+
 Usage: python bench/bench_adamw_gpu.py [--device cuda] [--numel 1e8] [--dtype float32]
-       [--densities 0.01,0.05,0.3,1] [--reps 10] [--backends cuda,triton] [--json PATH]
+       [--densities 0.01,0.05,0.3,1] [--reps 10] [--backends cuda,triton] [--master]
+       [--rounding nearest|stochastic] [--json PATH]
 Without a CUDA device it prints why and exits with status 0 (nothing is measured).
 """
 from __future__ import annotations
@@ -38,15 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--densities", default="0.01,0.05,0.3,1", help="comma-separated mask densities")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--backends", default="cuda,triton", help="comma-separated GPU back ends to try")
+    p.add_argument("--master", action="store_true", help="compact fp32 master weights (bf16/fp16 dtypes)")
+    p.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest")
     p.add_argument("--json", default=None, help="output path (default bench/results/bench_adamw_gpu.json)")
     return p.parse_args(argv)
 
 
-def needed_bytes(n: int, esize: int, density: float) -> float:
-    """Bytes a masked step must move for a random mask of this density (see the module doc)."""
+def needed_bytes(n: int, esize: int, density: float, master: bool = False) -> float:
+    """Bytes a masked step must move for a random mask of this density (see the module doc); with
+    master weights p is only written (2 sectors' worth instead of 3) and the master copy is read
+    and written (8 B per selected element)."""
     per_sector = 32 // esize
     touched = 1.0 - (1.0 - density) ** per_sector
-    return n / 8 + 3 * n * esize * touched + 16 * n * density
+    return n / 8 + (2 if master else 3) * n * esize * touched + (24 if master else 16) * n * density
 
 
 def main(argv=None) -> int:
@@ -63,6 +73,9 @@ def main(argv=None) -> int:
     from wagle_ext.kernels import triton as tk
 
     dtype = DTYPES[args.dtype]
+    if args.master and dtype == torch.float32:
+        print("bench_adamw_gpu: --master needs --dtype bfloat16 or float16 (fp32 params are their own master)")
+        return 2
     shapes = model_like_shapes(args.numel, n_layers=args.layers)
     n = numel(shapes)
     esize = torch.empty(0, dtype=dtype).element_size()
@@ -93,24 +106,31 @@ def main(argv=None) -> int:
         e32 = torch.empty(0, dtype=torch.int32, device=device)
         kw = dict(lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False,
                   weight_decay_mode="masked", grad_scale=None, found_inf=None, torch_tail=8)
-        need = needed_bytes(n, esize, density)
+        need = needed_bytes(n, esize, density, args.master)
+        op = "masked_adamw_master_" if args.master else "masked_adamw_"
+        if args.master:
+            mws = [ops.gather_masked(p, b, d) for p, b, d in zip(ps, bits, dirs)]
+            if args.rounding == "stochastic":
+                kw["rounding_seeds"] = list(range(1, len(ps) + 1))
         for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-            if not ops._backend_has(backend, "masked_adamw_", device):
+            if not ops._backend_has(backend, op, device):
                 print(f"bench_adamw_gpu: back end {backend!r} unavailable here, skipped")
                 continue
-            fn = torch.ops.wagle.masked_adamw_ if backend == "cuda" else tk.masked_adamw_
-            t = cuda_time(lambda: fn(ps, gs, ms, vs, [], steps, bits, dirs, [e32] * len(ps), **kw), args.reps)
+            fn = getattr(torch.ops.wagle, op) if backend == "cuda" else getattr(tk, op)
+            extra = (mws,) if args.master else ()
+            t = cuda_time(lambda: fn(ps, gs, ms, vs, [], steps, bits, dirs, [e32] * len(ps), *extra, **kw), args.reps)
             rows.append({"backend": backend, "density": density, "ms": t * 1e3, "gbs": need / t / 1e9,
                          "frac_copy": need / t / bw, "ratio": t_torch / t})
         del sels, bits, dirs, ms, vs
 
     print(f"device {torch.cuda.get_device_name(device)}; {len(shapes)} tensors, {n / 1e6:.1f}M elements "
-          f"({args.dtype}); copy probe {bw / 1e9:.0f} GB/s (read + write)")
+          f"({args.dtype}{', fp32 master weights, ' + args.rounding if args.master else ''}); copy probe {bw / 1e9:.0f} GB/s (read + write)")
     print_table(rows, [("backend", "backend", "s"), ("density", "density", ".2f"), ("ms", "ms", ".2f"),
                        ("gbs", "GB/s", ".0f"), ("frac_copy", "of copy", ".2f"),
                        ("ratio", "speed-up vs torch fused", ".2f")])
     write_json("bench_adamw_gpu", {
         "device": torch.cuda.get_device_name(device), "numel": n, "tensors": len(shapes), "dtype": args.dtype,
+        "master_weights": args.master, "rounding": args.rounding if args.master else None,
         "copy_bytes_per_s": bw, "rows": rows,
         "note": "GB/s counts the bytes a masked step must move at that density (random mask); "
                 "ratios are torch fused AdamW time / our time"}, path=args.json)

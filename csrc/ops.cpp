@@ -116,6 +116,19 @@ TORCH_LIBRARY(wagle, m) {
       "float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
       "str weight_decay_mode, Tensor? grad_scale=None, Tensor? found_inf=None, int torch_tail=8, "
       "bool compact_grads=False) -> ()");
+  // masked_adamw_ with compact fp32 master weights (bfloat16/float16 params): master_weights[i] is
+  // a contiguous float32 tensor laid out like exp_avgs[i] (one entry per selected element); the
+  // update reads and writes it, and each selected parameter element is written as its rounding:
+  // round to nearest even, or with rounding_seeds (one int per param) the counter-based stochastic
+  // rounding of csrc/common/rounding_math.h keyed by (rounding_seeds[i], state step, flat index).
+  // An empty master_weights list is masked_adamw_ itself. Unselected elements: as masked_adamw_.
+  m.def(
+      "masked_adamw_master_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, "
+      "Tensor[] mask_bits, Tensor[] chunk_offsets, Tensor[] step_offsets, Tensor(f!)[] master_weights, *, "
+      "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
+      "str weight_decay_mode, Tensor? grad_scale=None, Tensor? found_inf=None, int torch_tail=8, "
+      "bool compact_grads=False, int[] rounding_seeds=[]) -> ()");
 
   // ---- compact gradients -------------------------------------------------------------------
   // out[k] = src[e_k] (accumulate: out[k] += src[e_k]) for the k-th selected element e_k of the

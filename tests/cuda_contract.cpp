@@ -57,6 +57,27 @@ std::vector<int64_t> masked_adamw_(at::TensorList params, at::TensorList grads, 
           p.validated ? 1 : 0};
 }
 
+// masked_adamw_master_: the same plan with master weights; [... as masked_adamw_, rounding mode,
+// sr_key of the first tensor with work (low 63 bits, 0 without stochastic rounding)].
+std::vector<int64_t> masked_adamw_master_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                          at::TensorList state_steps, at::TensorList mask_bits,
+                                          at::TensorList chunk_offsets, at::TensorList step_offsets,
+                                          at::TensorList master_weights, double lr, double beta1, double beta2,
+                                          double weight_decay, double eps, bool amsgrad, bool /*maximize*/,
+                                          c10::string_view weight_decay_mode,
+                                          const c10::optional<at::Tensor>& grad_scale,
+                                          const c10::optional<at::Tensor>& found_inf, int64_t torch_tail,
+                                          bool compact_grads, at::IntArrayRef rounding_seeds) {
+  const host::AdamwPlan p = host::plan_masked_adamw(
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits, chunk_offsets, step_offsets, lr,
+      beta1, beta2, weight_decay, eps, amsgrad, weight_decay_mode, grad_scale, found_inf, torch_tail, compact_grads,
+      c10::kCPU, master_weights, rounding_seeds);
+  const int64_t key = p.meta.empty() ? 0 : static_cast<int64_t>(p.meta[0].sr_key >> 1);
+  return {static_cast<int64_t>(p.meta.size()), p.total_chunks, p.table_lo, static_cast<int64_t>(p.table.size() / 2),
+          p.validated ? 1 : 0, p.rounding, key};
+}
+
 int64_t gather_masked_(const at::Tensor& out, const at::Tensor& src, const at::Tensor& bits,
                        const at::Tensor& chunk_offsets, bool /*accumulate*/) {
   bool validated = false;
@@ -101,6 +122,12 @@ TORCH_LIBRARY(wagle_cuda_contract, m) {
         "bool maximize, str weight_decay_mode, Tensor? grad_scale=None, Tensor? found_inf=None, int torch_tail=8, "
         "bool compact_grads=False) -> int[]",
         &masked_adamw_);
+  m.def("masked_adamw_master(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+        "Tensor[] max_exp_avg_sqs, Tensor[] state_steps, Tensor[] mask_bits, Tensor[] chunk_offsets, "
+        "Tensor[] step_offsets, Tensor[] master_weights, *, float lr, float beta1, float beta2, float weight_decay, "
+        "float eps, bool amsgrad, bool maximize, str weight_decay_mode, Tensor? grad_scale=None, "
+        "Tensor? found_inf=None, int torch_tail=8, bool compact_grads=False, int[] rounding_seeds=[]) -> int[]",
+        &masked_adamw_master_);
   m.def("gather_masked(Tensor out, Tensor src, Tensor bits, Tensor chunk_offsets, bool accumulate) -> int",
         &gather_masked_);
   m.def("step_table(float lr, float beta1, float beta2, int lo, int hi) -> Tensor", &step_table);

@@ -268,3 +268,68 @@ def test_end_to_end_score_mask_unlearn_on_cuda(tmp_path, gen):
         assert any(not torch.equal(results[grad_mode][n], before[n]) for n in before)
     for n in results["dense"]:
         assert torch.equal(results["dense"][n], results["compact"][n]), n
+
+
+# ---- compact master weights (tests/test_master_weights.py's CPU tests, on the GPU) -------------------------
+@pytest.mark.parametrize("gpu_backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("grad_mode", ["dense", "compact"])
+def test_master_weights_match_cpu(gpu_backend_name, dtype, rounding, grad_mode, gen, monkeypatch):
+    """MaskedAdamW with master weights on CUDA bf16/fp16 parameters (CUDA kernel, compiled Triton)
+    equals the C++ CPU op bit for bit: weights, master copies, across set_masks; both roundings."""
+    from wagle_ext.optim import MaskedAdamW
+
+    if not ops._backend_has(gpu_backend_name, "masked_adamw_master_", CUDA):
+        pytest.skip(f"no {gpu_backend_name} masked_adamw_master_ here")
+    shapes = ((129, 65), (7,), (0,), (3 * 4096 + 17,))
+    cpu = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    gpu = [torch.nn.Parameter(p.detach().clone().to(CUDA)) for p in cpu]
+    masks = [torch.rand(s, generator=gen) < 0.3 for s in shapes[:-1]] + [None]
+    kw = dict(lr=1e-3, weight_decay=0.1, rounding=rounding, seed=5, grad_mode=grad_mode)
+    o_cpu = MaskedAdamW(cpu, masks=masks, **kw)
+    o_gpu = MaskedAdamW(gpu, masks=[None if m is None else m.to(CUDA) for m in masks], **kw)
+    for step in range(4):
+        if step == 2:
+            masks = [torch.rand(s, generator=gen) < 0.5 for s in shapes[:-1]] + [None]
+            o_cpu.set_masks(masks)
+            o_gpu.set_masks([None if m is None else m.to(CUDA) for m in masks])
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in cpu]
+        for o, ps, dev in ((o_cpu, cpu, "cpu"), (o_gpu, gpu, CUDA)):
+            monkeypatch.setenv("WAGLE_BACKEND", "cpp" if dev == "cpu" else gpu_backend_name)
+            for p, g in zip(ps, grads):
+                p.grad = g.to(dev)
+                if grad_mode == "compact":
+                    o._grad_hook(p)
+            o.step()
+            o.zero_grad()
+        for pc, pg in zip(cpu, gpu):
+            assert _bits_equal(pc, pg)
+            mc, mg = o_cpu.master_weight(pc), o_gpu.master_weight(pg)
+            assert (mc is None and mg is None) or _bits_equal(mc, mg)
+
+
+@pytest.mark.parametrize("gpu_backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_on_gpu_equals_reference(gpu_backend_name, dtype, gen):
+    """The GPU's stochastic rounding draws the same bits as the spec (reference.sr_bits) for
+    special values too (NaN, overflow, fp16 subnormals)."""
+    from wagle_ext.kernels import reference as ref
+
+    if not ops._backend_has(gpu_backend_name, "masked_adamw_master_", CUDA):
+        pytest.skip(f"no {gpu_backend_name} masked_adamw_master_ here")
+    x = torch.cat([torch.randn(50000, generator=gen), torch.randn(1000, generator=gen) * 1e-6,
+                   torch.tensor([0.0, float("nan"), 70000.0, -1e-30])])
+    n = x.numel()
+    p = torch.zeros(n, dtype=dtype, device=CUDA)
+    mw = x.to(CUDA)
+    from wagle_ext.kernels import triton as tk
+
+    fn = torch.ops.wagle.masked_adamw_master_ if gpu_backend_name == "cuda" else tk.masked_adamw_master_
+    z = torch.zeros(n, device=CUDA)
+    fn([p], [torch.zeros(n, dtype=dtype, device=CUDA)], [z.clone()], [z.clone()], [], [torch.tensor(3.0)],
+       [torch.empty(0, dtype=torch.uint8, device=CUDA)], [torch.empty(0, dtype=torch.int64, device=CUDA)],
+       [torch.empty(0, dtype=torch.int32, device=CUDA)], [mw], lr=0.0, beta1=0.9, beta2=0.999, weight_decay=0.0,
+       eps=1e-8, amsgrad=False, maximize=False, weight_decay_mode="none", torch_tail=8, rounding_seeds=[41])
+    want = ref.stochastic_round(x, dtype, ref.sr_bits(ref.sr_key(41, 3), torch.arange(n)))
+    assert _bits_equal(p, want)

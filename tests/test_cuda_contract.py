@@ -38,12 +38,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SOURCE = os.path.join(ROOT, "tests", "cuda_contract.cpp")
 HEADERS = ["cuda/host_plan.h", "cuda/kernel_args.h", "common/checks.h", "common/adamw_math.h", "common/layout.h",
-           "common/score_math.h", "common/select_math.h"]
+           "common/score_math.h", "common/select_math.h", "common/rounding_math.h"]
 # wagle op -> contract op (the same host::plan_* the CUDA binding runs)
 CONTRACT = {"attribution_score_out": "attribution_score_out", "radix_histogram": "radix_histogram",
             "count_key": "count_key", "topk_mask_bits": "topk_mask_bits", "pack_bits": "pack_bits",
             "unpack_bits": "unpack_bits", "popcount_bits": "popcount_bits", "masked_adamw_": "masked_adamw",
-            "gather_masked_": "gather_masked"}
+            "masked_adamw_master_": "masked_adamw_master", "gather_masked_": "gather_masked"}
 
 
 def _build() -> str:
@@ -170,6 +170,20 @@ def _public_paths(gen, monkeypatch):
         o2 = MaskedAdamW(ps2, masks=[torch.rand(64, 64, generator=gen) < 0.5], lr=1e-3, weight_decay_mode=mode)
         ps2[0].grad = torch.randn(64, 64, generator=gen)
         o2.step()
+    # bf16/fp16 models with compact master weights (default on), both roundings, dense and compact
+    # grads, set_masks (remapped master, step offsets), an empty and a dense parameter
+    for dtype, rounding, compact in ((bf, "nearest", False), (bf, "stochastic", True), (hf, "stochastic", False)):
+        ps = [torch.nn.Parameter(torch.randn(70, 130, generator=gen).to(dtype)),
+              torch.nn.Parameter(torch.randn(9, generator=gen).to(dtype)),
+              torch.nn.Parameter(torch.randn(0, generator=gen).to(dtype))]
+        opt = MaskedAdamW(ps, masks=[torch.rand(70, 130, generator=gen) < 0.3, None, None], lr=1e-2,
+                          rounding=rounding, seed=3, grad_mode="compact" if compact else "dense")
+        for step in range(3):
+            sum((p.float() ** 2).sum() for p in ps).backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 1:
+                opt.set_masks([torch.rand(70, 130, generator=gen) < 0.4, None, None])
     # the public op with non-contiguous params, GradScaler tensors, step_offsets
     p = torch.randn(40, 50, generator=gen).t()
     pb = ops.pack_bits((torch.rand(40, 50, generator=gen) < 0.5).t())
@@ -202,6 +216,9 @@ def test_python_layer_calls_pass_the_cuda_checks(contract, gen, monkeypatch):
     # with offsets, the table covers only the steps they reach (finding 3): at most max offset + 1 rows
     tables = [r for r in mode.results["masked_adamw_"] if r[3] > 0]
     assert tables and all(r[3] <= 4 for r in tables), tables
+    # master weights reached the plan with their rounding mode (1 nearest, 2 stochastic) and a key
+    plans = mode.results["masked_adamw_master_"]
+    assert {r[5] for r in plans} == {1, 2} and all((r[6] != 0) == (r[5] == 2) for r in plans if r[0]), plans
 
 
 def _adamw_args(n, bits, d, m_numel, step, offs=None):
@@ -257,6 +274,17 @@ def test_cuda_checks_refuse_what_the_cpu_op_refuses(contract, gen):
                  "wagle", 1e-6, 0.0, torch.empty(10), torch.zeros(7, dtype=torch.int64), match="hist")
     _both_refuse(contract, torch.ops.wagle.attribution_score_out, contract.attribution_score_out, w, w, None, None,
                  "wagle", 1e-6, 0.0, torch.empty(10), torch.zeros(0, dtype=torch.int64), match="grad_retain")
+    # masked_adamw_master_: a short master list, a master of the wrong size, fp32 params, seeds without
+    # masters or of the wrong count -- refused by both
+    cpu_m, con_m = torch.ops.wagle.masked_adamw_master_, contract.masked_adamw_master
+    pb16 = ([torch.randn(n).to(torch.bfloat16)], [torch.randn(n).to(torch.bfloat16)]) + _adamw_args(n, bits, d, nnz, 1)[2:]
+    _both_refuse(contract, cpu_m, con_m, *pb16, [torch.zeros(nnz), torch.zeros(nnz)], match="master_weights", **KW)
+    _both_refuse(contract, cpu_m, con_m, *pb16, [torch.zeros(nnz + 1)], match="master_weights", **KW)
+    _both_refuse(contract, cpu_m, con_m, *_adamw_args(n, bits, d, nnz, 1), [torch.zeros(nnz)], match="bfloat16",
+                 **KW)
+    _both_refuse(contract, cpu_m, con_m, *pb16, [], rounding_seeds=[1], match="rounding_seeds", **KW)
+    _both_refuse(contract, cpu_m, con_m, *pb16, [torch.zeros(nnz)], rounding_seeds=[1, 2], match="rounding_seeds",
+                 **KW)
     # gather_masked_: out shorter than the popcount
     _both_refuse(contract, torch.ops.wagle.gather_masked_, contract.gather_masked, torch.zeros(nnz - 1),
                  torch.randn(n), bits, d, False, match="out must")

@@ -650,33 +650,37 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from wagle_ext.kernels.triton.masked_adamw import _masked_adamw_kernel
 fn = _masked_adamw_kernel.kernel()
-sig = {k: "*fp32" for k in ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "table_ptr", "scale_ptr", "found_ptr")}
+sig = {k: "*fp32" for k in ("p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "table_ptr", "scale_ptr", "found_ptr",
+                             "mw_ptr")}
 sig.update(bits_ptr="*u8", dir_ptr="*i64", offs_ptr="*i32", err_ptr="*i32")
-sig.update({k: "i64" for k in ("n", "nnz", "tail_start", "step_i", "table_len")})
+sig.update({k: "i64" for k in ("n", "nnz", "tail_start", "step_i", "table_len", "key_lo", "key_hi")})
 sig.update({k: "fp32" for k in ("nss", "bc2s", "eps", "decay", "w1", "w1m1", "c2", "b2")})
-for dtype, compact in ((0, False), (1, True)):  # dense fp32 grads; compact fp32 grads of bf16 params
+# config 0: dense fp32 grads; 1: compact fp32 grads of bf16 params; 2: fp16 params with master weights
+# and stochastic rounding; 3: bf16 params with master weights and stochastic rounding
+for cfg, (dtype, compact, mw) in enumerate(((0, False, False), (1, True, False), (2, False, True), (1, True, True))):
     consts = dict(DTYPE=dtype, DENSE=False, AMSGRAD=True, MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True,
-                  HAS_OFFS=True, DECAY_ALL=True, LERP_SMALL=True, EMU_FMA=False, COMPACT_G=compact, BLOCK=1024,
-                  CHUNK_=4096)
+                  HAS_OFFS=True, DECAY_ALL=True, LERP_SMALL=True, EMU_FMA=False, COMPACT_G=compact, HAS_MW=mw,
+                  SR=mw, BLOCK=1024, CHUNK_=4096)
     sig.update({k: "constexpr" for k in consts})
-    if dtype == 1:
-        sig.update(p_ptr="*i16")
+    sig.update(p_ptr={0: "*fp32", 1: "*i16", 2: "*fp16"}[dtype], g_ptr="*fp32" if compact or dtype == 0 else
+               {1: "*i16", 2: "*fp16"}[dtype])
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
     for op in ("fma.rn.f32", "mul.f32", "add.f32", "sub.f32", "div.rn.f32", "div.full.f32", "div.approx.f32",
                "sqrt.rn.f32", "sqrt.approx.f32"):
-        print(int(compact), op, len(re.findall(r"(?<![\w.])" + re.escape(op) + r"(?![\w.])", ptx)))
+        print(cfg, op, len(re.findall(r"(?<![\w.])" + re.escape(op) + r"(?![\w.])", ptx)))
 '''
 
 
 @pytest.mark.parametrize("backend", TRITON_ONLY)
 def test_gpu_codegen_is_exact(backend):
     """Compile the kernel for sm_90 (no GPU needed: Triton's bundled ptxas) as it is launched on a GPU,
-    with dense fp32 grads and with compact_grads (bf16 params), and check the PTX: IEEE division and square root only, explicit fmas only, and every other float
+    with dense fp32 grads, with compact_grads (bf16 params) and with master weights + stochastic
+    rounding (fp16, bf16), and check the PTX: IEEE division and square root only, explicit fmas only, and every other float
     multiply/add in its non-contractable .rn form (enable_fp_fusion=False), so ptxas cannot fuse
     p * decay into the final add."""
     r = run_triton_compile_script(_COMPILE_SCRIPT)
-    for compact in ("0", "1"):  # dense grads, compact_grads
+    for compact in ("0", "1", "2", "3"):  # dense grads, compact_grads, master weights + SR (fp16, bf16)
         counts = {line.split()[1]: int(line.split()[2]) for line in r.stdout.split("\n")
                   if line.strip() and line.split()[0] == compact}
         assert counts["fma.rn.f32"] > 0 and counts["div.rn.f32"] > 0 and counts["sqrt.rn.f32"] > 0, (compact, counts)

@@ -22,6 +22,12 @@ selected entries into a float32[nnz] buffer (``wagle::gather_masked_``, one pass
 have a gradient. ``step_in_backward=True`` goes further (LOMO/SIFT): the hook applies the update of
 that parameter right away, so no gradient outlives its hook.
 
+Compact master weights (``master_weights``, default on for bf16/fp16 parameters): an fp32 copy of
+the *selected* elements only, in the compact layout of the moments (12 B of state per selected
+element, 0 per frozen one, instead of the 16 B/param of dense AdamW with master weights); the
+update runs in fp32 on it and the low-precision weight is written back rounded to nearest even
+(or stochastically, ``rounding="stochastic"``), so updates below half an ulp are not lost.
+
 Long file: one class. The compact state, the mask directories, the gradient hooks, the step and the
 checkpoint format share one invariant (state entry ``j`` of a parameter is its ``j``-th selected
 element); split over modules, each part would have to re-derive it. The kernels and their argument
@@ -38,7 +44,21 @@ from . import ops
 from ._checks import GRAD_MODES, check_grad_mode, check_weight_decay_mode
 from .ops import PackedMask
 
-__all__ = ["MaskedAdamW", "GRAD_MODES"]
+__all__ = ["MaskedAdamW", "GRAD_MODES", "ROUNDINGS"]
+
+#: ``rounding=`` choices of :class:`MaskedAdamW` (how master weights are written back).
+ROUNDINGS = ("nearest", "stochastic")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_M64 = (1 << 64) - 1
+
+
+def _param_seed(seed: int, index: int) -> int:
+    """Stochastic-rounding seed of parameter ``index`` (its position in the optimizer), in [0, 2^63):
+    splitmix64 of (seed, index), so parameters of equal shape draw different bits."""
+    z = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
 
 MaskLike = Union[PackedMask, torch.Tensor, None]
 
@@ -94,10 +114,27 @@ class MaskedAdamW(torch.optim.Optimizer):
         step_in_backward: with ``grad_mode="compact"``: update each parameter inside its hook
             (LOMO/SIFT) with the group's current ``lr``; ``step()`` then has nothing left to do.
             Only without gradient accumulation and without clipping (each backward is one step).
+        master_weights: keep an fp32 master copy of the selected elements of every bfloat16/float16
+            parameter (compact, like the moments: 4 B per selected element, created from the
+            weight at its first step). The update runs in fp32 on the master copy, exactly as for
+            an fp32 parameter, and the weight is written back rounded; without it, updates below
+            half an ulp of the weight (most of them at lr 1e-5 in bf16) round away. None (default)
+            or True: on for bf16/fp16 parameters (fp32 parameters are their own master); False: off
+            (the update reads and rounds the low-precision weight itself, as torch AdamW does).
+            The master copy is authoritative: a weight changed outside the optimizer after its
+            first step is overwritten at the next step unless :meth:`reset_master_weights` is called.
+            Unselected weights have no master copy (``weight_decay_mode="all"`` decays them in
+            their own dtype).
+        rounding: how master weights are written back: ``"nearest"`` (round to nearest even) or
+            ``"stochastic"`` (unbiased stochastic rounding, deterministic given ``seed``, the
+            parameter's position and its step count; identical on every back end). Needs master
+            weights.
+        seed: stochastic-rounding seed, an int in [0, 2^63).
 
     State per parameter (``self.state[p]``): ``step`` (float32 scalar), ``exp_avg``,
     ``exp_avg_sq`` (and ``max_exp_avg_sq``) as float32[nnz] in flat order of the selected
-    elements, and ``step_offsets`` (int32[nnz], only after :meth:`set_masks` added elements to a
+    elements, ``master_weight`` (float32[nnz], bf16/fp16 parameters with master weights), and
+    ``step_offsets`` (int32[nnz], only after :meth:`set_masks` added elements to a
     parameter that had already stepped: element ``j`` uses step ``step - step_offsets[j]``).
     Gradients of unselected elements are ignored (and, with GradScaler, left scaled).
 
@@ -123,6 +160,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         weight_decay_mode: str = "masked",
         grad_mode: str = "dense",
         step_in_backward: bool = False,
+        master_weights: Optional[bool] = None,
+        rounding: str = "nearest",
+        seed: int = 0,
     ):
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
@@ -136,6 +176,17 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay: must be >= 0, got {weight_decay}")
         check_weight_decay_mode(weight_decay_mode)
         check_grad_mode(grad_mode, step_in_backward, weight_decay_mode)
+        if master_weights not in (None, True, False):
+            raise TypeError(f"master_weights must be None, True or False, got {master_weights!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if rounding == "stochastic" and master_weights is False:
+            raise ValueError("rounding='stochastic' writes back master weights: it needs master_weights=True (or None)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+        self.master_weights = master_weights is not False
+        self.rounding = rounding
+        self.seed = seed
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, weight_decay_mode=weight_decay_mode)
         super().__init__(params, defaults)
@@ -256,9 +307,10 @@ class MaskedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def set_masks(self, masks: Sequence[MaskLike]) -> None:
         """Replace the masks (aligned with the parameters, like ``masks=`` of the constructor) and
-        remap the compact state: entries selected before and after keep their moments (and step);
-        new entries start at zero moments with their own step count (per-element bias correction,
-        as SpIEL's ``age``); dropped entries are forgotten."""
+        remap the compact state: entries selected before and after keep their moments, master
+        weight and step; new entries start at zero moments with their own step count (per-element
+        bias correction, as SpIEL's ``age``) and a master weight equal to the current weight;
+        dropped entries are forgotten (their weight keeps its last rounded value)."""
         plist = self._all_params()
         masks = list(masks)
         if len(masks) != len(plist):
@@ -283,6 +335,11 @@ class MaskedAdamW(torch.optim.Optimizer):
                     full = torch.zeros(n, dtype=torch.float32, device=p.device)
                     full[old_sel] = state[key]
                     state[key] = full[new_sel].contiguous()
+            if "master_weight" in state:
+                # kept entries keep their fp32 value; new ones start from the current weight
+                full = p.detach().reshape(-1).float()
+                full[old_sel] = state["master_weight"]
+                state["master_weight"] = full[new_sel].contiguous()
             old_offs = state.get("step_offsets")
             full = torch.full((n,), int(step), dtype=torch.int32, device=p.device)
             if old_offs is not None:
@@ -299,8 +356,9 @@ class MaskedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ accounting
     def state_bytes(self) -> dict:
         """Bytes held by the optimizer: ``masks`` (bits), ``directory``, ``moments`` (exp_avg,
-        exp_avg_sq, max_exp_avg_sq), ``step_offsets`` and ``total``."""
-        out = {"masks": 0, "directory": 0, "moments": 0, "step_offsets": 0}
+        exp_avg_sq, max_exp_avg_sq), ``master_weights`` (compact fp32 copies), ``step_offsets``
+        and ``total``."""
+        out = {"masks": 0, "directory": 0, "moments": 0, "master_weights": 0, "step_offsets": 0}
         for p in self._all_params():
             mask = self._masks.get(p)
             if mask is not None:
@@ -310,6 +368,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in st:
                     out["moments"] += st[key].numel() * st[key].element_size()
+            if "master_weight" in st:
+                out["master_weights"] += st["master_weight"].numel() * 4
             if "step_offsets" in st:
                 out["step_offsets"] += st["step_offsets"].numel() * 4
         out["total"] = sum(out.values())
@@ -322,6 +382,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             for p in param_group["params"]:
                 self._masks.setdefault(p, None)
             self._group_of = {}
+            self._index_of = None
             self._sync_hooks()
 
     def _sync_hooks(self) -> None:
@@ -492,6 +553,37 @@ class MaskedAdamW(torch.optim.Optimizer):
             group = self._group_of[p]
         self._step_group(group, [(p, g)], compact=compact, grad_scale=None, found_inf=None)
 
+    # ------------------------------------------------------------------ master weights
+    def uses_master_weights(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is updated through an fp32 master copy (bf16/fp16 with master weights on)."""
+        return self.master_weights and param.dtype in _LOW_PRECISION
+
+    def master_weight(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """The compact fp32 master copy of ``param`` (float32[nnz], selected elements in flat order;
+        float32[numel] for a parameter without a mask), or None before its first step / without one.
+        Changing it in place changes the next step's starting point."""
+        return self.state.get(param, {}).get("master_weight")
+
+    @torch.no_grad()
+    def reset_master_weights(self) -> None:
+        """Drop the master copies: each is rebuilt from its (rounded) weight at the parameter's next
+        step. Call after changing weights outside the optimizer (e.g. loading model weights)."""
+        for st in self.state.values():
+            st.pop("master_weight", None)
+
+    def _initial_master(self, p: torch.Tensor) -> torch.Tensor:
+        """The master copy of ``p``'s selected elements, from the weight itself (exact widening)."""
+        mask = self._masks.get(p)
+        if mask is None:
+            return p.detach().reshape(-1).float().contiguous()  # a new tensor: p is bf16/fp16
+        return ops.gather_masked(p.detach(), mask.bits, self._directory(p))
+
+    def _param_index(self, p: torch.Tensor) -> int:
+        idx = getattr(self, "_index_of", None)
+        if idx is None or p not in idx:
+            idx = self._index_of = {q: i for i, q in enumerate(self._all_params())}
+        return idx[p]
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
@@ -543,8 +635,11 @@ class MaskedAdamW(torch.optim.Optimizer):
                     state["max_exp_avg_sq"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
             elif amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros(nnz, dtype=torch.float32, device=p.device)
+            master = self.uses_master_weights(p)
+            if master and "master_weight" not in state:
+                state["master_weight"] = self._initial_master(p)
             lst = by_key.setdefault((p.device, p.dtype), {k: [] for k in (
-                "p", "g", "m", "v", "vmax", "step", "bits", "dir", "offs")})
+                "p", "g", "m", "v", "vmax", "step", "bits", "dir", "offs", "mw", "seed")})
             mask = self._masks.get(p)
             lst["p"].append(p)
             lst["g"].append(grad)
@@ -556,6 +651,9 @@ class MaskedAdamW(torch.optim.Optimizer):
             lst["bits"].append(None if mask is None else mask.bits)
             lst["dir"].append(d)
             lst["offs"].append(state.get("step_offsets"))
+            if master:
+                lst["mw"].append(state["master_weight"])
+                lst["seed"].append(_param_seed(self.seed, self._param_index(p)))
         for (device, _), lst in by_key.items():
             steps = lst["step"]
             torch._foreach_add_(steps, 1)
@@ -567,8 +665,11 @@ class MaskedAdamW(torch.optim.Optimizer):
                          grad_scale=gs, found_inf=fi)
             # The lists were built here from validated masks and state: the ops may skip their
             # Python checks (the kernels still check sizes and dtypes).
+            sr = self.rounding == "stochastic" and bool(lst["mw"])
             ops.masked_adamw_prevalidated_(lst["p"], lst["g"], lst["m"], lst["v"], lst["vmax"], steps, lst["bits"],
-                                           lst["dir"], lst["offs"], compact_grads=compact, **hyper)
+                                           lst["dir"], lst["offs"], compact_grads=compact,
+                                           master_weights=lst["mw"] or None,
+                                           rounding_seeds=lst["seed"] if sr else None, **hyper)
             if fi is not None:
                 # torch's fused path: undo the step increment of a skipped step.
                 torch._foreach_sub_(steps, [fi.to(steps[0].device, torch.float32)] * len(steps))

@@ -17,6 +17,7 @@
 
 #include "common/adamw_math.h"
 #include "common/layout.h"
+#include "common/rounding_math.h"
 #include "common/score_math.h"
 #include "common/select_math.h"
 
@@ -216,6 +217,24 @@ inline at::ScalarType adamw_param_dtype(const at::Tensor& p0) {
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
                    "masked_adamw_: params must be float32, bfloat16 or float16, got ", dt);
   return dt;
+}
+
+// masked_adamw_master_: master_weights is empty (no master copy: masked_adamw_) or has one compact
+// fp32 tensor per param (checked with check_state as "master_weights"), for bfloat16/float16 params
+// only (an fp32 param is its own master); rounding_seeds is empty (round to nearest even) or has
+// one seed per param (stochastic rounding; needs master_weights). Returns the Rounding mode.
+inline int check_master_lists(size_t nt, size_t master_weights, size_t rounding_seeds, const at::Tensor& p0) {
+  TORCH_CHECK_VALUE(master_weights == 0 || master_weights == nt, "masked_adamw_master_: master_weights must have ", nt,
+                    " entries (one per param) or none, got ", master_weights);
+  TORCH_CHECK_VALUE(rounding_seeds == 0 || (rounding_seeds == nt && master_weights == nt),
+                    "masked_adamw_master_: rounding_seeds must be empty (round to nearest even) or have one seed per "
+                    "param together with master_weights, got ", rounding_seeds, " seeds and ", master_weights,
+                    " master tensors for ", nt, " params");
+  if (master_weights == 0 || nt == 0) return kRoundNoMaster;
+  TORCH_CHECK_TYPE(p0.defined() && (p0.scalar_type() == at::kBFloat16 || p0.scalar_type() == at::kHalf),
+                   "masked_adamw_master_: master weights are for bfloat16/float16 params, got ",
+                   p0.defined() ? c10::toString(p0.scalar_type()) : "an undefined tensor");
+  return rounding_seeds == 0 ? kRoundNearest : kRoundStochastic;
 }
 
 // params[i] and grads[i]: dtypes (one call per dtype; compact grads are float32), device, contiguity.

@@ -30,6 +30,7 @@
 
 #include "common/adamw_math.h"
 #include "common/checks.h"
+#include "common/rounding_math.h"
 #include "common/score_math.h"
 #include "cpu/cpu_dispatch.h"
 #include "cpu/mask_words.h"
@@ -68,6 +69,20 @@ WAGLE_ALWAYS_INLINE float to_f<c10::Half>(c10::Half x) {
 template <typename T>
 WAGLE_ALWAYS_INLINE T from_f(float x) { return static_cast<T>(x); }  // round to nearest even
 
+// The parameter value written for fp32 result x of element i: round to nearest even, or with
+// R == kRoundStochastic the stochastic rounding of common/rounding_math.h (bf16/fp16 only).
+template <typename T, int R>
+WAGLE_ALWAYS_INLINE T round_out(float x, uint64_t key, int64_t i) {
+  T y = from_f<T>(x);
+  if (R == kRoundStochastic && !std::is_same<T, float>::value) {
+    uint16_t b;
+    std::memcpy(&b, &y, 2);
+    b = static_cast<uint16_t>(stochastic_round_bits<std::is_same<T, c10::Half>::value>(x, b, sr_bits(key, i)));
+    std::memcpy(&y, &b, 2);
+  }
+  return y;
+}
+
 // One tensor of the list.
 struct TensorArgs {
   void* p;
@@ -78,6 +93,8 @@ struct TensorArgs {
   const uint8_t* bits;     // nullptr: dense
   const int64_t* dir;      // nullptr: dense
   const int32_t* offsets;  // nullptr: every element uses the tensor's step
+  float* mw;               // compact fp32 master weights (nnz), or nullptr (masked_adamw_)
+  uint64_t sr_key;         // stochastic rounding: sr_key(seed, step) of this tensor and step
   int64_t n;
   int64_t tail_start;  // elements >= tail_start use torch's scalar-tail contraction of v
   bool gc;             // compact grads: g is float32[nnz], indexed by the compact slot k
@@ -106,20 +123,25 @@ WAGLE_ALWAYS_INLINE float grad_in(T* g, int64_t i, const StepArgs& s) {
 }
 
 // Scalar update of element i with compact slot k.
-template <typename T, bool Amsgrad>
+// R: kRoundNoMaster (p is read and written), or master weights (the fp32 value is read from and
+// written to mw[k], p[i] only written, rounded).
+template <typename T, bool Amsgrad, int R>
 WAGLE_ALWAYS_INLINE void update_one(const TensorArgs& t, const StepArgs& s, const AdamwCoeffs& c,
                                     int64_t i, int64_t k) {
   T* p = static_cast<T*>(t.p);
   const float gv = t.gc ? grad_in<float>(static_cast<float*>(t.g), k, s) : grad_in<T>(static_cast<T*>(t.g), i, s);
-  const float pv = adamw_no_contract(to_f<T>(p[i]) * c.decay);
+  const float pin = R != kRoundNoMaster ? t.mw[k] : to_f<T>(p[i]);
+  const float pv = adamw_no_contract(pin * c.decay);
   float dummy = 0.f;
   float& vm = Amsgrad ? t.vmax[k] : dummy;
-  p[i] = from_f<T>(adamw_element<Amsgrad>(pv, gv, t.m[k], t.v[k], vm, c, i >= t.tail_start));
+  const float pn = adamw_element<Amsgrad>(pv, gv, t.m[k], t.v[k], vm, c, i >= t.tail_start);
+  if (R != kRoundNoMaster) t.mw[k] = pn;
+  p[i] = round_out<T, R>(pn, t.sr_key, i);
 }
 
 // 64 consecutive selected elements [e, e+64) with slots [k, k+64), all before tail_start.
 // Two loops so that p*decay is rounded before the final add (no contraction), both vectorised.
-template <typename T, bool Amsgrad>
+template <typename T, bool Amsgrad, int R>
 WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& s, int64_t e, int64_t k) {
   T* __restrict__ p = static_cast<T*>(t.p) + e;
   float* __restrict__ m = t.m + k;
@@ -156,8 +178,14 @@ WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& 
 #pragma omp simd
     for (int i = 0; i < kWord; ++i) gf[i] = to_f<T>(g[i]) * sign;
   }
+  if (R != kRoundNoMaster) {
+    const float* __restrict__ mw = t.mw + k;
 #pragma omp simd
-  for (int i = 0; i < kWord; ++i) pf[i] = to_f<T>(p[i]) * c.decay;
+    for (int i = 0; i < kWord; ++i) pf[i] = mw[i] * c.decay;
+  } else {
+#pragma omp simd
+    for (int i = 0; i < kWord; ++i) pf[i] = to_f<T>(p[i]) * c.decay;
+  }
 #pragma omp simd
   for (int i = 0; i < kWord; ++i) {
     const float gv = gf[i];
@@ -173,7 +201,47 @@ WAGLE_ALWAYS_INLINE void update_dense_word(const TensorArgs& t, const StepArgs& 
       vd = vx;
     }
     const float den = sqrtf(vd) / c.bc2_sqrt + c.eps;
-    p[i] = from_f<T>(pf[i] + (c.neg_step_size * mn) / den);
+    if (R == kRoundNoMaster) {
+      p[i] = from_f<T>(pf[i] + (c.neg_step_size * mn) / den);
+    } else {
+      pf[i] = pf[i] + (c.neg_step_size * mn) / den;
+    }
+  }
+  if (R != kRoundNoMaster) {
+    float* __restrict__ mw = t.mw + k;
+#pragma omp simd
+    for (int i = 0; i < kWord; ++i) mw[i] = pf[i];
+    if (R == kRoundNearest) {
+#pragma omp simd
+      for (int i = 0; i < kWord; ++i) p[i] = from_f<T>(pf[i]);
+    } else {
+      // stochastic rounding on the 16-bit patterns (T is bf16 or fp16 here) in uint32 lanes, one
+      // vectorised loop: within a 64-aligned word, lo32(e + i) = lo32(e) + i and hi32(e + i) = hi32(e),
+      // so sr_bits(key, e + i) is computed on 32-bit integers. fp16 takes c10's RNE pattern first.
+      uint16_t* __restrict__ pb = reinterpret_cast<uint16_t*>(p);
+      const uint32_t k0 = static_cast<uint32_t>(t.sr_key);
+      const uint32_t k1 = static_cast<uint32_t>(t.sr_key >> 32) ^ static_cast<uint32_t>(static_cast<uint64_t>(e) >> 32);
+      const uint32_t e0 = static_cast<uint32_t>(e);
+      alignas(64) uint32_t nb[kWord];
+      alignas(64) uint32_t out[kWord];
+      if (std::is_same<T, c10::BFloat16>::value) {
+#pragma omp simd
+        for (int i = 0; i < kWord; ++i) nb[i] = f32_to_bf16_rne_bits(pf[i]);
+      } else {
+        for (int i = 0; i < kWord; ++i) {
+          const T y = from_f<T>(pf[i]);
+          uint16_t b16;
+          std::memcpy(&b16, &y, 2);
+          nb[i] = b16;
+        }
+      }
+      constexpr bool kFp16 = std::is_same<T, c10::Half>::value;
+#pragma omp simd
+      for (int i = 0; i < kWord; ++i)
+        out[i] = stochastic_round_bits<kFp16>(pf[i], nb[i], hash32(hash32((e0 + static_cast<uint32_t>(i)) ^ k0) ^ k1));
+#pragma omp simd
+      for (int i = 0; i < kWord; ++i) pb[i] = static_cast<uint16_t>(out[i]);
+    }
   }
 }
 
@@ -273,7 +341,7 @@ WAGLE_ALWAYS_INLINE const AdamwCoeffs& coeffs_for(const TensorArgs& t, const Ste
 }
 
 // Chunk `chunk` of tensor t. Returns false if the directory disagrees with the bits.
-template <typename T, bool Amsgrad, bool Avx512>
+template <typename T, bool Amsgrad, bool Avx512, int R>
 WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int64_t chunk) {
   const int64_t e0 = chunk * kChunk;
   const int64_t e1 = std::min(t.n, e0 + kChunk);
@@ -309,7 +377,7 @@ WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int6
     const int64_t pc = __builtin_popcountll(w);
     if (k + pc > k_end) return false;
     if (w == ~uint64_t(0) && e + kWord <= t.tail_start && !t.offsets) {
-      update_dense_word<T, Amsgrad>(t, s, e, k);
+      update_dense_word<T, Amsgrad, R>(t, s, e, k);
       k += kWord;
       continue;
     }
@@ -317,7 +385,7 @@ WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int6
 #if WAGLE_X86
     // Only for well-filled words: a vector lane costs its sqrt/div whether selected or not, so
     // sparse words (below ~3/8 filled) are cheaper bit by bit.
-    if (Avx512 && std::is_same<T, float>::value && pc >= kVecMinBits && cnt == kWord && e + kWord <= t.tail_start && !t.offsets) {
+    if (Avx512 && R == kRoundNoMaster && std::is_same<T, float>::value && pc >= kVecMinBits && cnt == kWord && e + kWord <= t.tail_start && !t.offsets) {
       k = mixed_word_f32_avx512<Amsgrad>(t, s, e, w, k);
       continue;
     }
@@ -326,7 +394,7 @@ WAGLE_ALWAYS_INLINE bool chunk_body(const TensorArgs& t, const StepArgs& s, int6
     while (bitsleft) {
       const int b = __builtin_ctzll(bitsleft);
       bitsleft &= bitsleft - 1;
-      update_one<T, Amsgrad>(t, s, coeffs_for(t, s, k, cache), e + b, k);
+      update_one<T, Amsgrad, R>(t, s, coeffs_for(t, s, k, cache), e + b, k);
       ++k;
     }
   }
@@ -340,68 +408,84 @@ struct ListArgs {
 };
 
 // Chunks [begin, end) of the flattened chunk list. Returns false on a directory mismatch.
-template <typename T, bool Amsgrad, bool Avx512>
+template <typename T, bool Amsgrad, bool Avx512, int R>
 WAGLE_ALWAYS_INLINE bool range_body(const ListArgs& a, int64_t begin, int64_t end) {
   const auto& cs = *a.chunk_start;
   int64_t ti = std::upper_bound(cs.begin(), cs.end(), begin) - cs.begin() - 1;
   bool ok = true;
   for (int64_t gc = begin; gc < end; ++gc) {
     while (gc >= cs[ti + 1]) ++ti;
-    ok &= chunk_body<T, Amsgrad, Avx512>((*a.tensors)[ti], *a.s, gc - cs[ti]);
+    ok &= chunk_body<T, Amsgrad, Avx512, R>((*a.tensors)[ti], *a.s, gc - cs[ti]);
   }
   return ok;
 }
 
-template <typename T, bool Amsgrad>
+template <typename T, bool Amsgrad, int R>
 WAGLE_TARGET_AVX512 bool range_avx512(const ListArgs& a, int64_t b, int64_t e) {
-  return range_body<T, Amsgrad, WAGLE_X86 != 0>(a, b, e);
+  return range_body<T, Amsgrad, WAGLE_X86 != 0, R>(a, b, e);
 }
-template <typename T, bool Amsgrad>
+template <typename T, bool Amsgrad, int R>
 WAGLE_TARGET_AVX2 bool range_avx2(const ListArgs& a, int64_t b, int64_t e) {
-  return range_body<T, Amsgrad, false>(a, b, e);
+  return range_body<T, Amsgrad, false, R>(a, b, e);
 }
-template <typename T, bool Amsgrad>
+template <typename T, bool Amsgrad, int R>
 bool range_default(const ListArgs& a, int64_t b, int64_t e) {
-  return range_body<T, Amsgrad, false>(a, b, e);
+  return range_body<T, Amsgrad, false, R>(a, b, e);
 }
 
 using RangeFn = bool (*)(const ListArgs&, int64_t, int64_t);
 
-template <typename T, bool Amsgrad>
+template <typename T, bool Amsgrad, int R>
 RangeFn pick_isa(Isa isa) {
   switch (isa) {
-    case Isa::Avx512: return &range_avx512<T, Amsgrad>;
-    case Isa::Avx2: return &range_avx2<T, Amsgrad>;
-    default: return &range_default<T, Amsgrad>;
+    case Isa::Avx512: return &range_avx512<T, Amsgrad, R>;
+    case Isa::Avx2: return &range_avx2<T, Amsgrad, R>;
+    default: return &range_default<T, Amsgrad, R>;
   }
 }
 
-template <typename T>
+template <typename T, int R>
 RangeFn pick_ams(bool amsgrad, Isa isa) {
-  return amsgrad ? pick_isa<T, true>(isa) : pick_isa<T, false>(isa);
+  return amsgrad ? pick_isa<T, true, R>(isa) : pick_isa<T, false, R>(isa);
 }
 
-RangeFn pick(at::ScalarType dt, bool amsgrad, Isa isa) {
-  switch (dt) {
-    case at::kBFloat16: return pick_ams<c10::BFloat16>(amsgrad, isa);
-    case at::kHalf: return pick_ams<c10::Half>(amsgrad, isa);
-    default: return pick_ams<float>(amsgrad, isa);
+// Master weights exist for bf16/fp16 params only (checks::check_master_lists): fp32 instantiates R = 0.
+template <typename T>
+RangeFn pick_round(int rounding, bool amsgrad, Isa isa) {
+  switch (rounding) {
+    case kRoundNearest: return pick_ams<T, kRoundNearest>(amsgrad, isa);
+    case kRoundStochastic: return pick_ams<T, kRoundStochastic>(amsgrad, isa);
+    default: return pick_ams<T, kRoundNoMaster>(amsgrad, isa);
   }
 }
 
-void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                      at::TensorList state_steps, at::TensorList mask_bits, at::TensorList chunk_offsets,
-                      at::TensorList step_offsets, double lr, double beta1, double beta2,
-                      double weight_decay, double eps, bool amsgrad, bool maximize,
-                      c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
-                      const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads) {
+RangeFn pick(at::ScalarType dt, int rounding, bool amsgrad, Isa isa) {
+  switch (dt) {
+    case at::kBFloat16: return pick_round<c10::BFloat16>(rounding, amsgrad, isa);
+    case at::kHalf: return pick_round<c10::Half>(rounding, amsgrad, isa);
+    default: return pick_ams<float, kRoundNoMaster>(amsgrad, isa);
+  }
+}
+
+// masked_adamw_master_ (and masked_adamw_: empty master_weights). With master weights, the fp32
+// value of selected element k is read from and written to master_weights[i][k] and the parameter
+// only written (round to nearest even, or stochastic rounding keyed by rounding_seeds[i]).
+void masked_adamw_master_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                             at::TensorList state_steps, at::TensorList mask_bits, at::TensorList chunk_offsets,
+                             at::TensorList step_offsets, at::TensorList master_weights, double lr, double beta1,
+                             double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
+                             c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
+                             const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads,
+                             at::IntArrayRef rounding_seeds) {
   const size_t nt = params.size();
   const at::Device cpu(at::kCPU);
   const int mode = checks::parse_weight_decay_mode(weight_decay_mode);
   checks::check_adamw_lists(nt, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), max_exp_avg_sqs.size(),
                             state_steps.size(), mask_bits.size(), chunk_offsets.size(), step_offsets.size(), amsgrad,
                             torch_tail);
+  const int rounding = checks::check_master_lists(nt, master_weights.size(), rounding_seeds.size(),
+                                                  nt ? params[0] : at::Tensor());
   if (found_inf.has_value() && found_inf->defined()) {
     checks::check_scalar(*found_inf, "masked_adamw_: found_inf", cpu);
     // torch's fused kernels: `if (found_inf_ptr && *found_inf_ptr == 1) return;`
@@ -459,6 +543,12 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       checks::check_state(max_exp_avg_sqs[i], nnz, "max_exp_avg_sqs", i, cpu);
       a.vmax = max_exp_avg_sqs[i].data_ptr<float>();
     }
+    if (rounding != kRoundNoMaster) {
+      checks::check_state(master_weights[i], nnz, "master_weights", i, cpu);
+      a.mw = master_weights[i].data_ptr<float>();
+      if (rounding == kRoundStochastic)
+        a.sr_key = sr_key(static_cast<uint64_t>(rounding_seeds[i]), static_cast<int64_t>(a.step));
+    }
     if (checks::check_step_offsets(step_offsets[i], nnz, i, cpu)) {
       a.offsets = step_offsets[i].data_ptr<int32_t>();
       checks::check_step_offset_values(a.offsets, nnz, a.step, i);
@@ -474,7 +564,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const int64_t total = chunk_start.back();
   if (total == 0) return;
   ListArgs la{&ts, &chunk_start, &s};
-  RangeFn fn = pick(dt, amsgrad, cpu_isa());
+  RangeFn fn = pick(dt, rounding, amsgrad, cpu_isa());
   std::atomic<bool> ok{true};
   // Grain: 8 chunks (32K elements) per task; small lists run on the calling thread.
   at::parallel_for(0, total, 8, [&](int64_t b, int64_t e) {
@@ -484,8 +574,23 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                                "directory from the mask); the state may be partially updated");
 }
 
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                      at::TensorList state_steps, at::TensorList mask_bits, at::TensorList chunk_offsets,
+                      at::TensorList step_offsets, double lr, double beta1, double beta2,
+                      double weight_decay, double eps, bool amsgrad, bool maximize,
+                      c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
+                      const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads) {
+  masked_adamw_master_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits,
+                          chunk_offsets, step_offsets, {}, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                          weight_decay_mode, grad_scale, found_inf, torch_tail, compact_grads, {});
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace wagle
 
-TORCH_LIBRARY_IMPL(wagle, CPU, m) { m.impl("masked_adamw_", &wagle::cpu::masked_adamw_cpu); }
+TORCH_LIBRARY_IMPL(wagle, CPU, m) {
+  m.impl("masked_adamw_", &wagle::cpu::masked_adamw_cpu);
+  m.impl("masked_adamw_master_", &wagle::cpu::masked_adamw_master_cpu);
+}

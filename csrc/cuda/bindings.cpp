@@ -148,18 +148,22 @@ bool sync_checks() {
   return e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0;
 }
 
-void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                       at::TensorList mask_bits, at::TensorList chunk_offsets, at::TensorList step_offsets,
-                       double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                       bool maximize, c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
-                       const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads) {
+// masked_adamw_master_: master_weights (compact fp32, like exp_avgs) and rounding_seeds go into the
+// per-tensor metadata (AdamwTensorMeta::mw / rounding / sr_key); masked_adamw_ passes none.
+void masked_adamw_master_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                              at::TensorList mask_bits, at::TensorList chunk_offsets, at::TensorList step_offsets,
+                              at::TensorList master_weights, double lr, double beta1, double beta2,
+                              double weight_decay, double eps, bool amsgrad, bool maximize,
+                              c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
+                              const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads,
+                              at::IntArrayRef rounding_seeds) {
   c10::cuda::OptionalCUDAGuard guard;  // the validation reads run on the op's device too
   if (!params.empty() && params[0].defined() && params[0].is_cuda()) guard.set_device(params[0].device());
   const host::AdamwPlan plan = host::plan_masked_adamw(
       params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits, chunk_offsets, step_offsets, lr,
       beta1, beta2, weight_decay, eps, amsgrad, weight_decay_mode, grad_scale, found_inf, torch_tail, compact_grads,
-      c10::kCUDA);
+      c10::kCUDA, master_weights, rounding_seeds);
   if (plan.meta.empty()) return;
 
   // One pinned host buffer: metadata, then the per-step coefficient rows (if any offsets).
@@ -198,6 +202,17 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   TORCH_CHECK(e[1] == 0, "masked_adamw_: internal error: the kernel found ", e[1], " step_offsets outside [0, step) "
               "after the host check passed; the state may be partially updated");
 }
+
+void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                       at::TensorList mask_bits, at::TensorList chunk_offsets, at::TensorList step_offsets,
+                       double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+                       bool maximize, c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
+                       const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads) {
+  masked_adamw_master_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits,
+                           chunk_offsets, step_offsets, {}, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                           weight_decay_mode, grad_scale, found_inf, torch_tail, compact_grads, {});
+}
 // ---- end masked_adamw_ ----------------------------------------------------------------------------
 
 // ---- gather_masked_ (compact gradients) -----------------------------------------------------------
@@ -229,5 +244,6 @@ TORCH_LIBRARY_IMPL(wagle, CUDA, m) {
   m.impl("unpack_bits", &wagle::cuda::unpack_bits_cuda);
   m.impl("popcount_bits", &wagle::cuda::popcount_bits_cuda);
   m.impl("masked_adamw_", &wagle::cuda::masked_adamw_cuda);
+  m.impl("masked_adamw_master_", &wagle::cuda::masked_adamw_master_cuda);
   m.impl("gather_masked_", &wagle::cuda::gather_masked_cuda);
 }

@@ -320,6 +320,7 @@ struct AdamwPlan {
   std::vector<float> table;           // 2 floats per step in [table_lo, table_lo + rows)
   at::Tensor grad_scale, found_inf;   // one-element float32 on the device, or undefined
   bool validated = false;             // a directory or offsets tensor was read back in this call
+  int rounding = kRoundNoMaster;      // master weights of the call (common/rounding_math.h)
 };
 
 inline AdamwPlan plan_masked_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -329,13 +330,18 @@ inline AdamwPlan plan_masked_adamw(at::TensorList params, at::TensorList grads, 
                                    double beta2, double weight_decay, double eps, bool amsgrad,
                                    c10::string_view weight_decay_mode, const c10::optional<at::Tensor>& grad_scale,
                                    const c10::optional<at::Tensor>& found_inf, int64_t torch_tail, bool compact_grads,
-                                   c10::DeviceType want) {
+                                   c10::DeviceType want, at::TensorList master_weights = {},
+                                   at::IntArrayRef rounding_seeds = {}) {
   AdamwPlan plan;
   const size_t nt = params.size();
   const int mode = checks::parse_weight_decay_mode(weight_decay_mode);
   checks::check_adamw_lists(nt, grads.size(), exp_avgs.size(), exp_avg_sqs.size(), max_exp_avg_sqs.size(),
                             state_steps.size(), mask_bits.size(), chunk_offsets.size(), step_offsets.size(), amsgrad,
                             torch_tail);
+  // masked_adamw_master_: the same list rules as the CPU op (common/checks.h).
+  const int rounding = checks::check_master_lists(nt, master_weights.size(), rounding_seeds.size(),
+                                                  nt ? params[0] : at::Tensor());
+  plan.rounding = rounding;
   if (nt == 0) return plan;
   const at::Device device = op_device(params[0], want, "masked_adamw_: params[0]");
   plan.device = device;
@@ -388,6 +394,13 @@ inline AdamwPlan plan_masked_adamw(at::TensorList params, at::TensorList grads, 
     checks::check_state(exp_avgs[i], nnz, "exp_avgs", i, device);  // the state has exactly dir[last] entries
     checks::check_state(exp_avg_sqs[i], nnz, "exp_avg_sqs", i, device);
     if (amsgrad) checks::check_state(max_exp_avg_sqs[i], nnz, "max_exp_avg_sqs", i, device);
+    a.rounding = rounding;
+    if (rounding != kRoundNoMaster) {
+      checks::check_state(master_weights[i], nnz, "master_weights", i, device);  // compact, like m
+      a.mw = master_weights[i].data_ptr<float>();
+      if (rounding == kRoundStochastic)
+        a.sr_key = sr_key(static_cast<uint64_t>(rounding_seeds[i]), static_cast<int64_t>(steps[i]));
+    }
     const at::Tensor& offs = step_offsets[i];
     if (checks::check_step_offsets(offs, nnz, i, device)) {
       TORCH_CHECK_VALUE(steps[i] >= 1.0 && steps[i] == static_cast<double>(static_cast<int64_t>(steps[i])) &&

@@ -31,6 +31,10 @@ struct AdamwTensorMeta {
   int64_t step_int;        // integral step, for step_table lookups with offsets
   AdamwCoeffs c;           // host-computed coefficients of the tensor's step (adamw_coeffs)
   int32_t decay_all;       // weight_decay_mode="all" and decay != 1: p *= decay on unselected
+  int32_t rounding;        // common/rounding_math.h Rounding: kRoundNoMaster (mw null), or how p
+                           // is written from the master value (nearest even / stochastic)
+  float* mw;               // compact fp32 master weights (nnz entries, like m), or null
+  uint64_t sr_key;         // stochastic rounding: sr_key(seed, step) of this tensor and call
 };
 
 // Per-call arguments shared by every tensor of the list.

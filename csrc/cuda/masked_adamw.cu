@@ -35,6 +35,7 @@
 
 #include "common/adamw_math.h"
 #include "common/layout.h"
+#include "common/rounding_math.h"
 #include "cuda/device_common.cuh"
 
 namespace wagle {
@@ -69,6 +70,24 @@ __device__ __forceinline__ void store_f(void* p, int64_t i, float x) {
   } else {
     static_cast<uint16_t*>(p)[i] = f32_to_fp16_bits(x);
   }
+}
+
+// The bits store_f<D> writes for x (bf16/fp16 only).
+template <int D>
+__device__ __forceinline__ uint16_t half_bits(float x) {
+  return D == kBF16 ? f32_to_bf16_bits(x) : f32_to_fp16_bits(x);
+}
+
+// Master weights: p[e] = rounding of the fp32 master value x (round to nearest even, or
+// stochastic rounding keyed by (t.sr_key, e): common/rounding_math.h, as the CPU op).
+template <int D>
+__device__ __forceinline__ void store_rounded(const AdamwTensorMeta& t, int64_t e, float x) {
+  if (D == kF32 || t.rounding != kRoundStochastic) {
+    store_f<D>(t.p, e, x);
+    return;
+  }
+  const uint16_t b = static_cast<uint16_t>(stochastic_round_bits<D == kF16>(x, half_bits<D>(x), sr_bits(t.sr_key, e)));
+  static_cast<uint16_t*>(t.p)[e] = b;
 }
 
 // Dense tensor: every element of [e, e+32) below n is selected.
@@ -157,7 +176,9 @@ __global__ void __launch_bounds__(kAdamwThreads)
       else store_f<D>(t.g, e, g);
     }
     if (a.maximize) g = -g;
-    const float p1 = __fmul_rn(load_f<D>(t.p, e), c.decay);  // rounded: never fused into the add below
+    // Master weights: the fp32 value lives at the slot k (p itself is only written).
+    const float p_in = t.mw != nullptr ? t.mw[k] : load_f<D>(t.p, e);
+    const float p1 = __fmul_rn(p_in, c.decay);  // rounded: never fused into the add below
     float m = t.m[k], v = t.v[k];
     m = adamw_lerp_m(m, g, c);                          // __fmaf_rn, as fmaf on the CPU
     v = adamw_update_v(v, g, c, e >= t.tail_start);     // vector- or tail-region form, as the CPU
@@ -168,7 +189,13 @@ __global__ void __launch_bounds__(kAdamwThreads)
       t.vmax[k] = vd;
     }
     const float den = __fadd_rn(__fdiv_rn(__fsqrt_rn(vd), c.bc2_sqrt), c.eps);
-    store_f<D>(t.p, e, __fadd_rn(p1, __fdiv_rn(__fmul_rn(c.neg_step_size, m), den)));
+    const float p_new = __fadd_rn(p1, __fdiv_rn(__fmul_rn(c.neg_step_size, m), den));
+    if (t.mw != nullptr) {
+      t.mw[k] = p_new;
+      store_rounded<D>(t, e, p_new);
+    } else {
+      store_f<D>(t.p, e, p_new);
+    }
     t.m[k] = m;
     t.v[k] = v;
   }

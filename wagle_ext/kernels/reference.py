@@ -274,6 +274,8 @@ def masked_adamw_(
     found_inf: Optional[torch.Tensor] = None,
     torch_tail: int = 8,
     compact_grads: bool = False,
+    master_weights: Optional[Sequence[torch.Tensor]] = None,
+    rounding_seeds: Optional[Sequence[int]] = None,
 ) -> None:
     """Spec of the ``wagle::masked_adamw_`` op (schema and layout: csrc/ops.cpp). Mutates params,
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs and (with grad_scale) the selected entries of grads.
@@ -285,7 +287,24 @@ def masked_adamw_(
     ``m = fma(w1, g - m, m)`` (lerp, ``w1 = 1 - beta1``); ``v = fma(c2*g, g, v*b2)`` (the last
     ``numel % torch_tail`` elements: ``fma(v, b2, (c2*g)*g)``); ``den = sqrt(max(vmax, v) or v) /
     float(sqrt(bc2)) + eps``; ``p = p + (float(-lr/bc1) * m) / den``.
+
+    ``master_weights`` (``masked_adamw_master_``, bf16/fp16 params): float32[nnz] per param, laid
+    out like exp_avgs; the update above reads ``p`` from it and writes the result back to it, and
+    the parameter element becomes ``round_to_nearest_even(result)``, or with ``rounding_seeds``
+    (one int per param) :func:`stochastic_round` with the bits :func:`sr_bits` of
+    ``(sr_key(seed, step), flat index)``.
     """
+    rounding = 0
+    if master_weights is not None and len(master_weights):
+        rounding = 2 if rounding_seeds is not None and len(rounding_seeds) else 1
+        if len(master_weights) != len(params):
+            raise ValueError(f"masked_adamw_master_: master_weights has {len(master_weights)} entries, "
+                             f"params has {len(params)}")
+        if params and params[0].dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"masked_adamw_master_: master weights are for bfloat16/float16 params, "
+                            f"got {params[0].dtype}")
+    if rounding_seeds is not None and len(rounding_seeds) and rounding == 0:
+        raise ValueError("masked_adamw_master_: rounding_seeds need master_weights")
     if weight_decay_mode not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
     if found_inf is not None and float(found_inf) == 1.0:
@@ -325,7 +344,14 @@ def masked_adamw_(
                 gf[idx] = g.to(grads[i].dtype)
         if maximize:
             g = -g
-        p1 = pf[idx].float() * co["decay"]
+        if rounding:
+            mw = master_weights[i]
+            if mw.dtype != torch.float32 or mw.numel() != idx.numel():
+                raise ValueError(f"masked_adamw_master_: master_weights[{i}] must be float32 with {idx.numel()} "
+                                 f"entries, got {mw.dtype}[{mw.numel()}]")
+            p1 = mw * co["decay"]
+        else:
+            p1 = pf[idx].float() * co["decay"]
         m, v = exp_avgs[i], exp_avg_sqs[i]
         w1 = co["w1"]
         if float(base["w1"].abs()) < 0.5:
@@ -348,7 +374,95 @@ def masked_adamw_(
         p_new = p1 + (co["neg_step_size"] * m_new) / den
         m.copy_(m_new)
         v.copy_(v_new)
-        pf[idx] = p_new.to(p.dtype)
+        if rounding == 2:
+            master_weights[i].copy_(p_new)
+            r = sr_bits(sr_key(int(rounding_seeds[i]), int(step)), idx)
+            pf[idx] = stochastic_round(p_new, p.dtype, r)
+        else:
+            if rounding:
+                master_weights[i].copy_(p_new)
+            pf[idx] = p_new.to(p.dtype)
+
+
+def masked_adamw_master_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits,
+                         chunk_offsets, step_offsets, master_weights, *, rounding_seeds=(), **kw) -> None:
+    """Spec of ``wagle::masked_adamw_master_``: :func:`masked_adamw_` with compact fp32 master
+    weights (an empty ``master_weights`` list: plain masked_adamw_)."""
+    masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits, chunk_offsets,
+                  step_offsets, master_weights=list(master_weights), rounding_seeds=list(rounding_seeds), **kw)
+
+
+# ----------------------------------------------------------------------------- stochastic rounding
+# csrc/common/rounding_math.h, in int64 arithmetic on values below 2^32 (no overflow anywhere).
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32): two partial products below 2^48."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (rounding_math.h hash32) of int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def sr_key(seed: int, step: int) -> int:
+    """The stochastic-rounding key of one tensor at one step (uint64 as a Python int)."""
+    return _mix64((seed + 0x9E3779B97F4A7C15 * step) & _M64)
+
+
+def sr_bits(key: int, index: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int64 in [0, 2^32)) of the elements at flat ``index`` (int64 >= 0) under ``key``."""
+    index = index.to(torch.int64)
+    r = _hash32((index & _M32) ^ (key & _M32))
+    return _hash32(r ^ (index >> 32) ^ (key >> 32))
+
+
+def _half_of_bits(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    b = b & 0xFFFF
+    return torch.where(b >= 0x8000, b - 0x10000, b).to(torch.int16).view(dtype)
+
+
+def _half_from_bits(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _half_of_bits(b, dtype).float()
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> torch.Tensor:
+    """Stochastic rounding of float32 ``x`` to ``dtype`` (bfloat16/float16) with random bits ``r``
+    (int64 in [0, 2^32), one per element): the lower neighbour of |x| or the upper one, the upper with
+    probability ``ceil(frac * 2^24) / 2^24`` where ``frac`` is |x|'s position between them (exactly
+    ``frac`` for bf16 values and fp16 normal values); exact values, NaN and values that overflow
+    under round-to-nearest-even round as that does (rounding_math.h)."""
+    n = x.to(dtype)  # round to nearest even (c10's conversion)
+    nb = n.view(torch.int16).to(torch.int64) & 0xFFFF
+    if dtype == torch.bfloat16:  # c10's scalar conversion (and the kernels'): NaN -> 0x7FC0
+        nb = torch.where(x != x, 0x7FC0, nb)
+    ax, an = x.abs(), n.float().abs()
+    inf = 0x7C00 if dtype == torch.float16 else 0x7F80
+    keep = (x != x) | (an == ax) | ((nb & 0x7FFF) == inf)
+    up = an < ax
+    lo = torch.where(up, nb, nb - 1)
+    hi = torch.where(up, nb + 1, nb)
+    flo = _half_from_bits(lo, dtype).abs()
+    fhi = _half_from_bits(hi, dtype).abs()
+    frac = (ax - flo) / (fhi - flo)
+    u = (r >> 8).to(torch.float32) * 5.9604644775390625e-8
+    out = torch.where(keep, nb, torch.where(u < frac, hi, lo))
+    return _half_of_bits(out, dtype)
 
 
 def masked_adamw_chunk_offsets(bits: torch.Tensor, numel: int) -> torch.Tensor:

@@ -106,6 +106,12 @@ if HAS_CPP:
           grad_scale=None, found_inf=None, torch_tail=8, compact_grads=False):
         return None
 
+    @torch.library.register_fake("wagle::masked_adamw_master_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits, chunk_offsets,
+          step_offsets, master_weights, *, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, weight_decay_mode,
+          grad_scale=None, found_inf=None, torch_tail=8, compact_grads=False, rounding_seeds=()):
+        return None
+
     @torch.library.register_fake("wagle::gather_masked_")
     def _(out, src, bits, chunk_offsets, accumulate):
         return None

@@ -134,6 +134,8 @@ def masked_adamw_(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     compact_grads: bool = False,
+    master_weights: Optional[Sequence[torch.Tensor]] = None,
+    rounding_seeds: Optional[Sequence[int]] = None,
 ) -> None:
     """One masked AdamW step over a list of parameters (one dtype per call), in place.
 
@@ -157,6 +159,13 @@ def masked_adamw_(
             followed by torch AdamW), ``"none"``.
         grad_scale, found_inf: GradScaler tensors (torch fused semantics: grads of selected
             elements are divided by ``grad_scale`` and written back; ``found_inf == 1`` skips).
+        master_weights: compact fp32 master weights (``wagle::masked_adamw_master_``), one
+            contiguous float32 tensor per param laid out like ``exp_avgs``, for bfloat16/float16
+            params: the update runs on them in fp32 and each selected parameter element is written
+            as the rounding of its master value. None or empty: no master copy.
+        rounding_seeds: with ``master_weights``, one int in [0, 2^63) per param: stochastic
+            rounding keyed by (seed, the param's step, flat index) (csrc/common/rounding_math.h);
+            None: round to nearest even.
 
     Mutates params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and, with ``grad_scale``, grads.
     Arithmetic: identical to ``torch._fused_adamw_`` on CPU (see csrc/common/adamw_math.h).
@@ -180,6 +189,14 @@ def masked_adamw_(
         raise ValueError(f"amsgrad=True needs {n} max_exp_avg_sqs, got {len(max_exp_avg_sqs)}")
     if not amsgrad:
         max_exp_avg_sqs = []
+    master = [] if master_weights is None else as_tensor_list(master_weights, "master_weights")
+    seeds = [] if rounding_seeds is None else [int(x) for x in rounding_seeds]
+    if master and len(master) != n:
+        raise ValueError(f"master_weights has {len(master)} entries but params has {n}")
+    if seeds and (not master or len(seeds) != n):
+        raise ValueError(f"rounding_seeds needs master_weights and one seed per param ({n}), got {len(seeds)}")
+    if any(not 0 <= x < 2 ** 63 for x in seeds):
+        raise ValueError("rounding_seeds must be ints in [0, 2^63)")
     lr = check_hyper("lr", lr, lo=0.0)
     beta1 = check_hyper("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
     beta2 = check_hyper("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
@@ -189,6 +206,8 @@ def masked_adamw_(
     if n == 0:
         return
     dtype, device = params[0].dtype, params[0].device
+    if master and dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"master_weights are for bfloat16/float16 params (an fp32 param is its own master), got {dtype}")
     empty_u8 = torch.empty(0, dtype=torch.uint8, device=device)
     empty_i64 = torch.empty(0, dtype=torch.int64, device=device)
     empty_i32 = torch.empty(0, dtype=torch.int32, device=device)
@@ -225,7 +244,8 @@ def masked_adamw_(
                 raise ValueError(f"mask_bits[{i}] and chunk_offsets[{i}] must be on {device}")
             nnz = _directory_nnz(b, d, numel, f"chunk_offsets[{i}]")
         for name, st in (("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])) + (
-                (("max_exp_avg_sqs", max_exp_avg_sqs[i]),) if amsgrad else ()):
+                (("max_exp_avg_sqs", max_exp_avg_sqs[i]),) if amsgrad else ()) + (
+                (("master_weights", master[i]),) if master else ()):
             if st.dtype != torch.float32 or st.numel() != nnz or not st.is_contiguous():
                 raise ValueError(f"{name}[{i}] must be a contiguous float32 tensor with {nnz} entries "
                                  f"(one per selected element), got {st.dtype}[{st.numel()}]")
@@ -243,12 +263,20 @@ def masked_adamw_(
         bits_l.append(empty_u8 if b is None else b.contiguous())
         dir_l.append(empty_i64 if d is None else d.contiguous())
         offs_l.append(empty_i32 if o is None else o.contiguous())
-    fn = _impl("masked_adamw_", device)
+    for i, mw in enumerate(master):
+        if mw.device != device:
+            raise ValueError(f"master_weights[{i}] must be on {device}")
     extra = {"compact_grads": True} if compact_grads else {}
-    fn(work_p, work_g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, list(state_steps), bits_l, dir_l, offs_l,
-       lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=bool(amsgrad),
-       maximize=bool(maximize), weight_decay_mode=weight_decay_mode, grad_scale=grad_scale,
-       found_inf=found_inf, torch_tail=torch_fused_adamw_tail(), **extra)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=bool(amsgrad),
+                 maximize=bool(maximize), weight_decay_mode=weight_decay_mode, grad_scale=grad_scale,
+                 found_inf=found_inf, torch_tail=torch_fused_adamw_tail(), **extra)
+    if master:
+        _impl("masked_adamw_master_", device)(work_p, work_g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                              list(state_steps), bits_l, dir_l, offs_l, master,
+                                              rounding_seeds=seeds, **hyper)
+    else:
+        _impl("masked_adamw_", device)(work_p, work_g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, list(state_steps),
+                                       bits_l, dir_l, offs_l, **hyper)
     for (cp, cg), p, g, pc, gc in zip(copy_back, params, grads, work_p, work_g):
         if cp:
             p.copy_(pc)
@@ -327,26 +355,35 @@ def gather_masked(
 # ----------------------------------------------------------------------------- prevalidated fast paths
 def masked_adamw_prevalidated_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, max_exp_avg_sqs: list,
                                state_steps: list, mask_bits: list, chunk_offsets: list, step_offsets: list,
-                               *, compact_grads: bool = False, **hyper) -> None:
+                               *, compact_grads: bool = False, master_weights: Optional[list] = None,
+                               rounding_seeds: Optional[list] = None, **hyper) -> None:
     """:func:`masked_adamw_` for a caller that built the lists itself from validated masks and
     state (:class:`~wagle_ext.MaskedAdamW`): on the C++ CPU back end with contiguous tensors the
     Python checks are skipped (the C++ op still checks sizes and dtypes), which matters at low
     density where the kernel itself takes a few ms; otherwise this is :func:`masked_adamw_`.
-    ``mask_bits``/``chunk_offsets``/``step_offsets`` entries may be None (dense / no offsets)."""
+    ``mask_bits``/``chunk_offsets``/``step_offsets`` entries may be None (dense / no offsets);
+    ``master_weights``/``rounding_seeds``: as :func:`masked_adamw_` (None or empty: none)."""
     device = params[0].device if params else torch.device("cpu")
-    if (params and resolve_backend("masked_adamw_", device) == "cpp"
+    op = "masked_adamw_master_" if master_weights else "masked_adamw_"
+    if (params and resolve_backend(op, device) == "cpp"
             and all(p.is_contiguous() and g.is_contiguous() for p, g in zip(params, grads))):
         e8 = torch.empty(0, dtype=torch.uint8, device=device)
         e64 = torch.empty(0, dtype=torch.int64, device=device)
         e32 = torch.empty(0, dtype=torch.int32, device=device)
-        torch.ops.wagle.masked_adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-            [e8 if b is None else b for b in mask_bits], [e64 if d is None else d for d in chunk_offsets],
-            [e32 if o is None else o for o in step_offsets], torch_tail=torch_fused_adamw_tail(),
-            compact_grads=compact_grads, **hyper)
+        args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                [e8 if b is None else b for b in mask_bits], [e64 if d is None else d for d in chunk_offsets],
+                [e32 if o is None else o for o in step_offsets])
+        if master_weights:
+            torch.ops.wagle.masked_adamw_master_(*args, master_weights, torch_tail=torch_fused_adamw_tail(),
+                                                 compact_grads=compact_grads, rounding_seeds=rounding_seeds or [],
+                                                 **hyper)
+        else:
+            torch.ops.wagle.masked_adamw_(*args, torch_tail=torch_fused_adamw_tail(), compact_grads=compact_grads,
+                                          **hyper)
     else:
         masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits,
-                      chunk_offsets, step_offsets, compact_grads=compact_grads, **hyper)
+                      chunk_offsets, step_offsets, compact_grads=compact_grads, master_weights=master_weights,
+                      rounding_seeds=rounding_seeds, **hyper)
 
 
 def gather_masked_prevalidated_(out: torch.Tensor, src: torch.Tensor, bits: torch.Tensor,

@@ -14,7 +14,7 @@ try:
     from .attribution_score import attribution_score
     from .bits import pack_bits, popcount_bits, unpack_bits
     from .gather_masked import gather_masked_
-    from .masked_adamw import masked_adamw_
+    from .masked_adamw import masked_adamw_, masked_adamw_master_
     from .select_topk import count_key, radix_histogram, topk_mask_bits
 
     AVAILABLE = True
@@ -25,4 +25,4 @@ except Exception as exc:  # triton missing or broken: not an error, just not a b
 
 __all__ = ["AVAILABLE", "IMPORT_ERROR", "attribution_score", "radix_histogram", "count_key",
            "topk_mask_bits", "pack_bits", "unpack_bits", "popcount_bits",
-           "masked_adamw_", "gather_masked_"]
+           "masked_adamw_", "masked_adamw_master_", "gather_masked_"]

@@ -26,6 +26,12 @@ Compact gradients (``compact_grads=True``, written by ``gather_masked_``): g is 
 dense offset; the rest of the arithmetic is unchanged (bf16/fp16 grads are widened exactly, so a
 compact fp32 copy of them gives the same update).
 
+Master weights (``masked_adamw_master_``, bf16/fp16 params): the fp32 value of a selected element
+is read from and written to ``mw[slot]`` (compact, like m/v) and the parameter is only written,
+rounded to nearest even or, with a seed, stochastically (csrc/common/rounding_math.h: the same
+lowbias32 hash, computed in int64 on values below 2^32 so that no product overflows, and the same
+neighbour choice).
+
 One launch per tensor (the interpreter cannot load pointers from memory, so there is no
 tensor-list metadata here; the CUDA op of csrc/cuda/masked_adamw.cu launches once per list).
 A directory that disagrees with the bits, or a step offset outside ``[0, step)``, is counted in
@@ -46,20 +52,70 @@ from ._launch import interpreting, lazy_jit
 from ._radix import load_f32
 
 from ..reference import MASKED_ADAMW_CHUNK as CHUNK  # elements per directory entry
+from ..reference import sr_key
 GPU_BLOCK = 1024  # docs/kernels.md 4.3
 WEIGHT_DECAY_MODES = ("masked", "all", "none")
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @lazy_jit
+def _lo32(x):
+    """x mod 2^32 for int64 x >= 0 (no 32-bit literal: those are unsigned in Triton)."""
+    return x - ((x >> 32) << 32)
+
+
+@lazy_jit
+def _hash32(x):
+    """lowbias32 (rounding_math.h hash32) of int64 values in [0, 2^32): each multiply by a 32-bit
+    constant as two partial products below 2^48, reduced mod 2^32."""
+    x = x ^ (x >> 16)
+    x = _lo32(x * 0x352D + (((x * 0x7FEB) & 0xFFFF) << 16))
+    x = x ^ (x >> 15)
+    x = _lo32(x * 0xA68B + (((x * 0x846C) & 0xFFFF) << 16))
+    return x ^ (x >> 16)
+
+
+@lazy_jit
+def _half_bits_f32(b, FP16: tl.constexpr):
+    """float32 value of 16-bit patterns ``b`` (int64 in [0, 2^16)) of bf16 / fp16."""
+    bs = tl.where(b >= 0x8000, b - 0x10000, b).to(tl.int32)
+    if FP16:
+        x = bs.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        x = (bs << 16).to(tl.float32, bitcast=True)
+    return x
+
+
+@lazy_jit
+def _stochastic_round_bits(x, nb, r, FP16: tl.constexpr):
+    """rounding_math.h stochastic_round_bits: x float32, nb its round-to-nearest-even 16-bit
+    pattern (int64), r its random bits (int64 < 2^32); returns the chosen pattern (int64)."""
+    ax = tl.abs(x)
+    an = tl.abs(_half_bits_f32(nb, FP16))
+    if FP16:
+        inf = 0x7C00
+    else:
+        inf = 0x7F80
+    keep = (x != x) | (an == ax) | ((nb & 0x7FFF) == inf)
+    up = an < ax
+    lo = tl.where(up, nb, nb - 1) & 0xFFFF
+    hi = tl.where(up, nb + 1, nb) & 0xFFFF
+    flo = tl.abs(_half_bits_f32(lo, FP16))
+    fhi = tl.abs(_half_bits_f32(hi, FP16))
+    frac = tl.math.div_rn(ax - flo, fhi - flo)
+    u = (r >> 8).to(tl.float32) * 5.9604644775390625e-8  # r24 / 2^24, exact
+    return tl.where(keep, nb, tl.where(u < frac, hi, lo))
+
+
+@lazy_jit
 def _masked_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, bits_ptr, dir_ptr, offs_ptr, table_ptr,
-                         scale_ptr, found_ptr, err_ptr, n, nnz, tail_start, step_i, table_len,
-                         nss, bc2s, eps, decay, w1, w1m1, c2, b2,
+                         scale_ptr, found_ptr, err_ptr, mw_ptr, n, nnz, tail_start, step_i, table_len,
+                         nss, bc2s, eps, decay, w1, w1m1, c2, b2, key_lo, key_hi,
                          DTYPE: tl.constexpr, DENSE: tl.constexpr, AMSGRAD: tl.constexpr,
                          MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
                          HAS_OFFS: tl.constexpr, DECAY_ALL: tl.constexpr, LERP_SMALL: tl.constexpr,
-                         EMU_FMA: tl.constexpr, COMPACT_G: tl.constexpr, BLOCK: tl.constexpr,
-                         CHUNK_: tl.constexpr):
+                         EMU_FMA: tl.constexpr, COMPACT_G: tl.constexpr, HAS_MW: tl.constexpr,
+                         SR: tl.constexpr, BLOCK: tl.constexpr, CHUNK_: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors beyond 2^31 elements
     skip = 0
     if HAS_FOUND:
@@ -98,8 +154,14 @@ def _masked_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, bits_ptr, dir_ptr
                 act = cnt + 1  # every slice: unselected weights decay too
                 pmask = sel | valid
             if act > 0:
-                # ---- load p, g (bf16 widened by a shift: exact); compact g: float32 at the slot
-                p = load_f32(p_ptr, offs, pmask, DTYPE == 1)
+                # ---- load p, g (bf16 widened by a shift: exact); compact g: float32 at the slot.
+                # Master weights: the selected elements' fp32 values come from mw at the slot.
+                if HAS_MW:
+                    p = tl.load(mw_ptr + slot, mask=sel, other=0.0)
+                    if DECAY_ALL:
+                        p = tl.where(sel, p, load_f32(p_ptr, offs, valid & (bit == 0), DTYPE == 1))
+                else:
+                    p = load_f32(p_ptr, offs, pmask, DTYPE == 1)
                 if COMPACT_G:
                     g = tl.load(g_ptr + slot, mask=sel, other=0.0)
                 else:
@@ -181,18 +243,33 @@ def _masked_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, bits_ptr, dir_ptr
                 p_new = p1 + tl.math.div_rn(e_nss * m_new, den)
                 tl.store(m_ptr + slot, m_new, mask=sel)
                 tl.store(v_ptr + slot, v_new, mask=sel)
+                if HAS_MW:
+                    tl.store(mw_ptr + slot, p_new, mask=sel)
                 # ---- p: selected -> p_new; weight_decay_mode="all" -> unselected p * decay
                 p_out = tl.where(sel, p_new, p1)
                 wmask = sel
                 if DECAY_ALL:
                     wmask = sel | (valid & (bit == 0))
+                if SR:
+                    # counter-based random bits of (key, flat index), then the neighbour choice
+                    r = _hash32(_lo32(offs) ^ key_lo)
+                    r = _hash32(r ^ (offs >> 32) ^ key_hi)
                 if DTYPE == 1:
                     pb = p_out.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
                     pb = (pb + (((pb >> 16) & 1) + 0x7FFF)) >> 16
                     pb = tl.where(p_out != p_out, 0x7FC0, pb)
+                    if SR:
+                        pb = tl.where(sel, _stochastic_round_bits(p_out, pb, r, False), pb)
+                    pb = tl.where(pb >= 0x8000, pb - 0x10000, pb)
                     tl.store(p_ptr + offs, pb.to(tl.int16), mask=wmask)
                 elif DTYPE == 2:
-                    tl.store(p_ptr + offs, p_out.to(tl.float16), mask=wmask)
+                    if SR:
+                        hb = p_out.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+                        hb = tl.where(sel, _stochastic_round_bits(p_out, hb, r, True), hb)
+                        hb = tl.where(hb >= 0x8000, hb - 0x10000, hb)
+                        tl.store(p_ptr + offs, hb.to(tl.int16).to(tl.float16, bitcast=True), mask=wmask)
+                    else:
+                        tl.store(p_ptr + offs, p_out.to(tl.float16), mask=wmask)
                 else:
                     tl.store(p_ptr + offs, p_out, mask=wmask)
             k += cnt
@@ -223,17 +300,20 @@ def _int16(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton_op("wagle_triton::masked_adamw_", mutates_args=(
-    "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
+    "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_weights"))
 def _masked_adamw_op(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[float],
     mask_bits: list[torch.Tensor], chunk_offsets: list[torch.Tensor], step_offsets: list[torch.Tensor],
     lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool,
     maximize: bool, weight_decay_mode: str, grad_scale: Optional[torch.Tensor],
-    found_inf: Optional[torch.Tensor], torch_tail: int, compact_grads: bool = False,
+    found_inf: Optional[torch.Tensor], torch_tail: int, compact_grads: bool,
+    master_weights: list[torch.Tensor], rounding_seeds: list[int],
 ) -> None:
     if not params:
         return
+    has_mw = bool(master_weights)
+    sr = has_mw and bool(rounding_seeds)
     device = params[0].device
     wd = 0.0 if weight_decay_mode == "none" else weight_decay
     decay = _f32(1.0 - lr * wd)
@@ -267,18 +347,20 @@ def _masked_adamw_op(
                 table = tables[smax] = torch.tensor(rows, dtype=torch.float32).view(-1).to(device)
             table_len = smax + 1
         tail_start = n - n % torch_tail if torch_tail > 0 else n
+        key = sr_key(int(rounding_seeds[i]), int(step)) if sr else 0
         wrap_triton(_masked_adamw_kernel.kernel())[(triton.cdiv(n, CHUNK),)](
             _int16(params[i]), _int16(grads[i]), exp_avgs[i], exp_avg_sqs[i],
             max_exp_avg_sqs[i] if amsgrad else exp_avgs[i],
             mask_bits[i] if not dense else err, chunk_offsets[i] if not dense else err,
             step_offsets[i] if has_offs else err, table,
             grad_scale if grad_scale is not None else err, found_inf if found_inf is not None else err,
-            err, n, nnz, tail_start, int(step) if has_offs else 0, table_len,
-            nss, bc2s, eps32, decay, w1, w1m1, c2, b2,
+            err, master_weights[i] if has_mw else exp_avgs[i],
+            n, nnz, tail_start, int(step) if has_offs else 0, table_len,
+            nss, bc2s, eps32, decay, w1, w1m1, c2, b2, key & 0xFFFFFFFF, key >> 32,
             DTYPE=_DTYPE_CODE[p.dtype], DENSE=dense, AMSGRAD=amsgrad, MAXIMIZE=maximize,
             HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None, HAS_OFFS=has_offs,
             DECAY_ALL=decay_all, LERP_SMALL=lerp_small, EMU_FMA=interpreting(), COMPACT_G=compact_grads,
-            BLOCK=bl, CHUNK_=CHUNK,
+            HAS_MW=has_mw, SR=sr, BLOCK=bl, CHUNK_=CHUNK,
             enable_fp_fusion=False)
     bad_dir, bad_offs = err.tolist()  # one synchronisation per call
     if bad_dir:
@@ -312,6 +394,8 @@ def masked_adamw_(
     found_inf: Optional[torch.Tensor] = None,
     torch_tail: int = 8,
     compact_grads: bool = False,
+    master_weights: Optional[Sequence[torch.Tensor]] = None,
+    rounding_seeds: Optional[Sequence[int]] = None,
 ) -> None:
     """Triton ``masked_adamw_``: same contract as ``kernels.reference.masked_adamw_`` (layout:
     csrc/ops.cpp). params/grads contiguous fp32/bf16/fp16 (one dtype per call); m/v/vmax contiguous
@@ -326,7 +410,12 @@ def masked_adamw_(
     Mutates params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs and, with ``grad_scale``, the selected
     entries of grads (every entry of compact grads). ``found_inf == 1`` (read on the device) skips
     everything.
+
+    ``master_weights`` / ``rounding_seeds``: as ``kernels.reference.masked_adamw_`` (bf16/fp16 params;
+    contiguous float32 per param laid out like exp_avgs; seeds select stochastic rounding).
     """
+    master_weights = list(master_weights) if master_weights is not None else []
+    rounding_seeds = [int(x) for x in rounding_seeds] if rounding_seeds is not None else []
     if weight_decay_mode not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
     nt = len(params)
@@ -374,6 +463,17 @@ def masked_adamw_(
         o = step_offsets[i]
         if o.numel() and (o.dtype != torch.int32 or o.numel() != nnz or not o.is_contiguous()):
             raise ValueError(f"masked_adamw_: step_offsets[{i}] must be a contiguous int32[{nnz}] tensor or empty")
+    if master_weights:
+        if len(master_weights) != nt:
+            raise ValueError(f"masked_adamw_master_: master_weights has {len(master_weights)} entries, params has {nt}")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"masked_adamw_master_: master weights are for bfloat16/float16 params, got {dtype}")
+        for i, mw in enumerate(master_weights):
+            if mw.dtype != torch.float32 or not mw.is_contiguous() or mw.numel() != exp_avgs[i].numel():
+                raise ValueError(f"masked_adamw_master_: master_weights[{i}] must be a contiguous float32 tensor "
+                                 f"with {exp_avgs[i].numel()} entries")
+    if rounding_seeds and (not master_weights or len(rounding_seeds) != nt):
+        raise ValueError("masked_adamw_master_: rounding_seeds need master_weights and one seed per param")
     if torch_tail < 0:
         raise ValueError("masked_adamw_: torch_tail must be >= 0")
     # torch: `double step = state_step.item<float>()`; one host read per distinct tensor.
@@ -382,4 +482,11 @@ def masked_adamw_(
                      steps, [b.contiguous() for b in mask_bits], [d.contiguous() for d in chunk_offsets],
                      [o.contiguous() for o in step_offsets], float(lr), float(beta1), float(beta2),
                      float(weight_decay), float(eps), bool(amsgrad), bool(maximize), weight_decay_mode,
-                     grad_scale, found_inf, int(torch_tail), bool(compact_grads))
+                     grad_scale, found_inf, int(torch_tail), bool(compact_grads), master_weights, rounding_seeds)
+
+
+def masked_adamw_master_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits,
+                         chunk_offsets, step_offsets, master_weights, *, rounding_seeds=(), **kw) -> None:
+    """Triton ``masked_adamw_master_``: :func:`masked_adamw_` with compact fp32 master weights."""
+    masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_bits, chunk_offsets,
+                  step_offsets, master_weights=master_weights, rounding_seeds=rounding_seeds, **kw)
