@@ -170,6 +170,17 @@ def pinned_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models, restored after: threads only add
+    synchronisation there, and on a shared 2-core machine spinning OpenMP workers made such modules
+    ~10x slower under load. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def record_stat(request):
     """record_stat(name, value): keep a statistic that a threshold bounds.

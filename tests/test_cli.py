@@ -21,12 +21,7 @@ TINY = ["--benchmark.n_authors", "10", "--benchmark.hidden_size", "32", "--bench
         "--unlearn.batch_size", "2", "--eval_batch_size", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 @pytest.fixture(scope="module")

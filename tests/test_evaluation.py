@@ -35,14 +35,7 @@ from tiny_models import answer_ce, char_tokenizer, finetune_on_qa, tiny_llama
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models here are tiny: intra-op threads only add synchronisation, and on a shared 2-core machine
-    # spinning OpenMP workers made this module ~10x slower under load. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 class UnigramLM(torch.nn.Module):

@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from wagle_ext.cli import main
 
@@ -17,12 +16,7 @@ TINY = ["--benchmark.n_authors", "10", "--benchmark.hidden_size", "32", "--bench
         "--unlearn.batch_size", "2", "--eval_every", "2", "--eval.batch_size", "64", "--eval.max_new_tokens", "16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 def _runs(out):

@@ -19,12 +19,7 @@ TINY_BENCH = ["--benchmark.n_authors", "10", "--benchmark.hidden_size", "32", "-
 EVAL = ["--batch_size", "64", "--max_new_tokens", "16"]  # `wagle eval`'s options as given to --eval.*
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -207,7 +207,7 @@ def run_unlearn(cfg: UnlearnConfig) -> str:
         t0 = time.perf_counter()
         with run.phase("unlearn"):
             res = _unlearn(model, tok, data["forget"], data["retain"], cfg.objective, mask, cfg.unlearn,
-                           run.file("trainer", ".keep").rsplit(os.sep, 1)[0], cfg.objective_kwargs,
+                           run.dir("trainer"), cfg.objective_kwargs,
                            device=device, run=run, resume=cfg.resume, callbacks=callbacks)
         trainer = res.pop("trainer")
         report = getattr(trainer, "trainable_report", None)
@@ -219,7 +219,7 @@ def run_unlearn(cfg: UnlearnConfig) -> str:
             digests = [None] * dist.get_world_size()
             dist.all_gather_object(digests, digest)
         with run.phase("save"):
-            trainer.save_model(run.file("model", ".keep").rsplit(os.sep, 1)[0])
+            trainer.save_model(run.dir("model"))
             if is_main_process():
                 tok.save_pretrained(os.path.join(run.work, "model"))
                 with open(run.file("train_log.json"), "w") as f:

@@ -219,6 +219,13 @@ class RunDir:
             os.makedirs(os.path.dirname(p), exist_ok=True)
         return p
 
+    def dir(self, *parts: str) -> str:
+        """A folder under the work directory (created on the main process)."""
+        p = os.path.join(self.work, *parts)
+        if self.main:
+            os.makedirs(p, exist_ok=True)
+        return p
+
     def phase(self, name: str) -> "_Phase":
         """``with run.phase("score"): ...`` records the phase's wall time in ``run.json``."""
         return _Phase(self, name)
