@@ -126,7 +126,7 @@ def test_cli_bad_config_exits_2_naming_the_field(capsys):
 
 def test_demo_end_to_end_and_cache_reuse(tmp_path, cache, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", *TINY, "--cache_dir", cache, "--out", str(out)]) == 0
+    assert main(["demo", *TINY, "--cache_dir", cache, "--out", str(out), "--geffect_every", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"results in {out}" in printed and "forget_quality" in printed and "model_utility" in printed
     for f in ("results.json", "table.txt", "forget_quality_vs_utility.png", "config.json",
@@ -142,6 +142,12 @@ def test_demo_end_to_end_and_cache_reuse(tmp_path, cache, capsys):
         assert 0 <= r["forget_Q_A_Prob"] <= 1 and r["ratio"] == (1.0 if r["mask"] == "dense" else 0.1)
     assert [r["mask"] for r in res["references"]] == ["(target model)", "(retain model)"]
     assert res["references"][1]["forget_quality"] == pytest.approx(1.0)  # the retain model vs itself
+    # attack columns on every row, the G-effect of the dense and wagle runs, one figure per objective
+    for r in res["rows"] + res["references"]:
+        assert {"relearn0_acc", "relearn25_acc", "prompt_worst_acc", "degenerate"} <= set(r), r
+    assert (out / "runs/npo_wagle/attacks.json").is_file()
+    assert set(res["g_effect"]) == {"graddiff", "npo"} and set(res["g_effect"]["npo"]) == {"dense", "wagle"}
+    assert res["g_effect"]["npo"]["wagle"]["records"] and (out / "g_effect_npo.png").is_file()
     for m in ("random", "magnitude", "wagle"):
         assert res["masks"][m]["density"] == pytest.approx(0.1, abs=1e-3)
     assert res["benchmark"]["reused_cache"] is False
@@ -154,7 +160,7 @@ def test_demo_end_to_end_and_cache_reuse(tmp_path, cache, capsys):
     stamp = os.stat(weights).st_mtime_ns
     out2 = tmp_path / "demo2"
     assert main(["demo", *TINY, "--cache_dir", cache, "--out", str(out2), "--objectives", "[graddiff]",
-                 "--masks", "[dense, wagle]"]) == 0
+                 "--masks", "[dense, wagle]", "--attacks", "false", "--geffect_every", "0"]) == 0
     assert "reusing cached models" in capsys.readouterr().out
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["benchmark"]["reused_cache"] is True and res2["benchmark"]["directory"] == bdir

@@ -103,6 +103,9 @@ class DemoConfig:
     gamma: float = 1e-6            # WAGLE score's Hessian constant
     unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
     eval_batch_size: int = 32
+    attacks: bool = True           # per row: relearning (25 steps on 10% of the forget set) and prompt rewrites
+    attack_learning_rate: float = 1e-3  # of the relearning attack
+    geffect_every: int = 10        # G-effect of every dense and wagle run, every N steps (0: off)
     num_threads: int = 1           # torch intra-op threads (tiny models: 1 avoids spinning workers)
     overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
     cache_dir: Optional[str] = None  # default $WAGLE_CACHE or ~/.cache/wagle_ext
@@ -577,6 +580,8 @@ def validate(cfg: Any) -> None:
         for i, m in enumerate(cfg.masks):
             _check(m in MASK_KINDS, f"masks[{i}]", f"unknown mask kind {m!r} (known: {', '.join(MASK_KINDS)})")
         _check(cfg.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {cfg.eval_batch_size}")
+        _check(cfg.attack_learning_rate > 0, "attack_learning_rate", f"must be > 0, got {cfg.attack_learning_rate}")
+        _check(cfg.geffect_every >= 0, "geffect_every", f"must be >= 0, got {cfg.geffect_every}")
     elif isinstance(cfg, ScoreConfig):
         _check(cfg.missing in ("frozen", "dense"), "missing", f"must be frozen or dense, got {cfg.missing!r}")
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")

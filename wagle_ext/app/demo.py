@@ -22,7 +22,9 @@ TABLE_COLUMNS = [
     ("forget_quality", "forget_quality", "{:.3g}"), ("model_utility", "model_utility", "{:.3f}"),
     ("forget_Q_A_Prob", "forget_prob", "{:.3f}"), ("forget_truth_ratio", "forget_TR", "{:.3f}"),
     ("forget_Q_A_ROUGE", "forget_ROUGE", "{:.3f}"), ("retain_Q_A_Prob", "retain_prob", "{:.3f}"),
-    ("retain_Q_A_ROUGE", "retain_ROUGE", "{:.3f}"), ("seconds", "seconds", "{:.1f}"),
+    ("retain_Q_A_ROUGE", "retain_ROUGE", "{:.3f}"), ("relearn25_acc", "relearn25_acc", "{:.2f}"),
+    ("prompt_worst_acc", "prompt_worst_acc", "{:.2f}"), ("degenerate", "degenerate", "{:.2f}"),
+    ("seconds", "seconds", "{:.1f}"),
 ]
 
 
@@ -96,6 +98,7 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
         masks["wagle"].plot(os.path.join(out, "masks", "wagle_mask.png"), title=f"WAGLE mask, ratio {cfg.ratio:g}")
 
     rows = []
+    geffects: dict = {}
     n_runs = len(cfg.objectives) * len(cfg.masks)
     for objective in cfg.objectives:
         for kind in cfg.masks:
@@ -105,19 +108,39 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
             t0 = time.perf_counter()
             model = copy.deepcopy(bench.target)
             torch.manual_seed(cfg.unlearn.seed)
+            callbacks = []
+            if cfg.geffect_every and kind in ("dense", "wagle"):
+                callbacks.append(_geffect_probe(bench, forget, retain, objective, masks[kind], cfg))
             train = _unlearn(model, bench.tokenizer, forget, retain, objective, masks[kind], cfg.unlearn, run_dir,
-                             demo=True)
+                             demo=True, callbacks=callbacks)
             train.pop("trainer")
+            if callbacks:
+                geffects.setdefault(objective, {})[kind] = callbacks[0].result
             t_train = time.perf_counter() - t0
             s = evaluate(model, run_dir)
             row = {"objective": objective, "mask": kind, "ratio": 1.0 if kind == "dense" else cfg.ratio, **s,
-                   "train_loss": train["train_loss"], "train_seconds": t_train,
-                   "seconds": time.perf_counter() - t0}
+                   "train_loss": train["train_loss"], "train_seconds": t_train}
+            if cfg.attacks:
+                row.update(_attack_columns(model, bench.tokenizer, forget, cfg, run_dir))
+            row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             _log(f"         forget_quality {s.get('forget_quality', float('nan')):.3g}  model_utility "
                  f"{s['model_utility']:.3f}  forget_prob {s['forget_Q_A_Prob']:.3f}  ({row['seconds']:.1f} s)")
             del model
 
+    if cfg.attacks:
+        for ref in references:
+            ref.update(_attack_columns(bench.target if ref["mask"] == "(target model)" else bench.retain,
+                                       bench.tokenizer, forget, cfg, None))
+    geffect_pngs = []
+    for objective, res in geffects.items():
+        from ..eval.g_effect import plot_g_effect
+
+        res = {k: v for k, v in res.items() if v["records"]}  # runs shorter than geffect_every record nothing
+        if not res:
+            continue
+        geffect_pngs.append(plot_g_effect(res, os.path.join(out, f"g_effect_{objective}.png"),
+                                          title=f"G-effect of {objective}: dense vs WAGLE mask (ratio {cfg.ratio:g})"))
     table = _format_table(references + rows)
     _log("\n" + table + "\n")
     png = os.path.join(out, "forget_quality_vs_utility.png")
@@ -129,6 +152,7 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
         "benchmark": {"directory": bench.directory, "reused_cache": not bench.built, "seconds": t_bench,
                       "info": bench.info},
         "masks": mask_info,
+        "g_effect": geffects,
         "references": references,
         "rows": rows,
         "table": table,
@@ -142,3 +166,38 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
          f"total {results['total_seconds']:.1f} s")
     _log(f"[demo] wrote results.json, table.txt, forget_quality_vs_utility.png, masks/, runs/ under {run.path}")
     return results
+
+
+def _geffect_probe(bench, forget, retain, objective, mask, cfg):
+    """The G-effect callback of one demo run (batches drawn like the training batches, another seed)."""
+    from torch.utils.data import DataLoader
+
+    from ..eval.g_effect import GEffectCallback
+    from ..unlearn.data import ForgetRetainDataset, QACollator
+
+    ds = ForgetRetainDataset(forget, retain, seed=cfg.unlearn.seed + 1)
+    loader = DataLoader(ds, batch_size=cfg.unlearn.batch_size, collate_fn=QACollator(bench.tokenizer))
+    return GEffectCallback(objective, loader, every=cfg.geffect_every, mask=mask)
+
+
+def _attack_columns(model, tok, forget, cfg, run_dir) -> dict:
+    """Forget accuracy (ROUGE-L recall >= 0.5) after 25 relearning steps on 10% of the forget set
+    (measured on the rest), the worst case over prompt rewrites, and the fraction of degenerate
+    answers; the full results go to ``attacks.json`` in ``run_dir``."""
+    from ..eval.attacks import output_quality, prompt_attack, relearn_attack
+    from ..eval.metrics import greedy_generate
+
+    relearn = relearn_attack(model, tok, forget, fraction=0.1, steps=(0, 25), learning_rate=cfg.attack_learning_rate,
+                             seed=cfg.unlearn.seed, max_new_tokens=48, eval_batch_size=cfg.eval_batch_size)
+    prompts = prompt_attack(model, tok, forget, max_new_tokens=48, batch_size=cfg.eval_batch_size)
+    gens = greedy_generate(model, tok, [it["question"] for it in forget], batch_size=cfg.eval_batch_size,
+                           max_new_tokens=48, progress=False)
+    quality = output_quality(gens)
+    if run_dir is not None:
+        with open(os.path.join(run_dir, "attacks.json"), "w") as f:
+            json.dump({"relearn": relearn, "prompt": prompts,
+                       "output_quality": {k: v for k, v in quality.items() if k != "per_item"}, "generations": gens},
+                      f, indent=2, default=float)
+    return {"relearn0_acc": relearn["curve"][0]["accuracy"], "relearn25_acc": relearn["curve"][-1]["accuracy"],
+            "prompt_worst_acc": prompts["worst_case"]["accuracy"], "prompt_worst_template": prompts["worst_case"]["template"],
+            "degenerate": quality["degenerate_rate"], "refusal": quality["refusal_rate"]}

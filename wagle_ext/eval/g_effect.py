@@ -274,6 +274,8 @@ def plot_g_effect(results: Mapping[str, Mapping[str, Any]], path: str, title: st
     import matplotlib.pyplot as plt
 
     groups: list = []
+    if not any(res["records"] for res in results.values()):
+        raise ValueError("plot_g_effect: no G-effect records to plot")
     for res in results.values():
         for rec in res["records"]:
             for g in rec["groups"]:
