@@ -27,6 +27,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from .gradients import _named_trainable
+
 __all__ = ["GroupedScores", "accumulator_bytes_per_param", "parse_bytes", "plan_groups"]
 
 logger = logging.getLogger("wagle_ext.attribution")
@@ -87,13 +89,7 @@ def plan_groups(
     """
     budget = parse_bytes(memory_budget)
     bpp = accumulator_bytes_per_param(kind, hessian_estimated)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if names is not None:
-        wanted = set(names)
-        unknown = wanted - {n for n, _ in params}
-        if unknown:
-            raise ValueError(f"names not among the model's trainable parameters: {sorted(unknown)[:5]}")
-        params = [(n, p) for n, p in params if n in wanted]
+    params = _named_trainable(model, names)
     if not params:
         raise ValueError("no parameter to score (none has requires_grad=True, or names= is empty)")
     biggest = max(params, key=lambda np_: np_[1].numel())
