@@ -109,9 +109,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"wagle {job}: error: {_one_line(e)}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        _shutdown_distributed()
     if out is not None and is_main_process():
         print(f"wagle {job}: results in {out}", flush=True)
     return 0
+
+
+def _shutdown_distributed() -> None:
+    """Under ``accelerate launch`` / ``torchrun``: wait for every rank, then destroy the process group.
+    A gloo group left alive at interpreter exit can abort a rank ("terminate called without an active
+    exception") after the work is done, and the launcher then reports the whole run as failed."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _one_line(e: BaseException) -> str:
