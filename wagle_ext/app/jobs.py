@@ -126,12 +126,15 @@ def _load_mask(path: str, model):
 
 
 def _weights_digest(model) -> str:
+    """sha256 of the model's state (names and raw bytes): equal digests = bit-identical weights."""
     import hashlib
+
+    import torch
 
     h = hashlib.sha256()
     for n, p in model.state_dict().items():
         h.update(n.encode())
-        h.update(p.detach().cpu().contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

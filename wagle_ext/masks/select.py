@@ -161,12 +161,6 @@ def build_mask(
     Returns:
         :class:`MaskSet` on the scores' device. Nothing is mutated.
     """
-    if not isinstance(scores, Mapping) and is_score_groups(scores):
-        return _build_mask_grouped(scores, ratio, scope=scope, include=include, exclude=exclude,
-                                   excluded=excluded, missing=missing, allow_empty=allow_empty, model=model,
-                                   metadata=metadata, process_group=process_group)
-    if not isinstance(scores, Mapping):
-        raise TypeError(f"scores must be a mapping name -> tensor, got {type(scores).__name__}")
     check_ratio(ratio)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -174,6 +168,12 @@ def build_mask(
         raise ValueError(f"excluded must be 'frozen', 'dense' or 'absent', got {excluded!r}")
     if missing not in ("dense", "frozen"):
         raise ValueError(f"missing must be 'frozen' or 'dense', got {missing!r}")
+    if not isinstance(scores, Mapping) and is_score_groups(scores):
+        return _build_mask_grouped(scores, ratio, scope=scope, include=include, exclude=exclude,
+                                   excluded=excluded, missing=missing, allow_empty=allow_empty, model=model,
+                                   metadata=metadata, process_group=process_group)
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a mapping name -> tensor, got {type(scores).__name__}")
     inc = _compile_patterns(include, "include")
     exc = _compile_patterns(exclude, "exclude")
     for name, s in scores.items():
@@ -254,14 +254,8 @@ def _mask_set(ordered, scores_info, ratio, scope, include, exclude, excluded, mi
 
 def _build_mask_grouped(groups, ratio: float, *, scope: str, include: PatternArg, exclude: PatternArg,
                         excluded: str, missing: str, allow_empty: bool, model, metadata, process_group) -> MaskSet:
-    """``build_mask`` over grouped scores, one group alive at a time (see ``build_mask``)."""
-    check_ratio(ratio)
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if excluded not in ("frozen", "dense", "absent"):
-        raise ValueError(f"excluded must be 'frozen', 'dense' or 'absent', got {excluded!r}")
-    if missing not in ("dense", "frozen"):
-        raise ValueError(f"missing must be 'frozen' or 'dense', got {missing!r}")
+    """``build_mask`` over grouped scores, one group alive at a time (see ``build_mask``; arguments
+    already checked there)."""
     if process_group is not None:
         raise ValueError("grouped scores (memory_budget=/groups=) are selected on one process; "
                          "process_group= is not supported with them")
