@@ -42,6 +42,7 @@ import torch
 
 from . import ops
 from ._checks import GRAD_MODES, check_grad_mode, check_weight_decay_mode
+from .masks.sharding import is_dtensor, local_tensor, shard_mask, shard_range
 from .ops import PackedMask
 
 __all__ = ["MaskedAdamW", "GRAD_MODES", "ROUNDINGS"]
@@ -64,18 +65,24 @@ MaskLike = Union[PackedMask, torch.Tensor, None]
 
 
 def _to_packed(mask: MaskLike, param: torch.Tensor, what: str) -> Optional[PackedMask]:
+    """``mask`` as a PackedMask over the tensor this process updates: the parameter, or for an
+    FSDP2 DTensor its local shard (a whole-parameter mask is cut with ``shard_mask``; a mask of the
+    local shape is taken as the local piece)."""
     if mask is None:
         return None
+    local = local_tensor(param)
     if isinstance(mask, torch.Tensor):
         if mask.dtype != torch.bool:
             raise TypeError(f"mask for {what} must be a PackedMask or a bool tensor, got {mask.dtype}")
-        if mask.shape != param.shape:
+        if mask.shape not in (param.shape, local.shape):
             raise ValueError(f"mask for {what} has shape {tuple(mask.shape)} but the parameter has shape "
                              f"{tuple(param.shape)}")
         mask = PackedMask.from_bool(mask)
     elif not isinstance(mask, PackedMask):
         raise TypeError(f"mask for {what} must be a PackedMask, a bool tensor or None, got {type(mask).__name__}")
-    if mask.shape != param.shape:
+    if local is not param and mask.shape == param.shape:
+        mask = shard_mask(mask, param)
+    if mask.shape != local.shape:
         raise ValueError(f"mask for {what} has shape {tuple(mask.shape)} but the parameter has shape "
                          f"{tuple(param.shape)}")
     if mask.bits.device != param.device:
@@ -203,6 +210,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._hooks: dict = {}        # param -> hook handle (compact mode)
         self._hold = False            # accumulate_only(): step_in_backward hooks only accumulate
         self._frozen: set = set()     # params this optimizer set requires_grad_(False)
+        self._reduced_externally = False  # DDP: a comm hook compacts (wagle_ext.parallel.ddp)
         self._sync_hooks()
 
     # ------------------------------------------------------------------ construction helpers
@@ -277,7 +285,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise ValueError("every trainable parameter is frozen (no mask entry and missing='frozen')")
             wd = kwargs.get("weight_decay", 1e-2)
             params = [{"params": params, "weight_decay": wd}, {"params": frozen, "weight_decay": 0.0}]
-            aligned += [PackedMask.full(p.shape, False, device=p.device) for p in frozen]
+            aligned += [PackedMask.full(local_tensor(p).shape, False, device=p.device) for p in frozen]
         return cls(params, masks=aligned, **kwargs)
 
     # ------------------------------------------------------------------ masks
@@ -298,7 +306,7 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _nnz(self, p: torch.Tensor) -> int:
         d = self._directory(p)
         if d is None:
-            return p.numel()
+            return local_tensor(p).numel()
         nnz = self._nnzs.get(p)
         if nnz is None:
             nnz = self._nnzs[p] = int(d[-1])
@@ -326,7 +334,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             self._cgrad_ready.discard(p)
             if not state:
                 continue
-            n = p.numel()
+            n = local_tensor(p).numel()
             old_sel = old.to_bool().view(-1) if old is not None else torch.ones(n, dtype=torch.bool, device=p.device)
             new_sel = new.to_bool().view(-1) if new is not None else torch.ones(n, dtype=torch.bool, device=p.device)
             step = float(state["step"])
@@ -337,7 +345,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                     state[key] = full[new_sel].contiguous()
             if "master_weight" in state:
                 # kept entries keep their fp32 value; new ones start from the current weight
-                full = p.detach().reshape(-1).float()
+                full = local_tensor(p).detach().reshape(-1).float()
                 full[old_sel] = state["master_weight"]
                 state["master_weight"] = full[new_sel].contiguous()
             old_offs = state.get("step_offsets")
@@ -440,7 +448,7 @@ class MaskedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def _grad_hook(self, p: torch.Tensor) -> None:
         g = p.grad
-        if g is None:
+        if g is None or self._reduced_externally:
             return
         if g.is_sparse:
             raise TypeError("MaskedAdamW does not support sparse gradients")
@@ -459,6 +467,7 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def _gather(self, p: torch.Tensor, g: torch.Tensor, accumulate: bool) -> None:
         """Compact ``g`` (the dense gradient of ``p``) into ``p``'s buffer, or add it there."""
+        g = local_tensor(g)  # FSDP2: the reduce-scattered shard
         mask = self._masks.get(p)
         if mask is None:
             if accumulate:
@@ -488,37 +497,69 @@ class MaskedAdamW(torch.optim.Optimizer):
         """(gradients to scale, squared-norm parts counting only the weights that move), in
         parameter order: the compact buffers in compact mode; in dense mode every ``p.grad``, with
         its norm restricted to the selected elements (a compact buffer holds exactly those, in the
-        same order, so both modes give the same norm)."""
+        same order, so both modes give the same norm). A part is ``(squared sum, process group)``:
+        the group over which an FSDP2 parameter is sharded (its parts are summed over it), else None."""
         targets, parts = [], []
         for p in self._all_params():
+            group = self._shard_group(p)
             if self.grad_mode == "compact":
                 g = self.compact_grad(p)
                 if g is None or g.numel() == 0:
                     continue
                 targets.append(g)
-                parts.append(g.pow(2).sum())
+                parts.append((g.pow(2).sum(), group))
                 continue
             if p.grad is None:
                 continue
+            grad = local_tensor(p.grad)
             mask = self._masks.get(p)
-            targets.append(p.grad)
+            targets.append(grad)
             if mask is None:
-                parts.append(p.grad.detach().float().pow(2).sum())
+                parts.append((grad.detach().float().pow(2).sum(), group))
             elif self._nnz(p):
-                parts.append(p.grad.detach().reshape(-1)[mask.to_bool().reshape(-1)].float().pow(2).sum())
+                parts.append((grad.detach().reshape(-1)[mask.to_bool().reshape(-1)].float().pow(2).sum(), group))
         return targets, parts
 
-    @staticmethod
-    def _total(parts: list) -> torch.Tensor:
+    def _shard_group(self, p: torch.Tensor):
+        """The process group over which ``p`` is sharded (FSDP2 DTensor), or None."""
+        groups = getattr(self, "_groups_of", None)
+        if groups is None:
+            groups = self._groups_of = {}
+        if p not in groups:
+            groups[p] = shard_range(p).group if is_dtensor(p) else None
+        return groups[p]
+
+    def _total(self, parts: list) -> torch.Tensor:
+        """L2 norm of the parts; the parts of sharded parameters are summed over their process group
+        first (one all-reduce per group, on every rank even when it has nothing of its own, so the
+        collectives match)."""
         sq = None
-        for part in parts:
-            sq = part if sq is None else sq + part.to(sq.device)
+        by_group: dict = {}
+        for part, group in parts:
+            if group is None:
+                sq = part if sq is None else sq + part.to(sq.device)
+            else:
+                by_group[group] = part if group not in by_group else by_group[group] + part.to(by_group[group].device)
+        groups = []
+        for p in self._all_params():
+            g = self._shard_group(p)
+            if g is not None and g not in groups:
+                groups.append(g)
+        if groups:
+            import torch.distributed as dist
+
+            for g in groups:
+                device = next(local_tensor(p).device for p in self._all_params() if self._shard_group(p) is g)
+                part = by_group.get(g, torch.zeros((), dtype=torch.float32, device=device)).float().reshape(1)
+                dist.all_reduce(part, group=g)
+                sq = part[0] if sq is None else sq + part[0].to(sq.device)
         return torch.tensor(0.0) if sq is None else sq.sqrt()
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """L2 norm of the pending gradients over the weights that move (see :meth:`clip_grad_norm_`),
-        float32 scalar; nothing is changed."""
+        float32 scalar; nothing is changed. Under FSDP2 the norm is over every rank's shards (a
+        collective: call it on every rank)."""
         return self._total(self._pending_grads()[1])
 
     @torch.no_grad()
@@ -526,11 +567,12 @@ class MaskedAdamW(torch.optim.Optimizer):
         """Scale the pending gradients so that their total L2 norm is at most ``max_norm``, as
         ``torch.nn.utils.clip_grad_norm_`` does (``coef = min(1, max_norm / (norm + eps))``), counting
         only the weights that move: the compact buffers in compact mode, ``p.grad`` restricted to
-        the selected elements in dense mode. Returns the norm before clipping (float32 scalar)."""
+        the selected elements in dense mode. Returns the norm before clipping (float32 scalar).
+        Under FSDP2 the norm is over every rank's shards (a collective: call it on every rank)."""
         targets, parts = self._pending_grads()
-        if not parts:
-            return torch.tensor(0.0)
         total = self._total(parts)
+        if not targets:
+            return total
         coef = torch.clamp(max_norm / (total + eps), max=1.0)
         for g in targets:
             g.mul_(coef.to(g.device, g.dtype))
@@ -575,8 +617,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         """The master copy of ``p``'s selected elements, from the weight itself (exact widening)."""
         mask = self._masks.get(p)
         if mask is None:
-            return p.detach().reshape(-1).float().contiguous()  # a new tensor: p is bf16/fp16
-        return ops.gather_masked(p.detach(), mask.bits, self._directory(p))
+            return local_tensor(p).detach().reshape(-1).float().contiguous()  # a new tensor: p is bf16/fp16
+        return ops.gather_masked(local_tensor(p).detach(), mask.bits, self._directory(p))
 
     def _param_index(self, p: torch.Tensor) -> int:
         idx = getattr(self, "_index_of", None)
@@ -641,8 +683,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             lst = by_key.setdefault((p.device, p.dtype), {k: [] for k in (
                 "p", "g", "m", "v", "vmax", "step", "bits", "dir", "offs", "mw", "seed")})
             mask = self._masks.get(p)
-            lst["p"].append(p)
-            lst["g"].append(grad)
+            lst["p"].append(local_tensor(p))  # FSDP2: update this process's shard in place
+            lst["g"].append(local_tensor(grad))
             lst["m"].append(state["exp_avg"])
             lst["v"].append(state["exp_avg_sq"])
             if amsgrad:
