@@ -1,7 +1,8 @@
 """Worker for tests/test_trainer_ddp.py: run under `accelerate launch --cpu --num_processes 2`.
 
 Every rank builds the same tiny model and WAGLE mask, unlearns a few steps with UnlearnTrainer under
-DDP (gloo), and writes its final weights and a digest of its mask to OUT_DIR/rank{r}.pt.
+DDP (gloo), dense and then with compact gradients (grad_mode="compact": the DDP comm hook of
+wagle_ext/parallel/ddp.py), and writes its final weights and a digest of its mask to OUT_DIR/rank{r}.pt.
 """
 import hashlib
 import os
@@ -48,8 +49,17 @@ def main(out_dir: str) -> None:
     masks = {n: m.to_bool() for n, m in mask.for_model(tr.model).items()}
     frozen_ok = all(torch.equal(final[n][~masks[n]], initial[n][~masks[n]]) for n in final)
     moved = sum(int((final[n] != initial[n]).sum()) for n in final)
-    torch.save({"world": world, "digest": h.hexdigest(), "weights": final, "frozen_ok": frozen_ok, "moved": moved},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    # The same run with compact gradients: the DDP comm hook compacts each bucket before its all-reduce.
+    model = tiny_llama(len(tok), hidden=32, layers=2, heads=4, intermediate=64, seed=0)
+    model.load_state_dict(initial)
+    tr = UnlearnTrainer(model=model, args=args, objective="graddiff", mask=mask, grad_mode="compact",
+                        train_dataset=ForgetRetainDataset(forget, retain, seed=0), data_collator=coll)
+    tr.train()
+    compact = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    compact_frozen_ok = all(torch.equal(compact[n][~masks[n]], initial[n][~masks[n]]) for n in compact)
+    torch.save({"world": world, "digest": h.hexdigest(), "weights": final, "frozen_ok": frozen_ok, "moved": moved,
+                "compact": compact, "compact_frozen_ok": compact_frozen_ok,
+                "hooked": getattr(tr, "_ddp_hook_model", None) is not None}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

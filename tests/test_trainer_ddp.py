@@ -31,3 +31,11 @@ def test_two_process_ddp_same_mask_same_weights(tmp_path):
     assert a["moved"] > 0
     for n in a["weights"]:
         assert torch.equal(a["weights"][n], b["weights"][n]), n  # DDP kept replicas in sync
+    # compact gradients under DDP: the comm hook ran, replicas in sync, frozen weights untouched, and
+    # the same weights as dense (fp32 rounding: compact mode backpropagates forget and retain terms
+    # separately, each reduced on its own)
+    assert a["hooked"] and b["hooked"]
+    assert a["compact_frozen_ok"] and b["compact_frozen_ok"]
+    for n in a["compact"]:
+        assert torch.equal(a["compact"][n], b["compact"][n]), n
+        torch.testing.assert_close(a["compact"][n], a["weights"][n], atol=1e-6, rtol=1e-5)

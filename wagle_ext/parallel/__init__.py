@@ -17,6 +17,7 @@ Layer: beside ``optim`` (rank 5): imports ``optim``, ``masks`` and ``ops``; ``op
 """
 from .checkpoint import load_sharded_state_dict, sharded_state_dict
 from .ddp import register_compact_ddp_hook
-# deepspeed: added below
+from .deepspeed import deepspeed_config, mask_gradients_for_zero
 
-__all__ = ["sharded_state_dict", "load_sharded_state_dict", "register_compact_ddp_hook"]
+__all__ = ["sharded_state_dict", "load_sharded_state_dict", "register_compact_ddp_hook", "deepspeed_config",
+           "mask_gradients_for_zero"]

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 import transformers
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .._checks import check_grad_mode, check_weight_decay_mode
 from ..masks import MaskSet, format_trainable_report, trainable_report
@@ -30,6 +31,7 @@ from ..naming import is_adapter_param
 from ..ops import PackedMask
 from ..memory import format_memory_report, memory_report
 from ..optim import MaskedAdamW
+from ..parallel.ddp import register_compact_ddp_hook
 from ._hf_shim import GradNormShim, missing_hooks
 from .objectives import Objective, get_objective
 
@@ -109,9 +111,12 @@ def _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight
                          "gradient at once: use grad_mode='dense', or clip the masked gradient (the default)")
     if args.fp16:
         raise ValueError("grad_mode='compact' does not support fp16 (GradScaler needs p.grad); use bf16 or fp32")
-    if args.world_size > 1:
-        raise ValueError("grad_mode='compact' is single-process: under DDP the hooks would see gradients before "
-                         "their all-reduce; use grad_mode='dense' with several processes")
+    if args.world_size > 1 and (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
+        raise ValueError("grad_mode='compact' under several processes is supported with DDP (a communication hook "
+                         "compacts before the all-reduce, wagle_ext/parallel/ddp.py), not through the Trainer's "
+                         "FSDP or DeepSpeed integration; use grad_mode='dense' there")
+    if args.world_size > 1 and step_in_backward:
+        raise ValueError("step_in_backward=True updates before DDP has reduced the gradient: single process only")
     if step_in_backward:
         if args.gradient_accumulation_steps != 1:
             raise ValueError("step_in_backward=True needs gradient_accumulation_steps=1 (each backward is one "
@@ -119,6 +124,17 @@ def _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight
         if args.max_grad_norm:
             raise ValueError("step_in_backward=True cannot clip (the update happens before the total norm is "
                              f"known): set max_grad_norm=0, got {args.max_grad_norm}")
+
+
+def _check_deepspeed(mask, args) -> None:
+    """DeepSpeed (ZeRO >= 1) hands the optimizer flat partitions instead of parameters, so a
+    MaskedAdamW client optimizer would update every weight, and an optimizer from the DeepSpeed
+    config would ignore the mask: refuse, and name the path that works."""
+    if mask is not None and getattr(args, "deepspeed", None):
+        raise ValueError("UnlearnTrainer(mask=...) does not run under DeepSpeed: ZeRO replaces the parameters by "
+                         "flat partitions, so the mask would be lost. Use DDP or FSDP2 (MaskedAdamW follows the "
+                         "shards), or wagle_ext.parallel.mask_gradients_for_zero with DeepSpeed's optimizer "
+                         "(README, Multi-GPU)")
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -164,7 +180,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             parameters with an all-zero mask get no gradient at all -- the gradient memory drops
             from 4 B/param (fp32) to 4 B per selected weight plus one dense gradient at a time.
             Same updates as dense mode (bit-identical for fp32 weights, with or without gradient
-            accumulation and clipping). Needs a ``mask``; single process only (not DDP); not with
+            accumulation and clipping). Needs a ``mask``; under DDP each gradient bucket is compacted
+            before its all-reduce (``wagle_ext.parallel.ddp``; not with FSDP/DeepSpeed); not with
             ``clip_before_mask=True`` (clipping the unmasked gradient needs every dense gradient at
             once: use dense mode), ``fp16`` (GradScaler) or ``weight_decay_mode="all"``.
         step_in_backward: with ``grad_mode="compact"``: apply each parameter's update inside its
@@ -218,6 +235,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         if args is None:
             raise ValueError("UnlearnTrainer needs TrainingArguments (args=...)")
         _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight_decay_mode, args)
+        _check_deepspeed(mask, args)
         _check_hooks_available(grad_mode, mask, clip_before_mask, args)
         args.remove_unused_columns = False
 
@@ -256,6 +274,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             if next(ref.parameters()).device != dev:
                 ref.to(dev)
         per_term = self.grad_mode == "compact" and model.training and torch.is_grad_enabled()
+        if per_term:
+            self._compact_under_ddp(model)
         loss, logs = self.objective(model, inputs, ref_model=ref,
                                     backward=self._term_backward() if per_term else None)
         if per_term:
@@ -283,6 +303,14 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
                 self.accelerator.backward(term / ga)
 
         return backward
+
+    def _compact_under_ddp(self, model) -> None:
+        """Compact mode under DDP: compact each gradient bucket before its all-reduce (once, at the
+        first training step, when accelerate has wrapped the model)."""
+        if getattr(self, "_ddp_hook_model", None) is model or not isinstance(model, DistributedDataParallel):
+            return
+        register_compact_ddp_hook(model, self._masked_optimizer())
+        self._ddp_hook_model = model
 
     def _masked_optimizer(self):
         opt = self.optimizer
