@@ -11,6 +11,9 @@ computes the single-process references, and each test below checks one property 
 * DCP: the optimizer state saved at world 2 after two steps, loaded at world 1 into a plain model,
   is exactly the ranks' compact states concatenated in rank order, and one more step from it
   matches the uninterrupted run;
+* UnlearnTrainer's optimizer (``create_optimizer``) on an FSDP2 model: same weights as on the
+  unsharded model (transformers' Trainer itself refuses FSDP without accelerators, so the sharding
+  is applied by hand here);
 * DDP with ``grad_mode="compact"`` (bucket compacted before the all-reduce) equals DDP dense bit for
   bit, with identical replicas and an all-reduce of ``nnz`` instead of ``numel`` values.
 
@@ -64,6 +67,18 @@ def _train_step(model, opt, step: int, vocab: int, rows=slice(None)) -> None:
     opt.zero_grad()
 
 
+def _trainer_optimizer(model, mask, outdir):
+    """The optimizer UnlearnTrainer builds for ``model`` (its decay groups, frozen parameters, masks)."""
+    import transformers
+
+    from wagle_ext.unlearn.trainer import UnlearnTrainer
+
+    args = transformers.TrainingArguments(output_dir=os.path.join(outdir, "trainer"), use_cpu=True, report_to=[],
+                                          learning_rate=OPT_KW["lr"], weight_decay=OPT_KW["weight_decay"],
+                                          disable_tqdm=True, save_strategy="no")
+    return UnlearnTrainer(model=model, args=args, objective="graddiff", mask=mask).create_optimizer()
+
+
 def _moments(opt, model) -> dict:
     return {n: opt.state[p]["exp_avg"].clone() for n, p in model.named_parameters() if p in opt.state}
 
@@ -105,6 +120,16 @@ def _worker(rank: int, world: int, outdir: str) -> None:
                 "weights": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
                 "state_bytes": opt.state_bytes(), "frozen_ok": frozen_ok,
                 "nnz": sum(opt._nnz(p) for p in opt._all_params() if opt.mask_of(p) is not None)}
+        # UnlearnTrainer's optimizer on an FSDP2 model (what the accelerate FSDP2 config runs on GPUs)
+        model = _model(vocab)
+        model.load_state_dict(init["weights"])
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = _trainer_optimizer(model, mask, os.path.join(outdir, f"r{rank}"))
+        for step in range(STEPS):
+            _train_step(model, opt, step, vocab, rows)
+        out["fsdp_trainer"] = {"weights": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
         for mode in ("dense", "compact"):
             model = _model(vocab)
             model.load_state_dict(init["weights"])
@@ -148,6 +173,12 @@ def runs(tmp_path_factory):
         _train_step(ref_model, ref_opt, step, vocab)
     ref = {"weights": {n: p.detach().clone() for n, p in ref_model.named_parameters()},
            "state_bytes": ref_opt.state_bytes()}
+    tr_model = _model(vocab)
+    tr_model.load_state_dict(init)
+    tr_opt = _trainer_optimizer(tr_model, mask, str(outdir / "single"))
+    for step in range(STEPS):
+        _train_step(tr_model, tr_opt, step, vocab)
+    ref["trainer_weights"] = {n: p.detach().clone() for n, p in tr_model.named_parameters()}
 
     # world 1 resumes the world-2 DCP checkpoint into a plain (unsharded) model
     from torch.distributed.checkpoint import load
@@ -190,6 +221,19 @@ def test_fsdp2_matches_single_process_and_keeps_frozen_weights(runs):
         assert torch.equal(a["fsdp_dense"]["weights"][n], b["fsdp_dense"]["weights"][n])
         # the post-accumulate-grad hook sees FSDP2's reduce-scattered shard: compact == dense exactly
         assert torch.equal(a["fsdp_compact"]["weights"][n], a["fsdp_dense"]["weights"][n]), n
+
+
+def test_unlearn_trainer_optimizer_under_fsdp2(runs):
+    ref, init = runs["ref"], runs["init"]
+    sel = {n: m.to_bool() for n, m in runs["mask"].for_model(runs["model"]).items()}
+    for r in runs["ranks"]:
+        got = r["fsdp_trainer"]["weights"]
+        _close(got, ref["trainer_weights"])
+        for n, w in got.items():
+            if n in sel:
+                assert torch.equal(w[~sel[n]], init[n][~sel[n]]), n
+    moved = sum(int((w != init[n]).sum()) for n, w in ref["trainer_weights"].items())
+    assert moved > 0.9 * runs["mask"].total_selected
 
 
 def test_fsdp2_state_is_split_over_ranks(runs):
