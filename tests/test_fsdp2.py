@@ -293,3 +293,21 @@ def test_slice_bits_any_offset(gen):
     for start, stop in [(0, 203), (0, 96), (8, 101), (13, 14), (5, 203), (40, 40), (200, 203)]:
         got = PackedMask(_slice_bits(m, start, stop), (stop - start,))
         assert got == PackedMask.from_bool(flags[start:stop]), (start, stop)
+
+
+def test_weights_digest_of_an_fsdp2_model_in_one_process(tmp_path):
+    """``wagle unlearn`` records a weight digest per rank; under FSDP2 it hashes the rank's shards
+    (world 1 here: the shard is the whole tensor, so the digest equals the unsharded model's)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from wagle_ext.app.jobs import _weights_digest
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
+    plain = _weights_digest(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        fully_shard(model)
+        assert type(model[0].weight).__name__ == "DTensor"
+        assert _weights_digest(model) == plain
+    finally:
+        dist.destroy_process_group()

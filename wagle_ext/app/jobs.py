@@ -126,15 +126,18 @@ def _load_mask(path: str, model):
 
 
 def _weights_digest(model) -> str:
-    """sha256 of the model's state (names and raw bytes): equal digests = bit-identical weights."""
+    """sha256 of the model's state (names and raw bytes): equal digests = bit-identical weights.
+    Under FSDP2 (DTensor weights) it covers this rank's own shards: ranks then differ by design."""
     import hashlib
 
     import torch
 
+    from ..masks.sharding import local_tensor
+
     h = hashlib.sha256()
     for n, p in model.state_dict().items():
         h.update(n.encode())
-        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(local_tensor(p).detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
