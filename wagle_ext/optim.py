@@ -28,6 +28,13 @@ element, 0 per frozen one, instead of the 16 B/param of dense AdamW with master 
 update runs in fp32 on it and the low-precision weight is written back rounded to nearest even
 (or stochastically, ``rounding="stochastic"``), so updates below half an ulp are not lost.
 
+Distributed (FSDP2): a parameter that is a ``DTensor`` (``fully_shard``) is updated through its local
+shard (``masks.sharding.local_tensor``); its mask, given whole or as the local piece, is cut to the
+shard's rows (``shard_mask``), so each rank holds the bits and compact state of its own rows only,
+and the ranks' compact states concatenated in rank order are exactly the single-process state.
+Gradient norms of sharded parameters are all-reduced over their shard group (a collective).
+Checkpoints across world sizes: ``wagle_ext.parallel.sharded_state_dict`` (DCP).
+
 Long file: one class. The compact state, the mask directories, the gradient hooks, the step and the
 checkpoint format share one invariant (state entry ``j`` of a parameter is its ``j``-th selected
 element); split over modules, each part would have to re-derive it. The kernels and their argument
@@ -116,8 +123,10 @@ class MaskedAdamW(torch.optim.Optimizer):
             mask selects nothing are set ``requires_grad_(False)``. Same updates as dense mode
             (bit-identical for fp32 parameters; bf16/fp16 gradients accumulate in fp32 here).
             Clip with :meth:`clip_grad_norm_` (clipping the dense gradient before masking, WAGLE's
-            order, needs dense mode). Not for DDP (the hook would see unreduced gradients), nor
-            with ``GradScaler`` or ``weight_decay_mode="all"``.
+            order, needs dense mode). Under DDP the hook would see unreduced gradients: there
+            ``wagle_ext.parallel.register_compact_ddp_hook`` compacts each bucket before its
+            all-reduce instead; under FSDP2 the hook sees the reduce-scattered shard. Not with
+            ``GradScaler`` or ``weight_decay_mode="all"``.
         step_in_backward: with ``grad_mode="compact"``: update each parameter inside its hook
             (LOMO/SIFT) with the group's current ``lr``; ``step()`` then has nothing left to do.
             Only without gradient accumulation and without clipping (each backward is one step).
@@ -236,6 +245,9 @@ class MaskedAdamW(torch.optim.Optimizer):
     def from_model(cls, model: torch.nn.Module, masks: Mapping[str, MaskLike], *, missing: Optional[str] = None,
                    **kwargs: Any) -> "MaskedAdamW":
         """Optimizer over ``model``'s trainable parameters with masks keyed by parameter name.
+
+        On an FSDP2 model (``fully_shard``: DTensor parameters) pass the whole-parameter masks (the
+        same MaskSet on every rank): each rank keeps the piece of its own shard.
 
         Args:
             model: the module whose ``requires_grad`` parameters are optimised.
@@ -432,6 +444,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._cgrad_ready.clear()
         self.grad_mode = "dense"
         self.step_in_backward = False
+        self._reduced_externally = False
 
     @contextlib.contextmanager
     def accumulate_only(self):
