@@ -33,9 +33,9 @@ def _masks(model, gen):
             "0.bias": None}  # dense; 2.bias, 4.bias: missing
 
 
-def _loss(model, step):
+def _loss(model, step, rows=slice(None)):
     g = torch.Generator().manual_seed(step)
-    x = torch.randn(6, 9, generator=g)
+    x = torch.randn(6, 9, generator=g)[rows]
     return (model(x) ** 2).mean()
 
 
@@ -184,3 +184,54 @@ def test_unlearn_trainer_refuses_mask_under_deepspeed():
         _check_deepspeed(object(), SimpleNamespace(deepspeed="examples/deepspeed_zero2.json"))
     _check_deepspeed(None, SimpleNamespace(deepspeed="examples/deepspeed_zero2.json"))  # no mask: DeepSpeed's run
     _check_deepspeed(object(), SimpleNamespace(deepspeed=None))
+
+
+def _ds_worker(rank: int, world: int, outdir: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{outdir}/rendezvous", rank=rank, world_size=world)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        torch.set_num_threads(1)
+        base = _model()
+        masks = {n: None if m is None else PackedMask.from_bool(m)
+                 for n, m in torch.load(os.path.join(outdir, "masks.pt")).items()}
+        out = {}
+        for stage in (2, 3):
+            m = copy.deepcopy(base)
+            cfg = deepspeed_config(stage, bf16=False, lr=1e-2, weight_decay=0.1, betas=[0.9, 0.999], eps=1e-8,
+                                   gradient_clipping=None)
+            cfg.update(train_micro_batch_size_per_gpu=3, gradient_accumulation_steps=1, train_batch_size=3 * world)
+            groups, _ = mask_gradients_for_zero(m, masks, weight_decay=0.1, missing="frozen")
+            engine, *_ = deepspeed.initialize(model=m, model_parameters=groups, config=cfg)
+            for s in range(3):
+                engine.backward(_loss(engine, s, slice(3 * rank, 3 * rank + 3)))
+                engine.step()
+            with deepspeed.zero.GatheredParameters(list(m.parameters()), enabled=stage == 3):
+                out[stage] = [p.detach().clone() for p in m.parameters()]
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deepspeed_zero_two_processes(tmp_path, gen):
+    """ZeRO-2 and ZeRO-3 over 2 gloo processes, half the batch each: the masked hooks act on each
+    rank's gradient before DeepSpeed averages them, which commutes with the mask."""
+    pytest.importorskip("deepspeed")
+    import torch.multiprocessing as mp
+
+    base = _model()
+    masks = _masks(base, gen)
+    torch.save({n: None if m is None else m.to_bool() for n, m in masks.items()}, tmp_path / "masks.pt")
+    mp.start_processes(_ds_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ref = _masked_adamw_run(copy.deepcopy(base), masks, 0.1, "masked")
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        for stage, params in got.items():
+            for (n, b), a in zip(ref.named_parameters(), params):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda s, n=n: f"stage {stage} {n}: {s}")
+                mk = masks.get(n)
+                if mk is not None:
+                    sel = mk.to_bool()
+                    assert torch.equal(a[~sel], dict(base.named_parameters())[n][~sel]), (stage, n)
