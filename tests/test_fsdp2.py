@@ -37,7 +37,7 @@ from wagle_ext.parallel import load_sharded_state_dict, register_compact_ddp_hoo
 
 from tiny_models import TINY_QA, char_tokenizer, tiny_llama  # noqa: E402
 
-WORLD = 2
+WORLD = int(os.environ.get("WAGLE_TEST_WORLD", "2"))  # 2 in CI; 1 or 4 by hand (the batch has 4 rows)
 STEPS = 3
 CKPT_AFTER = 2
 RATIO = 0.1
@@ -95,7 +95,8 @@ def _worker(rank: int, world: int, outdir: str) -> None:
         init = torch.load(os.path.join(outdir, "init.pt"))
         vocab = init["vocab"]
         mask = MaskSet.load(os.path.join(outdir, "mask.safetensors"))
-        rows = slice(rank * 2, rank * 2 + 2)  # this rank's half of every batch
+        share = 4 // world
+        rows = slice(rank * share, rank * share + share)  # this rank's part of every batch
         out: dict = {}
         for mode in ("dense", "compact"):
             model = _model(vocab)
@@ -216,9 +217,10 @@ def test_fsdp2_matches_single_process_and_keeps_frozen_weights(runs):
                 assert torch.equal(w[~sel[n]], init[n][~sel[n]]), (mode, n)  # frozen: bit-identical
             moved = sum(int((w != init[n]).sum()) for n, w in got["weights"].items())
             assert moved > 0.9 * mask.total_selected, (mode, moved)
-    a, b = runs["ranks"]
+    a = runs["ranks"][0]
     for n in a["fsdp_dense"]["weights"]:
-        assert torch.equal(a["fsdp_dense"]["weights"][n], b["fsdp_dense"]["weights"][n])
+        for b in runs["ranks"][1:]:
+            assert torch.equal(a["fsdp_dense"]["weights"][n], b["fsdp_dense"]["weights"][n])
         # the post-accumulate-grad hook sees FSDP2's reduce-scattered shard: compact == dense exactly
         assert torch.equal(a["fsdp_compact"]["weights"][n], a["fsdp_dense"]["weights"][n]), n
 
@@ -243,27 +245,30 @@ def test_fsdp2_state_is_split_over_ranks(runs):
         assert sum(s["moments"] for s in per_rank) == ref["moments"]
         assert sum(r[f"fsdp_{mode}"]["nnz"] for r in runs["ranks"]) == runs["mask"].total_selected
         for s in per_rank:
-            assert s["moments"] <= 0.75 * ref["moments"], (mode, s, ref)
-            assert s["masks"] <= 0.6 * ref["masks"] + 64, (mode, s, ref)  # bits of its own rows (+ byte padding)
+            if WORLD > 1:
+                assert s["moments"] <= 0.75 * ref["moments"], (mode, s, ref)
+                assert s["masks"] <= 0.6 * ref["masks"] + 64, (mode, s, ref)  # its own rows' bits (+ padding)
 
 
-def test_dcp_checkpoint_world2_resumes_at_world1(runs):
+def test_dcp_checkpoint_world2_resumes_at_world1(runs):  # world WORLD, in CI 2
     res = runs["resumed"]
-    a, b = (r["moments_at_ckpt"] for r in runs["ranks"])
-    assert set(res["moments"]) == set(a) | set(b)
+    saved = [r["moments_at_ckpt"] for r in runs["ranks"]]
+    assert set(res["moments"]) == set().union(*saved)
     for n, m in res["moments"].items():
         # rank-major concatenation of the shards' compact state == the unsharded compact state
-        parts = [x[n] for x in (a, b) if n in x]
+        parts = [x[n] for x in saved if n in x]
         assert torch.equal(m, torch.cat(parts)), n
     _close(res["weights"], runs["ref"]["weights"])
     _close(res["weights"], runs["ranks"][0]["fsdp_dense"]["weights"])
 
 
 def test_ddp_compact_gradients_equal_ddp_dense(runs):
-    a, b = runs["ranks"]
+    a = runs["ranks"][0]
     for n, w in a["ddp_dense"]["weights"].items():
-        assert torch.equal(a["ddp_compact"]["weights"][n], w), n  # bit for bit (2 ranks)
-        assert torch.equal(b["ddp_compact"]["weights"][n], w), n  # replicas in sync
+        if WORLD <= 2:  # a + b is commutative; with more ranks the all-reduce order may differ
+            assert torch.equal(a["ddp_compact"]["weights"][n], w), n
+        for b in runs["ranks"][1:]:
+            assert torch.equal(b["ddp_compact"]["weights"][n], a["ddp_compact"]["weights"][n]), n  # in sync
     _close(a["ddp_compact"]["weights"], runs["ref"]["weights"])
 
 
