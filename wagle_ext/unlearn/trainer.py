@@ -111,10 +111,8 @@ def _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight
                          "gradient at once: use grad_mode='dense', or clip the masked gradient (the default)")
     if args.fp16:
         raise ValueError("grad_mode='compact' does not support fp16 (GradScaler needs p.grad); use bf16 or fp32")
-    if args.world_size > 1 and (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
-        raise ValueError("grad_mode='compact' under several processes is supported with DDP (a communication hook "
-                         "compacts before the all-reduce, wagle_ext/parallel/ddp.py), not through the Trainer's "
-                         "FSDP or DeepSpeed integration; use grad_mode='dense' there")
+    # Several processes: under DDP a communication hook compacts before the all-reduce
+    # (wagle_ext/parallel/ddp.py); under FSDP2 the hooks see the reduce-scattered shard.
     if args.world_size > 1 and step_in_backward:
         raise ValueError("step_in_backward=True updates before DDP has reduced the gradient: single process only")
     if step_in_backward:
@@ -181,9 +179,10 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             from 4 B/param (fp32) to 4 B per selected weight plus one dense gradient at a time.
             Same updates as dense mode (bit-identical for fp32 weights, with or without gradient
             accumulation and clipping). Needs a ``mask``; under DDP each gradient bucket is compacted
-            before its all-reduce (``wagle_ext.parallel.ddp``; not with FSDP/DeepSpeed); not with
-            ``clip_before_mask=True`` (clipping the unmasked gradient needs every dense gradient at
-            once: use dense mode), ``fp16`` (GradScaler) or ``weight_decay_mode="all"``.
+            before its all-reduce (``wagle_ext.parallel.ddp``), under FSDP2 each shard after its
+            reduce-scatter; not with ``clip_before_mask=True`` (clipping the unmasked gradient needs
+            every dense gradient at once: use dense mode), ``fp16`` (GradScaler) or
+            ``weight_decay_mode="all"``.
         step_in_backward: with ``grad_mode="compact"``: apply each parameter's update inside its
             backward hook (LOMO/SIFT); needs ``gradient_accumulation_steps=1`` and no clipping
             (``max_grad_norm=0``). The logged ``grad_norm`` is then absent.
