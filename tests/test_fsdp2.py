@@ -3,7 +3,8 @@
 One spawn of two ranks (file rendezvous: no port to pick) runs every distributed case; the parent
 computes the single-process references, and each test below checks one property of the results:
 
-* FSDP2 (dense and compact gradients): same weights as one process (fp32 tolerance: the
+* FSDP2 (dense and compact gradients, fp32; and bf16 shards with compact master weights): same
+  weights as one process (fp32 tolerance: the
   reduce-scatter averages per-rank means, one process takes the mean of the whole batch);
   compact equals dense bit for bit; frozen weights bit-identical on every rank; each rank holds the
   mask bits and compact moments of its own shard only (the ranks' states add up to the
@@ -98,13 +99,15 @@ def _worker(rank: int, world: int, outdir: str) -> None:
         share = 4 // world
         rows = slice(rank * share, rank * share + share)  # this rank's part of every batch
         out: dict = {}
-        for mode in ("dense", "compact"):
+        for mode in ("dense", "compact", "bf16"):
             model = _model(vocab)
             model.load_state_dict(init["weights"])
+            if mode == "bf16":  # bf16 shards, compact fp32 master weights of the selected elements
+                model.to(torch.bfloat16)
             for layer in model.model.layers:
                 fully_shard(layer)
             fully_shard(model)
-            opt = MaskedAdamW.from_model(model, mask, grad_mode=mode, **OPT_KW)
+            opt = MaskedAdamW.from_model(model, mask, grad_mode="dense" if mode == "dense" else "compact", **OPT_KW)
             for step in range(STEPS):
                 if mode == "dense" and step == CKPT_AFTER:
                     save({"model": model.state_dict(), "optim": sharded_state_dict(opt, model)},
@@ -112,14 +115,18 @@ def _worker(rank: int, world: int, outdir: str) -> None:
                     out["moments_at_ckpt"] = _moments(opt, model)
                 _train_step(model, opt, step, vocab, rows)
             frozen_ok = True  # this rank's shard: every unselected weight bit-identical to the start
+            master_ok = True  # bf16: each selected weight is its fp32 master copy rounded to nearest
             for n, p in model.named_parameters():
                 rng = shard_range(p)
-                start = init["weights"][n].reshape(-1)[rng.start:rng.stop]
+                start = init["weights"][n].reshape(-1)[rng.start:rng.stop].to(p.dtype)
                 sel = opt.mask_of(p).to_bool().reshape(-1)
-                frozen_ok &= torch.equal(local_tensor(p).detach().reshape(-1)[~sel], start[~sel])
+                local = local_tensor(p).detach().reshape(-1)
+                frozen_ok &= torch.equal(local[~sel], start[~sel])
+                if mode == "bf16" and opt.master_weight(p) is not None:
+                    master_ok &= torch.equal(local[sel], opt.master_weight(p).to(torch.bfloat16))
             out[f"fsdp_{mode}"] = {
                 "weights": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
-                "state_bytes": opt.state_bytes(), "frozen_ok": frozen_ok,
+                "state_bytes": opt.state_bytes(), "frozen_ok": frozen_ok, "master_ok": master_ok,
                 "nnz": sum(opt._nnz(p) for p in opt._all_params() if opt.mask_of(p) is not None)}
         # UnlearnTrainer's optimizer on an FSDP2 model (what the accelerate FSDP2 config runs on GPUs)
         model = _model(vocab)
@@ -174,6 +181,14 @@ def runs(tmp_path_factory):
         _train_step(ref_model, ref_opt, step, vocab)
     ref = {"weights": {n: p.detach().clone() for n, p in ref_model.named_parameters()},
            "state_bytes": ref_opt.state_bytes()}
+    bf_model = _model(vocab)
+    bf_model.load_state_dict(init)
+    bf_model.to(torch.bfloat16)
+    bf_opt = MaskedAdamW.from_model(bf_model, mask, grad_mode="compact", **OPT_KW)
+    for step in range(STEPS):
+        _train_step(bf_model, bf_opt, step, vocab)
+    ref["bf16_weights"] = {n: p.detach().clone() for n, p in bf_model.named_parameters()}
+    ref["bf16_state_bytes"] = bf_opt.state_bytes()
     tr_model = _model(vocab)
     tr_model.load_state_dict(init)
     tr_opt = _trainer_optimizer(tr_model, mask, str(outdir / "single"))
@@ -223,6 +238,22 @@ def test_fsdp2_matches_single_process_and_keeps_frozen_weights(runs):
             assert torch.equal(a["fsdp_dense"]["weights"][n], b["fsdp_dense"]["weights"][n])
         # the post-accumulate-grad hook sees FSDP2's reduce-scattered shard: compact == dense exactly
         assert torch.equal(a["fsdp_compact"]["weights"][n], a["fsdp_dense"]["weights"][n]), n
+
+
+def test_fsdp2_bf16_with_compact_master_weights(runs):
+    """bf16 shards: the selected weights are their rank's fp32 master copies rounded, the master
+    copies add up to the single-process ones, frozen weights stay bit-identical. The weights match
+    one process only to bf16 precision (FSDP2 reduce-scatters bf16 gradients)."""
+    ref, init = runs["ref"], runs["init"]
+    per_rank = [r["fsdp_bf16"] for r in runs["ranks"]]
+    assert sum(r["state_bytes"]["master_weights"] for r in per_rank) == ref["bf16_state_bytes"]["master_weights"] > 0
+    for r in per_rank:
+        assert r["frozen_ok"] and r["master_ok"]
+        for n, w in r["weights"].items():
+            assert w.dtype == torch.bfloat16
+            torch.testing.assert_close(w.float(), ref["bf16_weights"][n].float(), atol=3e-2, rtol=0)
+        moved = sum(int((w != init[n].to(torch.bfloat16)).sum()) for n, w in r["weights"].items())
+        assert moved > 0.5 * runs["mask"].total_selected
 
 
 def test_unlearn_trainer_optimizer_under_fsdp2(runs):
