@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 
-from wagle_ext import MaskedAdamW  # noqa: E402
+from wagle_ext import MaskedAdamW, memory_report  # noqa: E402
 from wagle_ext.masks import MaskSet, build_mask  # noqa: E402
 from wagle_ext.masks.sharding import local_tensor, shard_range  # noqa: E402
 from wagle_ext.parallel import load_sharded_state_dict, register_compact_ddp_hook, sharded_state_dict  # noqa: E402
@@ -127,6 +127,7 @@ def _worker(rank: int, world: int, outdir: str) -> None:
             out[f"fsdp_{mode}"] = {
                 "weights": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
                 "state_bytes": opt.state_bytes(), "frozen_ok": frozen_ok, "master_ok": master_ok,
+                "memory": memory_report(model, opt),
                 "nnz": sum(opt._nnz(p) for p in opt._all_params() if opt.mask_of(p) is not None)}
         # UnlearnTrainer's optimizer on an FSDP2 model (what the accelerate FSDP2 config runs on GPUs)
         model = _model(vocab)
@@ -180,7 +181,7 @@ def runs(tmp_path_factory):
     for step in range(STEPS):
         _train_step(ref_model, ref_opt, step, vocab)
     ref = {"weights": {n: p.detach().clone() for n, p in ref_model.named_parameters()},
-           "state_bytes": ref_opt.state_bytes()}
+           "state_bytes": ref_opt.state_bytes(), "memory": memory_report(ref_model, ref_opt)}
     bf_model = _model(vocab)
     bf_model.load_state_dict(init)
     bf_model.to(torch.bfloat16)
@@ -275,6 +276,10 @@ def test_fsdp2_state_is_split_over_ranks(runs):
         per_rank = [r[f"fsdp_{mode}"]["state_bytes"] for r in runs["ranks"]]
         assert sum(s["moments"] for s in per_rank) == ref["moments"]
         assert sum(r[f"fsdp_{mode}"]["nnz"] for r in runs["ranks"]) == runs["mask"].total_selected
+        # memory_report counts each rank's shards: the ranks add up to one process (optimizer_state
+        # not exactly: every rank keeps its own 4-byte step counters)
+        for key in ("weights", "trainable_params", "frozen_params", "dense_adamw"):
+            assert sum(r[f"fsdp_{mode}"]["memory"][key] for r in runs["ranks"]) == runs["ref"]["memory"][key], key
         for s in per_rank:
             if WORLD > 1:
                 assert s["moments"] <= 0.75 * ref["moments"], (mode, s, ref)

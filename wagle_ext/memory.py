@@ -3,6 +3,7 @@ hold right now, next to what dense AdamW would hold for the same trainable param
 
 Counts tensor storage only (``numel * element_size`` of each distinct tensor), not activations,
 allocator caches or the Python process; peak process memory is measured by ``bench/bench_memory.py``.
+Under FSDP2 (DTensor parameters) everything is this process's: its shards, its optimizer state.
 """
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ from typing import Optional
 
 import torch
 
+from .masks.sharding import local_tensor
+
 __all__ = ["memory_report", "format_memory_report"]
 
 
 def _nbytes(t: torch.Tensor) -> int:
+    t = local_tensor(t)  # FSDP2: this process's shard
     return t.numel() * t.element_size()
+
+
+def _numel(t: torch.Tensor) -> int:
+    return local_tensor(t).numel()
 
 
 def memory_report(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
@@ -44,11 +52,11 @@ def memory_report(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimi
         seen.add(id(p))
         weights += _nbytes(p)
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += _numel(p)
             trainable_bytes += _nbytes(p)
-            low_precision += p.numel() if p.dtype in (torch.bfloat16, torch.float16) else 0
+            low_precision += _numel(p) if p.dtype in (torch.bfloat16, torch.float16) else 0
         else:
-            frozen += p.numel()
+            frozen += _numel(p)
         if p.grad is not None:
             grads += _nbytes(p.grad)
     from .optim import MaskedAdamW
@@ -68,10 +76,10 @@ def memory_report(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimi
             grads += optimizer.compact_grad_bytes()
             # Parameters the optimizer froze (all-zero mask) count as trainable for the dense baseline.
             for p in optimizer._frozen:
-                trainable += p.numel()
-                frozen -= p.numel()
+                trainable += _numel(p)
+                frozen -= _numel(p)
                 trainable_bytes += _nbytes(p)
-                low_precision += p.numel() if p.dtype in (torch.bfloat16, torch.float16) else 0
+                low_precision += _numel(p) if p.dtype in (torch.bfloat16, torch.float16) else 0
     return {
         "weights": weights,
         "gradients": grads,
