@@ -11,7 +11,8 @@ computes the single-process references, and each test below checks one property 
   single-process state exactly, and none holds more than 3/4 of it);
 * DCP: the optimizer state saved at world 2 after two steps, loaded at world 1 into a plain model,
   is exactly the ranks' compact states concatenated in rank order, and one more step from it
-  matches the uninterrupted run;
+  matches the uninterrupted run; the other way, a world-1 checkpoint loaded at world 2 gives each
+  rank exactly its piece of the single-process compact state;
 * UnlearnTrainer's optimizer (``create_optimizer``) on an FSDP2 model: same weights as on the
   unsharded model (transformers' Trainer itself refuses FSDP without accelerators, so the sharding
   is applied by hand here);
@@ -33,7 +34,7 @@ pytest.importorskip("transformers")
 
 from wagle_ext import MaskedAdamW, memory_report  # noqa: E402
 from wagle_ext.masks import MaskSet, build_mask  # noqa: E402
-from wagle_ext.masks.sharding import local_tensor, shard_range  # noqa: E402
+from wagle_ext.masks.sharding import local_tensor, shard_masks, shard_range  # noqa: E402
 from wagle_ext.parallel import load_sharded_state_dict, register_compact_ddp_hook, sharded_state_dict  # noqa: E402
 
 from tiny_models import TINY_QA, char_tokenizer, tiny_llama  # noqa: E402
@@ -129,6 +130,24 @@ def _worker(rank: int, world: int, outdir: str) -> None:
                 "state_bytes": opt.state_bytes(), "frozen_ok": frozen_ok, "master_ok": master_ok,
                 "memory": memory_report(model, opt),
                 "nnz": sum(opt._nnz(p) for p in opt._all_params() if opt.mask_of(p) is not None)}
+        # the world-1 checkpoint of the parent, resumed at this world size
+        from torch.distributed.checkpoint import load
+
+        model = _model(vocab)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = MaskedAdamW.from_model(model, mask, **OPT_KW)
+        pieces = shard_masks(mask.for_model(model), model)  # the helper cuts the same pieces as from_model
+        out["shard_masks_ok"] = all(pieces[n] == opt.mask_of(p) for n, p in model.named_parameters() if n in pieces)
+        sd = {"model": model.state_dict(), "optim": sharded_state_dict(opt, model)}
+        load(sd, checkpoint_id=os.path.join(outdir, "dcp1"))
+        model.load_state_dict(sd["model"])
+        load_sharded_state_dict(opt, model, sd["optim"])
+        out["moments_loaded_from_world1"] = _moments(opt, model)
+        for step in range(CKPT_AFTER, STEPS):
+            _train_step(model, opt, step, vocab, rows)
+        out["resumed_from_world1"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
         # UnlearnTrainer's optimizer on an FSDP2 model (what the accelerate FSDP2 config runs on GPUs)
         model = _model(vocab)
         model.load_state_dict(init["weights"])
@@ -171,17 +190,27 @@ def runs(tmp_path_factory):
     mask = build_mask(scores, RATIO, model=model)
     mask.save(outdir / "mask.safetensors")
     torch.save({"vocab": vocab, "weights": init}, outdir / "init.pt")
-    mp.start_processes(_worker, args=(WORLD, str(outdir)), nprocs=WORLD, join=True, start_method="spawn")
-    ranks = [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+    # single-process reference: the same steps on the whole batch, with a world-1 DCP checkpoint
+    # after CKPT_AFTER steps that the ranks load at world WORLD
+    from torch.distributed.checkpoint import load, save
 
-    # single-process reference: the same steps on the whole batch
     ref_model = _model(vocab)
     ref_model.load_state_dict(init)
     ref_opt = MaskedAdamW.from_model(ref_model, mask, **OPT_KW)
     for step in range(STEPS):
+        if step == CKPT_AFTER:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+                save({"model": ref_model.state_dict(), "optim": sharded_state_dict(ref_opt, ref_model)},
+                     checkpoint_id=str(outdir / "dcp1"), no_dist=True)
+            ref_moments_at_ckpt = _moments(ref_opt, ref_model)
         _train_step(ref_model, ref_opt, step, vocab)
     ref = {"weights": {n: p.detach().clone() for n, p in ref_model.named_parameters()},
-           "state_bytes": ref_opt.state_bytes(), "memory": memory_report(ref_model, ref_opt)}
+           "state_bytes": ref_opt.state_bytes(), "memory": memory_report(ref_model, ref_opt),
+           "moments_at_ckpt": ref_moments_at_ckpt}
+    mp.start_processes(_worker, args=(WORLD, str(outdir)), nprocs=WORLD, join=True, start_method="spawn")
+    ranks = [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+
     bf_model = _model(vocab)
     bf_model.load_state_dict(init)
     bf_model.to(torch.bfloat16)
@@ -198,8 +227,6 @@ def runs(tmp_path_factory):
     ref["trainer_weights"] = {n: p.detach().clone() for n, p in tr_model.named_parameters()}
 
     # world 1 resumes the world-2 DCP checkpoint into a plain (unsharded) model
-    from torch.distributed.checkpoint import load
-
     res_model = _model(vocab)
     res_opt = MaskedAdamW.from_model(res_model, mask, **OPT_KW)
     sd = {"model": res_model.state_dict(), "optim": sharded_state_dict(res_opt, res_model)}
@@ -296,6 +323,17 @@ def test_dcp_checkpoint_world2_resumes_at_world1(runs):  # world WORLD, in CI 2
         assert torch.equal(m, torch.cat(parts)), n
     _close(res["weights"], runs["ref"]["weights"])
     _close(res["weights"], runs["ranks"][0]["fsdp_dense"]["weights"])
+
+
+def test_dcp_checkpoint_world1_resumes_at_world2(runs):
+    ref = runs["ref"]
+    loaded = [r["moments_loaded_from_world1"] for r in runs["ranks"]]
+    assert all(r["shard_masks_ok"] for r in runs["ranks"])
+    for n, m in ref["moments_at_ckpt"].items():
+        # each rank got exactly its piece of the single-process compact state
+        assert torch.equal(torch.cat([x[n] for x in loaded if n in x]), m), n
+    for r in runs["ranks"]:
+        _close(r["resumed_from_world1"], ref["weights"])
 
 
 def test_ddp_compact_gradients_equal_ddp_dense(runs):
