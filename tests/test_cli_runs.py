@@ -280,8 +280,9 @@ def test_accelerate_launch_two_cpu_processes(user_files, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # accelerate's own --cpu flag starts ONE process unless mpirun is installed; --multi_gpu starts the
     # processes through torchrun whatever the device, and --device cpu makes them use gloo
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # the shipped examples/accelerate_ddp.yaml is --multi_gpu --num_processes 2 (README, Multi-GPU)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "examples", "accelerate_ddp.yaml"),
            "--main_process_port", str(_free_port()), "-m", "wagle_ext.cli", "unlearn", *_common(d),
            "--objective", "graddiff", "--unlearn.steps", "4", "--unlearn.batch_size", "2", "--out", str(out)]
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
