@@ -374,7 +374,7 @@ def test_slice_bits_any_offset(gen):
         assert got == PackedMask.from_bool(flags[start:stop]), (start, stop)
 
 
-def test_weights_digest_of_an_fsdp2_model_in_one_process(tmp_path):
+def test_fsdp2_in_one_process_digest_and_torch_state_dict_refusal(tmp_path):
     """``wagle unlearn`` records a weight digest per rank; under FSDP2 it hashes the rank's shards
     (world 1 here: the shard is the whole tensor, so the digest equals the unsharded model's)."""
     from torch.distributed.fsdp import fully_shard
@@ -388,5 +388,16 @@ def test_weights_digest_of_an_fsdp2_model_in_one_process(tmp_path):
         fully_shard(model)
         assert type(model[0].weight).__name__ == "DTensor"
         assert _weights_digest(model) == plain
+        # torch's FSDP2 optimizer state dict (what accelerate's FSDP checkpoints use) drops the masks
+        # and treats the compact state as whole tensors: loading it must fail loudly, not misload
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        opt = MaskedAdamW.from_model(model, {"0.weight": torch.rand(3, 5) < 0.5}, lr=0.1)
+        model(torch.randn(2, 5)).sum().backward()
+        opt.step()
+        sd = get_optimizer_state_dict(model, opt)
+        assert "masks" not in sd
+        with pytest.raises(ValueError, match="sharded_state_dict"):
+            set_optimizer_state_dict(model, opt, sd)
     finally:
         dist.destroy_process_group()

@@ -746,7 +746,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         """Load a :meth:`state_dict` (masks included). State tensors keep their dtypes (the compact
         fp32 moments are not cast to the parameter dtype, unlike torch's default policy)."""
         if "masks" not in state_dict:
-            raise ValueError("state_dict has no 'masks' entry: it was not saved by MaskedAdamW.state_dict()")
+            raise ValueError("state_dict has no 'masks' entry: it was not saved by MaskedAdamW.state_dict() (torch's "
+                             "get_optimizer_state_dict, which FSDP2 checkpoints use, drops it: save and load "
+                             "with wagle_ext.parallel.sharded_state_dict instead)")
         raw_state = state_dict["state"]
         stripped = dict(state_dict)
         stripped["state"] = {}
