@@ -399,5 +399,17 @@ def test_fsdp2_in_one_process_digest_and_torch_state_dict_refusal(tmp_path):
         assert "masks" not in sd
         with pytest.raises(ValueError, match="sharded_state_dict"):
             set_optimizer_state_dict(model, opt, sd)
+        # register_compact_ddp_hook refuses what cannot work
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
+        ddp = DistributedDataParallel(net)
+        with pytest.raises(ValueError, match="compact"):
+            register_compact_ddp_hook(ddp, MaskedAdamW(net.parameters()))
+        with pytest.raises(ValueError, match="step_in_backward"):
+            register_compact_ddp_hook(ddp, MaskedAdamW(net.parameters(), grad_mode="compact", step_in_backward=True,
+                                                       weight_decay=0.0))
+        with pytest.raises(ValueError, match="does not hold"):
+            register_compact_ddp_hook(ddp, MaskedAdamW(net[0].parameters(), grad_mode="compact"))
     finally:
         dist.destroy_process_group()

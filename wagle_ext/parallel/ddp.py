@@ -16,9 +16,11 @@ bucket is accumulated and before anything is sent (``DistributedDataParallel.reg
    gradient that was not reduced.
 
 Exactness: each selected entry goes through the same operations as in dense DDP (divide by the
-world size, sum over ranks), so with two ranks the compact gradients equal the masked entries of
-dense DDP's reduced gradients bit for bit (``a + b`` is commutative); with more ranks the summation
-order of the all-reduce may differ with the vector length (fp32 rounding). Gradient accumulation
+world size, sum over ranks), so for fp32 gradients and two ranks the compact gradients equal the
+masked entries of dense DDP's reduced gradients bit for bit (``a + b`` is commutative); with more
+ranks the summation order of the all-reduce may differ with the vector length (fp32 rounding).
+bf16/fp16 gradients are compacted to fp32 before the all-reduce, so they are summed in fp32 where
+dense DDP sums them in their own dtype. Gradient accumulation
 with ``no_sync()`` works as in DDP: the gradient accumulates locally in ``p.grad`` and the hook
 compacts the sum at the synchronising backward.
 
