@@ -133,8 +133,8 @@ def shard_masks(masks: Mapping[str, Optional[PackedMask]], model: torch.nn.Modul
     """``{name: local PackedMask}`` for a model whose parameters may be FSDP2 DTensors.
 
     Args:
-        masks: ``{model parameter name: whole-parameter PackedMask or None}`` (e.g.
-            ``MaskSet.for_model(model)``; bool tensors are packed first).
+        masks: ``{model parameter name: whole-parameter PackedMask, bool tensor or None}`` (e.g.
+            ``MaskSet.for_model(model)``).
         model: the (possibly ``fully_shard``-ed) module the names refer to.
 
     Returns:
@@ -149,6 +149,6 @@ def shard_masks(masks: Mapping[str, Optional[PackedMask]], model: torch.nn.Modul
             out[name] = None
             continue
         if isinstance(m, torch.Tensor):
-            m = PackedMask.from_bool(m.to(torch.bool) if m.dtype != torch.bool else m)
+            m = PackedMask.from_bool(m)
         out[name] = shard_mask(m, params[name])
     return out
