@@ -7,7 +7,8 @@ weights that train, i.e. density = 1 - sparsity; WAGLE ``generate_mask.py::get_m
 per weight, in safetensors files with provenance metadata.
 
 Modules: ``select`` (build_mask, per-row selection), ``distributed``
-(partitioning over ranks, gathering), ``maskset`` (MaskSet, I/O, statistics).
+(partitioning over ranks, gathering), ``sharding`` (the piece of a whole-parameter mask that an
+FSDP2 rank holds), ``maskset`` (MaskSet, I/O, statistics).
 
 Layering: the masks know about named tensors and ``nn.Module.named_parameters()`` only; they use the
 ops (selection, :class:`PackedMask`) and :mod:`wagle_ext.naming`, and never import the attribution
@@ -18,6 +19,7 @@ from .distributed import partition_names
 from .maskset import MASK_FORMAT, MASK_FORMAT_VERSION, MISSING_MODES, MaskSet, format_trainable_report, trainable_report
 from ..ops import PackedMask, select_topk_mask
 from .select import build_mask, select_per_row
+from .sharding import shard_masks
 
 __all__ = [
     "MaskSet",
@@ -27,6 +29,7 @@ __all__ = [
     "normalize_param_name",
     "partition_names",
     "select_per_row",
+    "shard_masks",
     "select_topk_mask",
     "MASK_FORMAT",
     "MASK_FORMAT_VERSION",
