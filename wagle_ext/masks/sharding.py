@@ -13,8 +13,9 @@ that range of the whole mask's bits. Consequences used by the optimizer:
 * compact state in flat order of the selected elements is therefore, concatenated over ranks in
   rank order, exactly the single-process compact state (nothing selected is counted twice).
 
-Supported placements: ``Replicate()`` and at most one ``Shard(0)`` (FSDP2's default; HSDP's
-``(Replicate(), Shard(0))``). Other placements (``Shard(1)``, ``Partial``) raise ``ValueError``.
+Supported placements: ``Replicate()`` and at most one ``Shard(0)`` (FSDP2's default, tested; HSDP's
+``(Replicate(), Shard(0))`` is handled the same way but untested). Other placements (``Shard(1)``
+from a ``shard_placement_fn``, ``Partial``) raise ``ValueError``.
 """
 from __future__ import annotations
 
