@@ -6,8 +6,10 @@ therefore writes each state tensor *expanded to the parameter's shape and placem
 unselected elements) together with the mask as a bool tensor of the same placement: DCP sees
 ordinary DTensors (or plain tensors without FSDP) and reshards them by overlap like the model's
 weights. :func:`load_sharded_state_dict` cuts the loaded pieces back to the compact layout of the
-mask this process now holds. The expansion exists only while saving or loading, one parameter at a
-time inside DCP's buffers; the optimizer's memory stays compact.
+mask this process now holds. The optimizer's memory stays compact, but the dict built for a save
+or a load holds this rank's expanded state at once, on the parameters' device (1 B of mask + 4 B
+per state tensor per element of its shards, e.g. 9 B/element for fp32 moments): build it right
+before ``dcp.save`` / ``dcp.load`` and drop it after.
 
 Bytes on disk per element: 1 (mask) + 4 per state tensor (``exp_avg``, ``exp_avg_sq``, and
 ``max_exp_avg_sq`` / ``master_weight`` when used) -- a checkpoint is as large as dense AdamW's, the
