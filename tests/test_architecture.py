@@ -21,7 +21,9 @@ rank  package / module                                responsibility
 4     ``masks``                                       named scores -> MaskSet (build_mask, per-row
                                                       selection, distributed gather, artifact I/O,
                                                       stats)
-5     ``optim``                                       MaskedAdamW (masks -> compact updates)
+5     ``optim``, ``lora``                             MaskedAdamW (masks -> compact updates);
+                                                      LoRA adapters: Fisher importances, FILA,
+                                                      attribution-guided placement, export
 6     ``memory``                                      memory accounting of model + optimizer
 7     ``unlearn``                                     data, objectives/losses, trainer (+ the one
                                                       transformers-internals shim)
@@ -48,7 +50,7 @@ LAYERS = [
     ("wagle_ext.ops", 2),
     ("wagle_ext.attribution", 3),
     ("wagle_ext.masks", 4),
-    ("wagle_ext.optim", 5),
+    ("wagle_ext.optim", 5), ("wagle_ext.lora", 5),
     ("wagle_ext.memory", 6),
     ("wagle_ext.unlearn", 7),
     ("wagle_ext.eval", 8),
