@@ -24,7 +24,7 @@ import torch
 from ..naming import is_adapter_param
 from .fila import FILA_MARK, lora_layers
 
-__all__ = ["save_merged", "save_adapter_with_base", "load_adapter_with_base", "base_state_dict"]
+__all__ = ["save_merged", "save_base", "save_adapter_with_base", "load_adapter_with_base", "base_state_dict"]
 
 _PEFT_INFIXES = (".base_layer.", ".original_module.")
 
@@ -72,12 +72,18 @@ def save_merged(peft_model: torch.nn.Module, path: str, *, tokenizer: Any = None
     return path
 
 
+def save_base(peft_model: torch.nn.Module, path: str) -> str:
+    """A Hugging Face model folder at ``path`` with the base weights under the adapters (FILA's
+    residuals after :func:`~wagle_ext.lora.fila_init`), adapter weights left out. Returns ``path``."""
+    _base_model(peft_model).save_pretrained(path, state_dict=base_state_dict(peft_model))
+    return path
+
+
 def save_adapter_with_base(peft_model: torch.nn.Module, path: str, *, tokenizer: Any = None) -> str:
     """``<path>/base`` (the base weights the adapters were trained on: FILA's residuals, or the original
     weights after a default init) and ``<path>/adapter`` (``peft_model.save_pretrained``). Returns
     ``path``; reload with :func:`load_adapter_with_base`."""
-    base = _base_model(peft_model)
-    base.save_pretrained(os.path.join(path, "base"), state_dict=base_state_dict(peft_model))
+    save_base(peft_model, os.path.join(path, "base"))
     peft_model.save_pretrained(os.path.join(path, "adapter"))
     with open(os.path.join(path, "README.txt"), "w") as f:
         fila = bool(getattr(peft_model, FILA_MARK, None))
@@ -91,19 +97,23 @@ def save_adapter_with_base(peft_model: torch.nn.Module, path: str, *, tokenizer:
 
 def load_adapter_with_base(path: str, *, torch_dtype: Optional[torch.dtype] = None,
                            device: Optional[str] = None):
-    """The PEFT model saved by :func:`save_adapter_with_base` (eval mode)."""
+    """The PEFT model saved by :func:`save_adapter_with_base` (``path/base`` + ``path/adapter``) or by
+    ``UnlearnTrainer.save_model`` of a FILA model (``path/base`` + the adapter in ``path``), in eval mode."""
     from transformers import AutoModelForCausalLM
 
     from .adapters import require_peft
 
     peft = require_peft()
-    for sub in ("base", "adapter"):
-        if not os.path.isdir(os.path.join(path, sub)):
-            raise FileNotFoundError(f"{path}: no {sub}/ folder (not written by save_adapter_with_base)")
+    adapter = os.path.join(path, "adapter")
+    if not os.path.isdir(adapter):
+        adapter = path
+    if not os.path.isdir(os.path.join(path, "base")) or not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise FileNotFoundError(f"{path}: expected base/ and adapter/ (or adapter_config.json) as written by "
+                                "save_adapter_with_base")
     kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
     base = AutoModelForCausalLM.from_pretrained(os.path.join(path, "base"), **kw)
     if device is not None:
         base = base.to(device)
-    model = peft.PeftModel.from_pretrained(base, os.path.join(path, "adapter"))
+    model = peft.PeftModel.from_pretrained(base, adapter)
     model.eval()
     return model

@@ -25,6 +25,8 @@ import transformers
 from torch import nn
 
 from .._checks import check_grad_mode, check_weight_decay_mode
+from ..lora.fila import FILA_MARK
+from ..lora.reference import InitialAdapterReference, adapters_are_zero
 from ..masks import MaskSet, format_trainable_report, trainable_report
 from ..naming import is_adapter_param
 from ..ops import PackedMask
@@ -127,10 +129,13 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 def frozen_reference(model: nn.Module) -> nn.Module:
     """A frozen reference of ``model`` for NPO/DPO/TNPO/KL terms: ``eval()``, ``requires_grad_(False)``,
-    same device and dtype. PEFT models reuse their base with adapters disabled; others are deep-copied
+    same device and dtype. PEFT models reuse their base weights: with adapters disabled when they are
+    still zero (PEFT's default init), else (FILA, a loaded adapter) the base plus a frozen copy of the
+    starting adapter weights (:class:`~wagle_ext.lora.reference.InitialAdapterReference`; the base
+    alone would be FILA's residual, not the model unlearning starts from). Others are deep-copied
     (+1x model memory, as in every reference-based unlearning method)."""
     if _is_peft_model(model):
-        return _AdapterDisabledReference(model)
+        return _AdapterDisabledReference(model) if adapters_are_zero(model) else InitialAdapterReference(model)
     ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)
@@ -151,7 +156,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             weights are outside the mask (updated densely). A mask under which nothing would be
             updated is a ``ValueError``.
         ref_model: frozen reference model for objectives that need one; built automatically
-            (deep copy, or adapters disabled for PEFT models) when None and ``build_reference``.
+            (deep copy; for PEFT models the same weights, see :func:`frozen_reference`) when None and
+            ``build_reference``. A PEFT (LoRA) model trains only its adapters, with any objective.
         build_reference: False = never copy the model; an objective that needs a reference then
             requires ``ref_model`` (ValueError otherwise).
         clip_before_mask: True reproduces WAGLE's order (clip the norm of the UNMASKED gradient,
@@ -251,7 +257,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         inputs = dict(inputs)
         inputs.pop("index", None)
         ref = self.ref_model
-        if ref is not None and not isinstance(ref, _AdapterDisabledReference):
+        if ref is not None and not isinstance(ref, (_AdapterDisabledReference, InitialAdapterReference)):
             dev = next(model.parameters()).device
             if next(ref.parameters()).device != dev:
                 ref.to(dev)
@@ -387,6 +393,19 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         return fallback(model, grad_norm=grad_norm)
 
     # ------------------------------------------------------------------ checkpoints
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """``transformers.Trainer.save_model`` (a PEFT model saves its adapter only). When FILA replaced
+        the base weights of the PEFT model by residuals, the final save (not the checkpoints) also
+        writes those base weights to ``<output_dir>/base``, since the adapter is only right on them
+        (docs/lora.md, "Export"); ``wagle_ext.lora.load_adapter_with_base(output_dir)`` reloads the pair.
+        For a single plain model folder use ``wagle_ext.lora.save_merged``."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        model = self.model
+        if not _internal_call and _is_peft_model(model) and getattr(model, FILA_MARK, None) and self.args.should_save:
+            from ..lora.export import save_base
+
+            save_base(model, os.path.join(output_dir or self.args.output_dir, "base"))
+
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
         """``transformers.Trainer.train``; resuming with a mask first checks that the checkpoint was
         trained with the same mask (its ``wagle_mask.safetensors``)."""
