@@ -26,6 +26,7 @@ from .._checks import check_grad_mode, check_ratio
 from .embedded_benchmark import BenchmarkConfig
 
 __all__ = ["DemoConfig", "ScoreConfig", "UnlearnConfig", "EvalConfig", "BenchConfig", "SweepConfig", "EvalSettings",
+           "LoraSettings",
            "load_config", "parse_overrides", "config_to_dict", "MASK_KINDS", "EVAL_METRICS"]
 
 # Demo mask kinds: "dense" = no mask, the others are score kinds of wagle_ext.score_model.
@@ -76,6 +77,28 @@ class UnlearnSettings:
 
 
 @dataclasses.dataclass
+class LoraSettings:
+    """``wagle unlearn --lora.rank R``: train LoRA adapters instead of the weights (docs/lora.md). ``init:
+    fila`` = LoKU's Fisher-weighted initialisation (importances computed here on the forget data paired with
+    random retain items, ``fisher_batch_size`` per batch as LoKU, or read from ``importances``, a file of
+    ``wagle score --kind fisher``); ``targets: wagle`` = adapters on the modules with the most WAGLE mask
+    mass (``--mask`` file, else WAGLE scores at ``ratio`` / ``gamma``), ranks proportional to the mass,
+    within ``budget`` trainable parameters (default: what rank ``rank`` on every target linear trains)."""
+
+    rank: int = 0                  # 0: no adapters (dense or masked full-weight unlearning)
+    alpha: Optional[float] = None  # lora_alpha; null: 2 * rank (LoKU)
+    init: str = "default"          # default (lora_B = 0) or fila
+    targets: str = "all"           # all (every linear of the decoder layers, or `modules`) or wagle
+    modules: Optional[list] = None  # module names to adapt (e.g. [q_proj, v_proj]); null: every decoder linear
+    budget: Optional[int] = None   # targets wagle: trainable LoRA parameters; null: those of `all` at `rank`
+    ratio: float = 0.1             # targets wagle without --mask: the WAGLE mask ratio
+    gamma: float = 1e-6            # targets wagle without --mask: WAGLE's gamma
+    importances: Optional[str] = None  # init fila: a fisher.safetensors of `wagle score --kind fisher`
+    fisher_batch_size: int = 4     # init fila: batch size of the importance pass (the Fisher depends on it)
+    dropout: float = 0.0           # lora_dropout (LoKU: 0)
+
+
+@dataclasses.dataclass
 class EvalSettings:
     """Evaluation along the unlearning trajectory (``wagle unlearn --eval_every N``, ``wagle sweep``): the
     options of ``wagle eval`` plus the metric set. ``metrics: all`` = the full TOFU protocol of ``wagle
@@ -122,7 +145,7 @@ class ScoreConfig:
     tokenizer: Optional[str] = None  # default: the model's
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     scores: Optional[str] = None   # wagle mask: a scores.safetensors of `wagle score` (no gradients computed)
-    kind: str = "wagle"
+    kind: str = "wagle"            # a score kind, or `fisher` (wagle score: LoKU's importances, fisher.safetensors)
     gamma: float = 1e-6
     ratio: float = 0.1
     scope: str = "global"
@@ -131,6 +154,7 @@ class ScoreConfig:
     seed: int = 0
     max_batches: Optional[int] = None
     batch_size: int = 8            # items per forward/backward while accumulating (scores do not depend on it)
+    fisher_batch_size: int = 4     # kind fisher: batch size of the importance pass (LoKU: 4; the Fisher depends on it)
     memory_budget: Optional[str] = None  # wagle mask: bound the gradient accumulators ("16GB"): grouped passes
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     cache_dir: Optional[str] = None
@@ -153,6 +177,7 @@ class UnlearnConfig:
     objective: str = "graddiff"
     objective_kwargs: dict = dataclasses.field(default_factory=dict)
     unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)  # LoRA adapters instead of full weights
     eval_every: int = 0            # evaluate every N steps (and at steps 0 and last) into trajectory.json; 0: never
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)  # what --eval_every evaluates, and on what
     geffect_every: int = 0         # record the G-effect every N steps into g_effect.json / g_effect.png; 0: never
@@ -441,6 +466,36 @@ def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
     _check(u.save_total_limit >= 1, p + "save_total_limit", f"must be >= 1, got {u.save_total_limit}")
 
 
+def _validate_lora(lo: LoraSettings, cfg: Any, p: str = "lora.") -> None:
+    from ..lora import LORA_INITS
+
+    _check(lo.rank >= 0, p + "rank", f"must be >= 0 (0: no adapters), got {lo.rank}")
+    _check(lo.init in LORA_INITS, p + "init", f"must be one of {', '.join(LORA_INITS)}, got {lo.init!r}")
+    _check(lo.targets in ("all", "wagle"), p + "targets", f"must be all or wagle, got {lo.targets!r}")
+    if lo.rank == 0:
+        changed = [k for k in ("alpha", "init", "targets", "modules", "budget", "importances")
+                   if getattr(lo, k) != getattr(LoraSettings, k)]
+        _check(not changed, p + changed[0] if changed else p + "rank",
+               "needs LoRA adapters: set --lora.rank (e.g. 8)")
+        return
+    _check(lo.alpha is None or lo.alpha > 0, p + "alpha", f"must be > 0, got {lo.alpha}")
+    _check(lo.budget is None or lo.budget >= 1, p + "budget", f"must be >= 1, got {lo.budget}")
+    _check(lo.budget is None or lo.targets == "wagle", p + "budget", "only applies to --lora.targets wagle")
+    _check_by(check_ratio, p + "ratio", f"must be in (0, 1], got {lo.ratio}", lo.ratio)
+    _check(lo.gamma > 0, p + "gamma", f"must be > 0, got {lo.gamma}")
+    _check(lo.fisher_batch_size >= 1, p + "fisher_batch_size", f"must be >= 1, got {lo.fisher_batch_size}")
+    _check(0 <= lo.dropout < 1, p + "dropout", f"must be in [0, 1), got {lo.dropout}")
+    _check(lo.modules is None or (len(lo.modules) > 0 and all(isinstance(m, str) for m in lo.modules)),
+           p + "modules", f"must be a non-empty list of module names, got {lo.modules!r}")
+    if lo.importances is not None:
+        _check(lo.init == "fila", p + "importances", "only used by --lora.init fila")
+        _check(os.path.isfile(lo.importances), p + "importances", f"file not found: {lo.importances}")
+    _check(cfg.mask is None or lo.targets == "wagle", "mask",
+           "LoRA trains adapters, not masked weights: with --lora.rank a mask can only place the adapters "
+           "(--lora.targets wagle)")
+    _check(not cfg.resume, "resume", "is not supported with LoRA adapters (--lora.rank)")
+
+
 def _validate_eval(e: EvalSettings, p: str = "eval.") -> None:
     _check(e.metrics in EVAL_METRICS, p + "metrics", f"must be one of {', '.join(EVAL_METRICS)}, got {e.metrics!r}")
     _check(e.batch_size >= 1, p + "batch_size", f"must be >= 1, got {e.batch_size}")
@@ -585,6 +640,7 @@ def validate(cfg: Any) -> None:
     elif isinstance(cfg, ScoreConfig):
         _check(cfg.missing in ("frozen", "dense"), "missing", f"must be frozen or dense, got {cfg.missing!r}")
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+        _check(cfg.fisher_batch_size >= 1, "fisher_batch_size", f"must be >= 1, got {cfg.fisher_batch_size}")
         if cfg.scores is not None:
             _check(os.path.isfile(cfg.scores), "scores", f"file not found: {cfg.scores}")
         if cfg.memory_budget is not None:
@@ -592,7 +648,8 @@ def validate(cfg: Any) -> None:
 
             _check_by(parse_bytes, "memory_budget", f"a size such as 16GB or 512MiB, got {cfg.memory_budget!r}",
                       cfg.memory_budget)
-        _check(cfg.kind in SCORE_KINDS, "kind", f"unknown score kind {cfg.kind!r} (known: {', '.join(SCORE_KINDS)})")
+        _check(cfg.kind in SCORE_KINDS or cfg.kind == "fisher", "kind",
+               f"unknown score kind {cfg.kind!r} (known: {', '.join(SCORE_KINDS)}, fisher)")
         _check_by(check_ratio, "ratio", f"must be in (0, 1], got {cfg.ratio}", cfg.ratio)
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
         _check(cfg.scope in ("global", "per_tensor", "per_row"), "scope",
@@ -605,6 +662,7 @@ def validate(cfg: Any) -> None:
         _check(cfg.eval_every >= 0, "eval_every", f"must be >= 0, got {cfg.eval_every}")
         if cfg.mask is not None:
             _check(os.path.isfile(cfg.mask), "mask", f"file not found: {cfg.mask}")
+        _validate_lora(cfg.lora, cfg)
     elif isinstance(cfg, EvalConfig):
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
         _check(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, "max_new_tokens",

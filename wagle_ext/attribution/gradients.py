@@ -135,8 +135,8 @@ def accumulate_gradients(
     Returns:
         :class:`GradientDict` ``{name: tensor}`` shaped like each parameter, ``dtype``, on the
         parameter's device, in ``named_parameters()`` order; parameters that received no gradient
-        get zeros. ``.info``: reduction, num_batches, num_examples, square, dtype, beta, granularity,
-        and ``total_weight`` with ``step_weight``.
+        get zeros. ``.info``: reduction, num_batches, num_examples, square, dtype, beta; also
+        ``granularity`` when it is ``"batch"`` and ``total_weight`` with ``step_weight``.
 
     Raises:
         ValueError: a non-finite loss, a sequence without label tokens, no batches.
@@ -270,8 +270,9 @@ def accumulate_gradients(
         raise ValueError("dataloader yielded no batches")
 
     out = GradientDict(info={"reduction": reduction, "num_batches": n_batches, "num_examples": n_examples,
-                             "square": bool(square), "granularity": granularity,
+                             "square": bool(square),
                              "dtype": str(dtype).replace("torch.", ""), **({"beta": beta} if ema else {}),
+                             **({"granularity": granularity} if granularity != "example" else {}),
                              **({"total_weight": total_weight} if step_weight is not None else {})})
     if reduction == "mean" and step_weight is not None and total_weight <= 0.0:
         raise ValueError("reduction='mean' with step_weight: the weights sum to 0 (nothing to average)")

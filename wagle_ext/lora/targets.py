@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -61,7 +61,7 @@ class LoraPlacement:
                 "rank_pattern": other, "alpha_pattern": {k: alpha_ratio * r for k, r in other.items()}}
 
 
-def _module_masses(scores_or_maskset, ratio: float, model: Optional[torch.nn.Module]):
+def _module_masses(scores_or_maskset, ratio: float, model: Optional[torch.nn.Module], modules=None):
     if isinstance(scores_or_maskset, MaskSet):
         mask = scores_or_maskset
     elif isinstance(scores_or_maskset, Mapping):
@@ -75,7 +75,7 @@ def _module_masses(scores_or_maskset, ratio: float, model: Optional[torch.nn.Mod
     if model is not None:
         from .fisher import lora_target_modules
 
-        allowed = {normalize_param_name(n + ".weight")[: -len(".weight")] for n in lora_target_modules(model)}
+        allowed = {normalize_param_name(n + ".weight")[: -len(".weight")] for n in lora_target_modules(model, modules)}
     mass: "OrderedDict[str, int]" = OrderedDict()
     shapes: dict = {}
     for name, pm in mask.items():
@@ -100,6 +100,7 @@ def select_lora_targets(
     proportional: bool = False,
     ratio: float = 0.1,
     model: Optional[torch.nn.Module] = None,
+    modules: Optional[Sequence[str]] = None,
     min_rank: int = 1,
 ) -> LoraPlacement:
     """Choose the modules (and ranks) of LoRA adapters from WAGLE attribution, within ``budget``.
@@ -116,6 +117,8 @@ def select_lora_targets(
             raises ranks one at a time in decreasing mass while it fits.
         ratio: the selected fraction when scores are given.
         model: restrict candidates to this model's linear layers (recommended).
+        modules: with ``model``: only these module names (``["q_proj", "v_proj"]``, as
+            :func:`~wagle_ext.lora.lora_target_modules`).
         min_rank: smallest rank placed with ``proportional``.
 
     Returns:
@@ -127,7 +130,9 @@ def select_lora_targets(
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
-    mass, shapes = _module_masses(scores_or_maskset, ratio, model)
+    if modules is not None and model is None:
+        raise ValueError("modules= needs model= (the module names are resolved on the model)")
+    mass, shapes = _module_masses(scores_or_maskset, ratio, model, modules)
     order = sorted((m for m in mass if mass[m] > 0), key=lambda m: -mass[m])  # stable: ties in model order
     if not order:
         raise ValueError("every candidate module has zero attribution mass: nothing to rank")
