@@ -93,3 +93,25 @@ def test_bad_lora_settings_are_config_errors(user, tmp_path, capsys, args, field
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and field in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_lora_rows(tmp_path):
+    """The demo's LoRA rows on a tiny benchmark (mechanics only: 2 steps): FILA on every decoder linear, and
+    WAGLE-placed adapters within the trainable-parameter count of rank-r adapters on every decoder linear."""
+    out = tmp_path / "demo"
+    tiny = ["--benchmark.n_authors", "10", "--benchmark.hidden_size", "32", "--benchmark.intermediate_size", "64",
+            "--benchmark.train_steps", "40", "--benchmark.batch_size", "8", "--unlearn.steps", "2",
+            "--unlearn.batch_size", "2", "--eval_batch_size", "64"]
+    assert main(["demo", *tiny, "--cache_dir", str(tmp_path / "cache"), "--out", str(out), "--objectives", "[npo]",
+                 "--masks", "[lora+fila, lora+wagle]", "--lora_rank", "4", "--attacks", "false",
+                 "--geffect_every", "0"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["mask"]: r for r in res["rows"]}
+    assert set(rows) == {"lora+fila", "lora+wagle"}
+    all_linears = 2 * 4 * (4 * (32 + 32) + 3 * (32 + 64))  # 2 layers, rank 4
+    fila, wagle = rows["lora+fila"]["lora"], rows["lora+wagle"]["lora"]
+    assert fila["init"] == "fila" and fila["trainable"] == all_linears and fila["adapted_modules"] == 14
+    assert wagle["budget"] == all_linears and 0 < wagle["trainable"] <= all_linears
+    for r in rows.values():
+        assert 0 < r["ratio"] < 1 and 0 <= r["model_utility"] <= 1 and r["lora"]["rank"] == 4
+    assert "lora+wagle" in res["table"]

@@ -104,7 +104,7 @@ def plot_tradeoff(rows: Sequence[dict], references: Sequence[dict], path: str, t
     plt = _pyplot()
 
     markers = {"dense": "o", "random": "s", "magnitude": "^", "wagle": "*", "snip": "D", "gradient": "v",
-               "wanda": "P"}
+               "wanda": "P", "lora": "h", "lora+fila": "H", "lora+wagle": "X"}
     objectives = list(dict.fromkeys(r["objective"] for r in rows))
     colors = {o: plt.get_cmap("tab10")(i) for i, o in enumerate(objectives)}
     fig, ax = plt.subplots(figsize=(7.5, 5.2))

@@ -27,10 +27,13 @@ from .embedded_benchmark import BenchmarkConfig
 
 __all__ = ["DemoConfig", "ScoreConfig", "UnlearnConfig", "EvalConfig", "BenchConfig", "SweepConfig", "EvalSettings",
            "LoraSettings",
-           "load_config", "parse_overrides", "config_to_dict", "MASK_KINDS", "EVAL_METRICS"]
+           "load_config", "parse_overrides", "config_to_dict", "MASK_KINDS", "LORA_KINDS", "EVAL_METRICS"]
 
 # Demo mask kinds: "dense" = no mask, the others are score kinds of wagle_ext.score_model.
 MASK_KINDS = ("dense", "random", "magnitude", "wagle", "snip", "gradient", "wanda")
+# Demo LoRA rows (rank DemoConfig.lora_rank, merged before evaluation): default init on every decoder linear,
+# FILA init on every decoder linear, default init placed by WAGLE mass at the same trainable-parameter count.
+LORA_KINDS = ("lora", "lora+fila", "lora+wagle")
 # Metric sets of the evaluation along the trajectory (EvalSettings.metrics).
 EVAL_METRICS = ("all", "fast")
 # WAGLE gammas given as a name: the Hessian diagonal estimated from the retain data (score_model's hessian=)
@@ -124,6 +127,7 @@ class DemoConfig:
     masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle"])
     ratio: float = 0.1             # fraction of weights selected for update (WAGLE convention)
     gamma: float = 1e-6            # WAGLE score's Hessian constant
+    lora_rank: int = 8             # rank of the LoRA rows (masks lora, lora+fila, lora+wagle), alpha 2 * rank
     unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
     eval_batch_size: int = 32
     attacks: bool = True           # per row: relearning (25 steps on 10% of the forget set) and prompt rewrites
@@ -633,7 +637,9 @@ def validate(cfg: Any) -> None:
             _validate_objective(o, f"objectives[{i}]")
         _check(len(cfg.masks) > 0, "masks", "must name at least one mask kind")
         for i, m in enumerate(cfg.masks):
-            _check(m in MASK_KINDS, f"masks[{i}]", f"unknown mask kind {m!r} (known: {', '.join(MASK_KINDS)})")
+            _check(m in MASK_KINDS + LORA_KINDS, f"masks[{i}]",
+                   f"unknown mask kind {m!r} (known: {', '.join(MASK_KINDS + LORA_KINDS)})")
+        _check(cfg.lora_rank >= 1, "lora_rank", f"must be >= 1, got {cfg.lora_rank}")
         _check(cfg.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {cfg.eval_batch_size}")
         _check(cfg.attack_learning_rate > 0, "attack_learning_rate", f"must be > 0, got {cfg.attack_learning_rate}")
         _check(cfg.geffect_every >= 0, "geffect_every", f"must be >= 0, got {cfg.geffect_every}")

@@ -10,8 +10,8 @@ import time
 from typing import Sequence
 
 from ..plotting import plot_tradeoff
-from .config import DemoConfig, config_to_dict
-from .pipeline import _benchmark, _build_mask, _Job, _log, _unlearn
+from .config import LORA_KINDS, DemoConfig, LoraSettings, config_to_dict
+from .pipeline import _benchmark, _build_mask, _Job, _log, _lora_model, _unlearn
 from .runs import RunDir
 
 __all__ = ["run_demo", "TABLE_COLUMNS"]
@@ -82,7 +82,7 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
     masks: dict = {"dense": None}
     mask_info: dict = {}
     for kind in cfg.masks:
-        if kind == "dense":
+        if kind == "dense" or kind in LORA_KINDS:
             continue
         t0 = time.perf_counter()
         _, mask = _build_mask(bench.target, bench.tokenizer, forget, retain, kind, cfg.ratio, cfg.gamma,
@@ -111,15 +111,26 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
             callbacks = []
             if cfg.geffect_every and kind in ("dense", "wagle"):
                 callbacks.append(_geffect_probe(bench, forget, retain, objective, masks[kind], cfg))
-            train = _unlearn(model, bench.tokenizer, forget, retain, objective, masks[kind], cfg.unlearn, run_dir,
+            lora_info = None
+            if kind in LORA_KINDS:
+                lo = LoraSettings(rank=cfg.lora_rank, init="fila" if kind == "lora+fila" else "default",
+                                  targets="wagle" if kind == "lora+wagle" else "all", ratio=cfg.ratio, gamma=cfg.gamma)
+                model, lora_info = _lora_model(model, bench.tokenizer, forget, retain, lo, mask=masks.get("wagle"),
+                                               seed=cfg.unlearn.seed, progress=False)
+            train = _unlearn(model, bench.tokenizer, forget, retain, objective, masks.get(kind), cfg.unlearn, run_dir,
                              demo=True, callbacks=callbacks)
             train.pop("trainer")
+            if lora_info is not None:  # evaluate and attack the merged model (what `wagle unlearn` exports)
+                model = model.merge_and_unload()
+                n_params = sum(p.numel() for p in model.parameters())
             if callbacks:
                 geffects.setdefault(objective, {})[kind] = callbacks[0].result
             t_train = time.perf_counter() - t0
             s = evaluate(model, run_dir)
             row = {"objective": objective, "mask": kind, "ratio": 1.0 if kind == "dense" else cfg.ratio, **s,
                    "train_loss": train["train_loss"], "train_seconds": t_train}
+            if lora_info is not None:  # ratio: trainable adapter parameters / model parameters
+                row.update(ratio=lora_info["trainable"] / n_params, lora=lora_info)
             if cfg.attacks:
                 row.update(_attack_columns(model, bench.tokenizer, forget, cfg, run_dir))
             row["seconds"] = time.perf_counter() - t0
