@@ -115,7 +115,9 @@ def test_fila_keeps_the_logits_and_starts_from_nonzero_lora_b(tok, batches):
     default = add_lora(copy.deepcopy(model), rank=4)  # PEFT's init: lora_B = 0
     assert all(bool((m.lora_B["default"].weight == 0).all()) for _, m in lora_layers(default))
 
+    rng = torch.get_rng_state()
     peft_model = add_lora(model, rank=4, init="fila", importances=imp, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)  # seeded PEFT init and SVD; the caller's RNG untouched
     layers = lora_layers(peft_model)
     assert len(layers) == 14
     diff = float((_logits(peft_model, every) - ref).abs().max())

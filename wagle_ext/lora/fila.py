@@ -115,8 +115,8 @@ def fila_init(
         plan.append((name, layer, base, wname, r, s, fan_in_fan_out))
 
     report = {}
-    devices = [w.device for _, _, b, *_ in plan for w in (b.weight,) if w.device.type == "cuda"]
-    with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})):
+    cuda = sorted({b.weight.device.index or 0 for _, _, b, *_ in plan if b.weight.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # seeded randomized SVD, the caller's RNG state restored
         torch.manual_seed(seed)
         for name, layer, base, wname, r, s, t in plan:
             W = base.weight.float()
