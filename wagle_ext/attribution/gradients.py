@@ -243,7 +243,8 @@ def accumulate_gradients(
                 if step_weight is not None:
                     weight[0] = float(step_weight(step))
                     if not weight[0] >= 0.0:
-                        raise ValueError(f"step_weight returned {weight[0]!r} at batch {n_batches}; weights must be >= 0")
+                        raise ValueError(f"step_weight returned {weight[0]!r} at batch {n_batches}; weights must "
+                                         "be >= 0")
                     total_weight += weight[0]
                 loss = loss_fn(model, step)
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

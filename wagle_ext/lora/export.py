@@ -107,7 +107,7 @@ def load_adapter_with_base(path: str, *, torch_dtype: Optional[torch.dtype] = No
     adapter = os.path.join(path, "adapter")
     if not os.path.isdir(adapter):
         adapter = path
-    if not os.path.isdir(os.path.join(path, "base")) or not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+    if not (os.path.isdir(os.path.join(path, "base")) and os.path.isfile(os.path.join(adapter, "adapter_config.json"))):
         raise FileNotFoundError(f"{path}: expected base/ and adapter/ (or adapter_config.json) as written by "
                                 "save_adapter_with_base")
     kw = {"dtype": torch_dtype} if torch_dtype is not None else {}

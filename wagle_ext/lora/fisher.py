@@ -43,7 +43,8 @@ def _is_target_type(mod: torch.nn.Module) -> bool:
     return isinstance(mod, torch.nn.Linear) or _is_conv1d(mod)
 
 
-def lora_target_modules(model: torch.nn.Module, modules: Union[None, str, Sequence[str]] = None) -> "OrderedDict[str, torch.nn.Module]":
+def lora_target_modules(model: torch.nn.Module,
+                        modules: Union[None, str, Sequence[str]] = None) -> "OrderedDict[str, torch.nn.Module]":
     """``{module name: module}`` of the layers that adapters (and importances) cover, in model order.
 
     ``modules``: ``None`` / ``"all-linear"`` = every ``nn.Linear`` (or GPT-2 ``Conv1D``) inside the

@@ -164,8 +164,9 @@ def select_lora_targets(
         ranks = OrderedDict((m, ranks[m]) for m in order if m in ranks)
     if not ranks:
         cheapest = min(order, key=lambda m: cost[m])
-        raise ValueError(f"budget {budget} is below the cost of one adapter (rank {rank if not proportional else min_rank}"
-                         f" on {cheapest}: {(rank if not proportional else min_rank) * cost[cheapest]} parameters)")
+        r = min_rank if proportional else rank
+        raise ValueError(f"budget {budget} is below the cost of one adapter (rank {r} on {cheapest}: "
+                         f"{r * cost[cheapest]} parameters)")
     trainable = sum(r * cost[m] for m, r in ranks.items())
     assert trainable <= budget
     return LoraPlacement(ranks=dict(ranks), mass=dict(mass), shapes=shapes, budget=budget, trainable=trainable,
