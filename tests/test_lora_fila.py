@@ -268,3 +268,34 @@ def test_select_lora_targets_respects_the_budget_exactly(tok):
         select_lora_targets(mask, 0)
     with pytest.raises(TypeError, match="MaskSet"):
         select_lora_targets([1, 2], 100)
+
+
+def test_accumulate_gradients_step_weights_and_batch_granularity(tok, batches):
+    """The engine's two additions: ``step_weight`` scales each step (and ``mean`` divides by the total
+    weight), ``granularity="batch"`` squares whole-batch gradients; bad values are refused."""
+    forget, _, _ = batches
+    model = tiny_llama(len(tok))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    from wagle_ext.attribution import causal_lm_loss
+
+    weights = [3.0, 0.5]
+    it = iter(weights)
+    got = W.accumulate_gradients(model, forget, causal_lm_loss, names=[name], step_weight=lambda b: next(it),
+                                 reduction="mean", progress=False)
+    assert got.info["total_weight"] == 3.5 and "granularity" not in got.info
+    want = torch.zeros_like(got[name], dtype=torch.float64)
+    for w, b in zip(weights, forget):
+        model.zero_grad(set_to_none=True)
+        causal_lm_loss(model, b).backward()
+        want += w * dict(model.named_parameters())[name].grad.double()
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(got[name].double(), want / 3.5, rtol=1e-5, atol=1e-9)
+    sq = W.accumulate_gradients(model, forget, causal_lm_loss, names=[name], square=True, granularity="batch",
+                                progress=False)
+    assert sq.info["granularity"] == "batch"
+    with pytest.raises(ValueError, match="granularity"):
+        W.accumulate_gradients(model, forget, granularity="token", progress=False)
+    with pytest.raises(ValueError, match="step_weight"):
+        W.accumulate_gradients(model, forget, reduction="ema", step_weight=lambda b: 1.0, progress=False)
+    with pytest.raises(ValueError, match=">= 0"):
+        W.accumulate_gradients(model, forget, step_weight=lambda b: -1.0, progress=False)
