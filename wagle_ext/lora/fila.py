@@ -53,8 +53,9 @@ def fila_init(
     """Initialise every LoRA layer of ``peft_model`` by FILA, in place.
 
     Args:
-        peft_model: a ``peft`` LoRA model (``get_peft_model``), adapters freshly created (any
-            ``init_lora_weights``: they are overwritten). Plain LoRA only (not DoRA). Each layer uses its
+        peft_model: a ``peft`` LoRA model (``get_peft_model``). The function each layer computes now
+            (base + current adapter, normally zero) is what gets factored, so any ``init_lora_weights``
+            works and a second call keeps the logits too. Plain LoRA only (not DoRA). Each layer uses its
             own rank and scaling (``rank_pattern`` / ``alpha_pattern`` allowed).
         importances: :func:`~wagle_ext.lora.fisher_importance` of the same model (before wrapping, or
             of the wrapped one); needs an entry for every adapted weight.
@@ -123,13 +124,16 @@ def fila_init(
             F_rel = importances.relative(wname, eps).to(W.device)
             if t:  # GPT-2 Conv1D stores [in, out]: work in the [out, in] layout of nn.Linear
                 W, F_rel = W.t(), F_rel.t()
+            la, lb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            # The layer computes W + s B A with its current adapter (zero after PEFT's default init; not
+            # after init_lora_weights=False or an earlier FILA): factor that, so the function is kept.
+            W = W + s * (lb.float() @ la.float())
             w = F_rel.sum(dim=1).sqrt()                                   # [out]
             U, S, V = torch.svd_lowrank(w[:, None] * W, q=r, niter=niter)  # [out,r], [r], [in,r]
             S = S / s
             A = (V * S.sqrt()).t()                                        # [r, in]
             B = (1.0 / (w + eps))[:, None] * (U * S.sqrt())               # [out, r]
             W_res = W - s * (B @ A)
-            la, lb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
             la.copy_(A.to(la.dtype))
             lb.copy_(B.to(lb.dtype))
             base.weight.copy_((W_res.t() if t else W_res).to(base.weight.dtype))
