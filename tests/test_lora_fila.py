@@ -146,8 +146,8 @@ def test_fila_keeps_the_logits_and_starts_from_nonzero_lora_b(tok, batches):
         add_lora(tiny_llama(len(tok)), init="fila")
 
 
-def test_fila_on_gpt2_conv1d_layers(tok, batches):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_fila_on_gpt2_conv1d_layers(tok, batches, tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     forget, retain, every = batches
     torch.manual_seed(0)
@@ -160,6 +160,13 @@ def test_fila_on_gpt2_conv1d_layers(tok, batches):
     diff = float((_logits(peft_model, every) - ref).abs().max())
     assert diff <= 1e-4, diff
     assert all(bool((m.lora_B["default"].weight != 0).any()) for _, m in lora_layers(peft_model))
+    # the merged export of Conv1D layers ([in, out], fan_in_fan_out) and tied embeddings
+    with torch.no_grad():
+        for _, m in lora_layers(peft_model):
+            m.lora_B["default"].weight.add_(0.05)  # stands in for training
+    moved = _logits(peft_model, every)
+    merged = AutoModelForCausalLM.from_pretrained(save_merged(peft_model, str(tmp_path / "gpt2")))
+    assert float((_logits(merged, every) - moved).abs().max()) <= 1e-4 < float((moved - ref).abs().max())
 
 
 def _train(model, objective, steps=3, **kw):
