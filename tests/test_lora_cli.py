@@ -115,3 +115,9 @@ def test_demo_lora_rows(tmp_path):
     for r in rows.values():
         assert 0 < r["ratio"] < 1 and 0 <= r["model_utility"] <= 1 and r["lora"]["rank"] == 4
     assert "lora+wagle" in res["table"]
+
+
+def test_unlearn_help_lists_the_lora_section(capsys):
+    assert main(["unlearn", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--lora.rank 0" in out and '--lora.init "default"' in out and "--lora.fisher_batch_size 4" in out
