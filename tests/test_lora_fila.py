@@ -132,8 +132,9 @@ def test_fila_keeps_the_logits_and_starts_from_nonzero_lora_b(tok, batches):
         assert not torch.equal(w_res, original[key])  # the base weight is the residual ...
         torch.testing.assert_close(w_res + s * B @ A, original[key], rtol=0, atol=1e-5)  # ... of W
     # a second FILA factors what the layers compute now (residual + adapter): the logits stay
-    fila_init(peft_model, imp, seed=4)
+    report = fila_init(peft_model, imp, seed=4, oversample=4)
     assert float((_logits(peft_model, every) - ref).abs().max()) <= 1e-4
+    assert len(report) == 14 and all(0.0 <= v["eps_dominated"] <= 1.0 for v in report.values())
     # rank= / alpha= check the adapters; bad inputs are refused clearly
     with pytest.raises(ValueError, match="rank 4 != rank=8"):
         fila_init(peft_model, imp, rank=8)

@@ -221,6 +221,9 @@ def run_unlearn(cfg: UnlearnConfig) -> str:
                                           seed=cfg.unlearn.seed)
             mask = None  # a mask only placed the adapters
             run.update(lora=info)
+            if "fila_eps_dominated" in info:
+                _log(f"[unlearn] FILA: the retain Fisher is below eps=1e-5 in {100 * info['fila_eps_dominated']:.1f}% "
+                     "of the entries (there the row weights follow the forget Fisher alone)")
             what = (f"LoRA rank {lo.rank} ({lo.init} init) on {info['adapted_modules']} modules "
                     f"({'WAGLE-placed' if lo.targets == 'wagle' else 'all targets'}), {info['trainable']} trainable "
                     "parameters")

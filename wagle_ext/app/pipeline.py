@@ -239,6 +239,8 @@ def _lora_model(model, tok, forget, retain, lo, *, mask=None, seed: int = 0, pro
                     f"wagle scores (ratio {lo.ratio:g}, gamma {lo.gamma:g})")
     peft_model = add_lora(model, rank=lo.rank, alpha=lo.alpha, targets=targets, init=lo.init, importances=imp,
                           dropout=lo.dropout, seed=seed)
+    if lo.init == "fila":  # where eps swamps the retain Fisher, FILA ranks rows by the forget Fisher alone
+        info["fila_eps_dominated"] = peft_model.wagle_fila["default"]["eps_dominated"]
     info["adapted_modules"] = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
     info["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     info["seconds"] = time.perf_counter() - t0

@@ -48,6 +48,7 @@ def fila_init(
     adapter_name: str = "default",
     eps: float = 1e-5,
     niter: int = 2,
+    oversample: int = 0,
     seed: int = 0,
 ) -> dict:
     """Initialise every LoRA layer of ``peft_model`` by FILA, in place.
@@ -63,6 +64,8 @@ def fila_init(
             (``ValueError`` otherwise): a check that the PEFT config is the one meant.
         eps: LoKU's 1e-5, both in the relative Fisher's denominator and in ``1 / (w + eps)``.
         niter: subspace iterations of ``torch.svd_lowrank`` (LoKU: 2, the default).
+        oversample: extra columns of the randomized SVD (``q = r + oversample``), truncated to ``r``
+            afterwards; LoKU: 0. More is closer to the exact rank-``r`` factorisation.
         seed: the randomized SVD's seed (the global RNG is left as it was).
 
     Effect: ``lora_A`` / ``lora_B`` set, the base weight replaced by the residual ``W - s B A`` (in the
@@ -70,13 +73,18 @@ def fila_init(
     The forward pass is unchanged up to rounding (fp32: ~1e-6 relative).
 
     Returns:
-        ``{module name: {"rank", "scaling", "row_weight_min", "row_weight_max"}}``.
+        ``{module name: {"rank", "scaling", "row_weight_min", "row_weight_max", "eps_dominated"}}``;
+        ``eps_dominated`` is the fraction of retain-Fisher entries below ``eps``, where the relative
+        Fisher is about ``F_forget / eps``, i.e. the retain data no longer counts (docs/lora.md). The
+        overall fraction is also kept in ``peft_model.wagle_fila``.
     """
     if not isinstance(importances, FisherImportance):
         raise TypeError(f"importances must be a FisherImportance (wagle_ext.fisher_importance), "
                         f"got {type(importances).__name__}")
     if not (isinstance(niter, int) and niter >= 0):
         raise ValueError(f"niter must be an int >= 0, got {niter!r}")
+    if isinstance(oversample, bool) or not (isinstance(oversample, int) and oversample >= 0):
+        raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
     layers = lora_layers(peft_model, adapter_name)
@@ -116,6 +124,7 @@ def fila_init(
         plan.append((name, layer, base, wname, r, s, fan_in_fan_out))
 
     report = {}
+    n_small = n_all = 0
     cuda = sorted({b.weight.device.index or 0 for _, _, b, *_ in plan if b.weight.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):  # seeded randomized SVD, the caller's RNG state restored
         torch.manual_seed(seed)
@@ -129,7 +138,9 @@ def fila_init(
             # after init_lora_weights=False or an earlier FILA): factor that, so the function is kept.
             W = W + s * (lb.float() @ la.float())
             w = F_rel.sum(dim=1).sqrt()                                   # [out]
-            U, S, V = torch.svd_lowrank(w[:, None] * W, q=r, niter=niter)  # [out,r], [r], [in,r]
+            q = min(r + oversample, min(W.shape))
+            U, S, V = torch.svd_lowrank(w[:, None] * W, q=q, niter=niter)
+            U, S, V = U[:, :r], S[:r], V[:, :r]                            # [out,r], [r], [in,r]
             S = S / s
             A = (V * S.sqrt()).t()                                        # [r, in]
             B = (1.0 / (w + eps))[:, None] * (U * S.sqrt())               # [out, r]
@@ -137,9 +148,12 @@ def fila_init(
             la.copy_(A.to(la.dtype))
             lb.copy_(B.to(lb.dtype))
             base.weight.copy_((W_res.t() if t else W_res).to(base.weight.dtype))
+            small = int((importances.retain[wname] < eps).sum())
             report[name] = {"rank": r, "scaling": s, "row_weight_min": float(w.min()),
-                            "row_weight_max": float(w.max())}
+                            "row_weight_max": float(w.max()), "eps_dominated": small / F_rel.numel()}
+            n_small, n_all = n_small + small, n_all + F_rel.numel()
     marks = dict(getattr(peft_model, FILA_MARK, None) or {})
-    marks[adapter_name] = {"layers": len(report), "eps": eps, "niter": niter, "seed": seed}
+    marks[adapter_name] = {"layers": len(report), "eps": eps, "niter": niter, "oversample": oversample, "seed": seed,
+                           "eps_dominated": n_small / max(n_all, 1)}
     setattr(peft_model, FILA_MARK, marks)
     return report
