@@ -75,6 +75,9 @@ def test_file_then_overrides(tmp_path, ext):
     (["--unlearn.learning_rate", "-1"], "unlearn.learning_rate: must be > 0"),
     (["--unlearn.grad_mode", "sparse"], "unlearn.grad_mode: must be dense or compact"),
     (["--unlearn.step_in_backward", "true"], "unlearn.step_in_backward: needs grad_mode compact"),
+    (["--unlearn.rounding", "up"], "unlearn.rounding: must be one of"),
+    (["--unlearn.master_weights", "false", "--unlearn.rounding", "stochastic"], "unlearn.rounding: stochastic"),
+    (["--unlearn.master_weights", "maybe"], "unlearn.master_weights: expected"),
     (["--benchmark", "3"], "benchmark: expected a mapping"),
     (["ratio", "0.1"], "expected --key value"),
 ])

@@ -22,7 +22,7 @@ import os
 import typing
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .._checks import check_grad_mode, check_ratio
+from .._checks import ROUNDINGS, check_grad_mode, check_ratio
 from .embedded_benchmark import BenchmarkConfig
 
 __all__ = ["DemoConfig", "ScoreConfig", "UnlearnConfig", "EvalConfig", "BenchConfig", "SweepConfig", "EvalSettings",
@@ -70,6 +70,8 @@ class UnlearnSettings:
     seed: int = 0
     grad_mode: str = "dense"      # "compact": gradients compacted in backward hooks (masked runs only)
     step_in_backward: bool = False  # with grad_mode "compact": update inside backward (max_grad_norm 0)
+    master_weights: Optional[bool] = None  # fp32 copies of the selected bf16/fp16 weights (null: on for bf16/fp16)
+    rounding: str = "nearest"     # master weights written back by "nearest" (even) or "stochastic" rounding
     logging_steps: int = 0        # a progress line every N steps (0: about 10 lines per run)
     save_steps: int = 0           # wagle unlearn: checkpoint (model, optimizer, scheduler, RNG) every N steps
     save_total_limit: int = 2     # checkpoints kept (oldest deleted first)
@@ -431,6 +433,9 @@ def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
     _check(u.learning_rate > 0, p + "learning_rate", f"must be > 0, got {u.learning_rate}")
     _check(u.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {u.weight_decay}")
     _check(u.max_grad_norm >= 0, p + "max_grad_norm", f"must be >= 0, got {u.max_grad_norm}")
+    _check(u.rounding in ROUNDINGS, p + "rounding", f"must be one of {list(ROUNDINGS)}, got {u.rounding!r}")
+    _check(u.rounding != "stochastic" or u.master_weights is not False, p + "rounding",
+           "stochastic rounding writes back master weights: it needs master_weights true (or null)")
     _check_by(check_grad_mode, p + "grad_mode", f"must be dense or compact, got {u.grad_mode!r}", u.grad_mode)
     _check_by(check_grad_mode, p + "step_in_backward", "needs grad_mode compact and max_grad_norm 0", u.grad_mode,
               u.step_in_backward)
@@ -586,6 +591,7 @@ def validate(cfg: Any) -> None:
         _check(cfg.missing in ("frozen", "dense"), "missing", f"must be frozen or dense, got {cfg.missing!r}")
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
         if cfg.scores is not None:
+            cfg.scores = _run_file(cfg.scores, "scores.safetensors")
             _check(os.path.isfile(cfg.scores), "scores", f"file not found: {cfg.scores}")
         if cfg.memory_budget is not None:
             from ..attribution import parse_bytes
@@ -604,7 +610,9 @@ def validate(cfg: Any) -> None:
         _validate_objective(cfg.objective, "objective")
         _check(cfg.eval_every >= 0, "eval_every", f"must be >= 0, got {cfg.eval_every}")
         if cfg.mask is not None:
-            _check(os.path.isfile(cfg.mask), "mask", f"file not found: {cfg.mask}")
+            cfg.mask = _run_file(cfg.mask, "mask.safetensors")
+            _check(os.path.isfile(cfg.mask), "mask", f"file not found: {cfg.mask} (a mask file, or the folder of "
+                   "a `wagle mask` run)")
     elif isinstance(cfg, EvalConfig):
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
         _check(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, "max_new_tokens",
@@ -623,6 +631,13 @@ def validate(cfg: Any) -> None:
             _check(os.path.exists(v), name, f"not found: {v} (a save_pretrained directory, a .gguf file or a Hub id)")
     if hasattr(cfg, "data") and not (isinstance(cfg, ScoreConfig) and cfg.scores is not None):
         _validate_data(cfg)
+
+
+def _run_file(path: str, name: str) -> str:
+    """``path`` itself, or ``path/name`` when ``path`` is the output folder of an earlier job (``wagle
+    unlearn --mask runs/mask`` reads ``runs/mask/mask.safetensors``)."""
+    inner = os.path.join(path, name)
+    return inner if os.path.isdir(path) and os.path.isfile(inner) else path
 
 
 def _looks_like_path(v: str) -> bool:

@@ -277,7 +277,8 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
     trainer = UnlearnTrainer(model=model, args=args, objective=objective, objective_kwargs=kw, mask=mask,
                              train_dataset=ds, data_collator=QACollator(tok),
                              grad_mode="compact" if compact else "dense",
-                             step_in_backward=compact and u.step_in_backward)
+                             step_in_backward=compact and u.step_in_backward,
+                             master_weights=u.master_weights, rounding=u.rounding)
     trainer.remove_callback(transformers.PrinterCallback)  # our own progress lines instead of raw log dicts
     if not demo:
         from ..masks import format_trainable_report

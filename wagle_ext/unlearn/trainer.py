@@ -24,7 +24,7 @@ import torch
 import transformers
 from torch import nn
 
-from .._checks import check_grad_mode, check_weight_decay_mode
+from .._checks import check_grad_mode, check_master_weights, check_weight_decay_mode
 from ..masks import MaskSet, format_trainable_report, trainable_report
 from ..naming import is_adapter_param
 from ..ops import PackedMask
@@ -170,6 +170,12 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         step_in_backward: with ``grad_mode="compact"``: apply each parameter's update inside its
             backward hook (LOMO/SIFT); needs ``gradient_accumulation_steps=1`` and no clipping
             (``max_grad_norm=0``). The logged ``grad_norm`` is then absent.
+        master_weights: ``MaskedAdamW``'s compact fp32 master copies of the selected elements of
+            bf16/fp16 parameters (12 B of state per selected element instead of 8): None (default) =
+            on for bf16/fp16 parameters, True/False = force. Without them, AdamW updates below half
+            a bf16 ulp are lost (docs/pitfalls.md).
+        rounding: how master weights are written back to bf16/fp16: ``"nearest"`` (default, round
+            to nearest even) or ``"stochastic"`` (unbiased; seeded by ``args.seed``).
 
     At the start of training the trainer logs :func:`~wagle_ext.memory.memory_report` (weights,
     gradients, optimizer state, masks, and the dense-AdamW equivalent) and keeps it as
@@ -185,6 +191,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
                  mask: Optional[MaskSet] = None, ref_model: Optional[nn.Module] = None,
                  clip_before_mask: bool = False, weight_decay_mode: str = "masked",
                  grad_mode: str = "dense", step_in_backward: bool = False,
+                 master_weights: Optional[bool] = None, rounding: str = "nearest",
                  build_reference: bool = True, **kwargs):
         if model is None:
             raise ValueError("UnlearnTrainer needs a model")
@@ -219,6 +226,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             raise ValueError("UnlearnTrainer needs TrainingArguments (args=...)")
         _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight_decay_mode, args)
         _check_hooks_available(grad_mode, mask, clip_before_mask, args)
+        check_master_weights(master_weights, rounding, args.seed)
         args.remove_unused_columns = False
 
         self.objective = objective
@@ -227,6 +235,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         self.weight_decay_mode = weight_decay_mode
         self.grad_mode = grad_mode
         self.step_in_backward = bool(step_in_backward)
+        self.master_weights = master_weights
+        self.rounding = rounding
         self.initial_memory_report: Optional[dict] = None
         self.trainable_report: dict = report
         if objective.needs_reference and ref_model is None:
@@ -334,7 +344,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             param_groups, masks=aligned, lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
             weight_decay=self.args.weight_decay, weight_decay_mode=self.weight_decay_mode,
-            grad_mode=self.grad_mode, step_in_backward=self.step_in_backward)
+            grad_mode=self.grad_mode, step_in_backward=self.step_in_backward,
+            master_weights=self.master_weights, rounding=self.rounding, seed=self.args.seed)
         self._log_trainable_report(opt_model)
         self._log_memory_report(opt_model, self.optimizer)
         return self.optimizer
