@@ -140,7 +140,8 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
         if not res:
             continue
         geffect_pngs.append(plot_g_effect(res, os.path.join(out, f"g_effect_{objective}.png"),
-                                          title=f"G-effect of {objective}: dense vs WAGLE mask (ratio {cfg.ratio:g})"))
+                                          title=f"G-effect of {objective}: dense vs WAGLE mask (ratio {cfg.ratio:g}; "
+                                          "symlog axes)", frozen=True, symlog=True))
     table = _format_table(references + rows)
     _log("\n" + table + "\n")
     png = os.path.join(out, "forget_quality_vs_utility.png")
