@@ -16,6 +16,7 @@ each, kept next to each other so that a field and its rule change together; the 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -95,7 +96,10 @@ class EvalSettings:
 
 @dataclasses.dataclass
 class DemoConfig:
-    """``wagle demo``: every objective x every mask kind, one ratio, one step budget, from the target."""
+    """``wagle demo``: the forget-quality / model-utility fronts of every objective x mask kind over
+    ``learning_rates`` x ``seeds`` (a ``wagle sweep`` into ``<out>/sweep``), then every objective x
+    mask kind at one ratio, step budget and learning rate with the full evaluation, the attacks and
+    the G-effect."""
 
     out: str = "saves/demo"
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
@@ -108,6 +112,11 @@ class DemoConfig:
     attacks: bool = True           # per row: relearning (25 steps on 10% of the forget set) and prompt rewrites
     attack_learning_rate: float = 1e-3  # of the relearning attack
     geffect_every: int = 10        # G-effect of every dense and wagle run, every N steps (0: off)
+    front: bool = True             # first the fronts: a sweep over learning_rates x seeds (fast metrics)
+    learning_rates: list = dataclasses.field(default_factory=lambda: [1e-3, 2e-3, 5e-3])  # of the front sweep
+    seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds of the front sweep
+    eval_every: int = 5            # front sweep: evaluation every N steps along each run
+    workers: int = 1               # front sweep: runs in parallel processes (each num_threads threads)
     num_threads: int = 1           # torch intra-op threads (tiny models: 1 avoids spinning workers)
     overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
     cache_dir: Optional[str] = None  # default $WAGLE_CACHE or ~/.cache/wagle_ext
@@ -469,6 +478,19 @@ def _as_float(v: Any) -> Any:
     return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
+def demo_sweep_config(cfg: DemoConfig) -> "SweepConfig":
+    """The front sweep of ``wagle demo``: its objectives, masks, gamma and ratio over its
+    ``learning_rates`` x ``seeds`` on the same embedded benchmark, evaluated every ``eval_every``
+    steps with the fast metrics, into ``<out>/sweep``."""
+    return SweepConfig(
+        out=os.path.join(cfg.out, "sweep"), model="embedded", data=DataConfig(source="embedded"),
+        objectives=list(cfg.objectives),
+        masks=list(cfg.masks), gammas=[cfg.gamma], ratios=[cfg.ratio], learning_rates=list(cfg.learning_rates),
+        seeds=list(cfg.seeds), eval_every=cfg.eval_every, eval=EvalSettings(metrics="fast"),
+        unlearn=copy.deepcopy(cfg.unlearn), workers=cfg.workers, benchmark=copy.deepcopy(cfg.benchmark),
+        cache_dir=cfg.cache_dir, num_threads=cfg.num_threads, device="cpu", overwrite=True)
+
+
 def _validate_sweep(cfg: "SweepConfig") -> None:
     from ..attribution import SCORE_KINDS
 
@@ -587,6 +609,10 @@ def validate(cfg: Any) -> None:
         _check(cfg.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {cfg.eval_batch_size}")
         _check(cfg.attack_learning_rate > 0, "attack_learning_rate", f"must be > 0, got {cfg.attack_learning_rate}")
         _check(cfg.geffect_every >= 0, "geffect_every", f"must be >= 0, got {cfg.geffect_every}")
+        if cfg.front:  # the front sweep's fields carry the demo's names (learning_rates, seeds, ...)
+            sweep = demo_sweep_config(cfg)
+            _validate_sweep(sweep)
+            cfg.learning_rates = sweep.learning_rates
     elif isinstance(cfg, ScoreConfig):
         _check(cfg.missing in ("frozen", "dense"), "missing", f"must be frozen or dense, got {cfg.missing!r}")
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")

@@ -186,11 +186,38 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
                                                  hessian=hess)
                     mask = build_mask(scores, ratio, model=ctx.model)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
+                    terms = getattr(scores, "info", {}).get("terms")
+                    if terms is not None:  # which term of w - g_r/gamma dominates (mask diagnostics)
+                        _write_json(path + ".terms.json", terms)
                     mask.save(path + ".tmp")
                     os.replace(path + ".tmp", path)
                     _log(f"[sweep] mask {_method(kind, gamma)} ratio {ratio:g}: {mask.total_selected} of "
                          f"{mask.numel} weights ({time.perf_counter() - t0:.1f} s)")
                 out[(kind, gamma, ratio)] = path
+    return out
+
+
+def _diagnostics(cfg: SweepConfig, contexts: dict, mask_files: dict, work: str) -> dict:
+    """Per benchmark context: :func:`~wagle_ext.app.mask_diagnostics.mask_diagnostics` of its masks,
+    logged and written to ``masks/diagnostics.json``."""
+    from ..masks import MaskSet
+    from .mask_diagnostics import format_mask_diagnostics, mask_diagnostics
+
+    out = {}
+    for bseed, ctx in contexts.items():
+        masks, ratios, terms = {}, {}, {}
+        for (b, kind, gamma, ratio), path in mask_files.items():
+            if b != bseed:
+                continue
+            label = f"{_method(kind, gamma)} @{ratio:g}"
+            masks[label], ratios[label] = MaskSet.load(path), ratio
+            t = _read_json(path + ".terms.json")
+            if t is not None:
+                terms[label] = t
+        if masks:
+            out[ctx.key] = mask_diagnostics(masks, ratios, terms)
+            _log("[sweep] masks:\n" + format_mask_diagnostics(out[ctx.key]))
+    _write_json(os.path.join(work, "masks", "diagnostics.json"), out)
     return out
 
 
@@ -278,6 +305,7 @@ def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
         references[ctx.key] = _references(cfg, ctx)
         for k, v in _masks(cfg, ctx, work).items():
             mask_files[(bseed, *k)] = v
+    diagnostics = _diagnostics(cfg, contexts, mask_files, work)
     utility_key = next(iter(contexts.values())).info["utility_key"]
     done = {sp["key"]: _read_json(os.path.join(sp["dir"], "result.json")) for sp in specs}
     todo = [sp for sp in specs if done[sp["key"]] is None]
@@ -312,7 +340,7 @@ def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
             report(i, done[j[1]["key"]])
 
     results = _summarise(cfg, [done[sp["key"]] for sp in specs], references, utility_key, work)
-    results.update(config=cfg_dict, n_runs=len(specs), n_skipped=len(specs) - len(todo),
+    results.update(config=cfg_dict, mask_diagnostics=diagnostics, n_runs=len(specs), n_skipped=len(specs) - len(todo),
                    total_seconds=time.perf_counter() - t_start)
     _write_json(os.path.join(work, "results.json"), results)
     _log("\n" + results["table"] + "\n")
