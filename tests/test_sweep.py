@@ -54,6 +54,19 @@ def test_mask_diagnostics_types_and_overlaps():
     assert "overlap a / b" in format_mask_diagnostics(d)
 
 
+def test_scopes_add_runs_without_changing_the_global_ones(tmp_path):
+    from wagle_ext.app.config import SweepConfig, load_config
+    from wagle_ext.app.sweep import _specs
+
+    base = ["--masks", "[dense, random, wagle]", "--seeds", "[0]"]
+    one = load_config(SweepConfig, None, base)
+    two = load_config(SweepConfig, None, [*base, "--scopes", "[global, per_tensor]"])
+    a, b = _specs(one, str(tmp_path)), _specs(two, str(tmp_path))
+    assert {sp["key"] for sp in a} < {sp["key"] for sp in b}  # resuming an older sweep redoes nothing
+    assert sorted(sp["settings"]["method"] for sp in b) == [
+        "dense", "random", "random/per_tensor", "wagle(gamma=1e-06)", "wagle(gamma=1e-06)/per_tensor"]
+
+
 def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
     out = str(tmp_path / "sweep")
     args = ["sweep", *TINY, "--cache_dir", str(tmp_path / "cache"), "--masks", "[dense, wagle]", "--ratios", "[0.1]",
@@ -118,6 +131,7 @@ def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
     (["--learning_rates", "[]"], "learning_rates: must hold at least one value"),
     (["--seeds", "[0, 0]"], "seeds: holds a value twice"),
     (["--eval_every", "0"], "eval_every: must be >= 1"),
+    (["--scopes", "[global, per_layer]"], r"scopes\[1\]: must be global, per_tensor or per_row"),
     (["--workers", "0"], "workers: must be >= 1"),
     (["--eval.metrics", "some"], "eval.metrics: must be one of all, fast"),
 ])

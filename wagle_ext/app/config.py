@@ -216,6 +216,7 @@ class SweepConfig:
     masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle"])
     gammas: list = dataclasses.field(default_factory=lambda: [1e-6])  # WAGLE's gamma values; also "fisher"/"ema"
     ratios: list = dataclasses.field(default_factory=lambda: [0.1])
+    scopes: list = dataclasses.field(default_factory=lambda: ["global"])  # build_mask scopes: global, per_tensor, per_row
     learning_rates: list = dataclasses.field(default_factory=lambda: [1e-3])
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds (data order, retain pairing)
     seed_benchmark: bool = False   # embedded model: also train one benchmark per seed (benchmark.seed + seed)
@@ -508,7 +509,10 @@ def _validate_sweep(cfg: "SweepConfig") -> None:
     for i, g in enumerate(cfg.gammas):
         ok = g in HESSIAN_ESTIMATES or (isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0)
         _check(ok, f"gammas[{i}]", f"must be a number > 0 or one of {', '.join(HESSIAN_ESTIMATES)}, got {g!r}")
-    for name in ("ratios", "learning_rates", "seeds"):
+    for i, sc in enumerate(cfg.scopes):
+        _check(sc in ("global", "per_tensor", "per_row"), f"scopes[{i}]",
+               f"must be global, per_tensor or per_row, got {sc!r}")
+    for name in ("ratios", "scopes", "learning_rates", "seeds"):
         values = getattr(cfg, name)
         _check(len(values) > 0, name, "must hold at least one value")
         _check(len(set(map(str, values))) == len(values), name, "holds a value twice")

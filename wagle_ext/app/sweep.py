@@ -1,7 +1,8 @@
 """``wagle sweep``: forget-quality / model-utility trade-off curves over a grid of unlearning runs.
 
 Grid: objectives x mask kinds (``dense``, the score kinds; ``wagle`` once per gamma of ``gammas``) x
-ratios (``dense`` has one ratio: 1) x learning rates x seeds. Every run unlearns from the same model
+ratios x selection scopes (``build_mask``'s ``global``, ``per_tensor``, ``per_row``; ``dense`` has
+one ratio, 1, and no scope) x learning rates x seeds. Every run unlearns from the same model
 and is evaluated every ``eval_every`` steps (:class:`~wagle_ext.unlearn.trajectory.TrajectoryCallback`
 with the evaluator of ``wagle unlearn --eval_every``); its trajectory starts at step 0 with the
 original model's evaluation, made once per model.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -174,8 +176,11 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
             continue
         for gamma in (cfg.gammas if kind == "wagle" else [None]):
             scores = None
-            for ratio in cfg.ratios:
-                mkey = _key({"ctx": ctx.ident, "kind": kind, "gamma": gamma, "ratio": ratio, "seed": cfg.mask_seed})
+            for ratio, scope in itertools.product(cfg.ratios, cfg.scopes):
+                ident = {"ctx": ctx.ident, "kind": kind, "gamma": gamma, "ratio": ratio, "seed": cfg.mask_seed}
+                if scope != "global":  # the keys of global masks stay those of sweeps before scopes existed
+                    ident["scope"] = scope
+                mkey = _key(ident)
                 path = os.path.join(work, "masks", f"{kind}_{mkey}.safetensors")
                 if not os.path.isfile(path):
                     t0 = time.perf_counter()
@@ -184,16 +189,16 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
                         g = gamma if isinstance(gamma, (int, float)) else 1e-6
                         scores = _compute_scores(ctx.model, ctx.tok, forget, retain, kind, g, seed=cfg.mask_seed,
                                                  hessian=hess)
-                    mask = build_mask(scores, ratio, model=ctx.model)
+                    mask = build_mask(scores, ratio, scope=scope, model=ctx.model)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     terms = getattr(scores, "info", {}).get("terms")
                     if terms is not None:  # which term of w - g_r/gamma dominates (mask diagnostics)
                         _write_json(path + ".terms.json", terms)
                     mask.save(path + ".tmp")
                     os.replace(path + ".tmp", path)
-                    _log(f"[sweep] mask {_method(kind, gamma)} ratio {ratio:g}: {mask.total_selected} of "
+                    _log(f"[sweep] mask {_method(kind, gamma, scope)} ratio {ratio:g}: {mask.total_selected} of "
                          f"{mask.numel} weights ({time.perf_counter() - t0:.1f} s)")
-                out[(kind, gamma, ratio)] = path
+                out[(kind, gamma, ratio, scope)] = path
     return out
 
 
@@ -206,10 +211,10 @@ def _diagnostics(cfg: SweepConfig, contexts: dict, mask_files: dict, work: str) 
     out = {}
     for bseed, ctx in contexts.items():
         masks, ratios, terms = {}, {}, {}
-        for (b, kind, gamma, ratio), path in mask_files.items():
+        for (b, kind, gamma, ratio, scope), path in mask_files.items():
             if b != bseed:
                 continue
-            label = f"{_method(kind, gamma)} @{ratio:g}"
+            label = f"{_method(kind, gamma, scope)} @{ratio:g}"
             masks[label], ratios[label] = MaskSet.load(path), ratio
             t = _read_json(path + ".terms.json")
             if t is not None:
@@ -225,10 +230,9 @@ def _diagnostics(cfg: SweepConfig, contexts: dict, mask_files: dict, work: str) 
 # the runs
 # ------------------------------------------------------------------------------------------------
 
-def _method(kind: str, gamma: Any) -> str:
-    if kind != "wagle":
-        return kind
-    return f"wagle(h={gamma})" if isinstance(gamma, str) else f"wagle(gamma={gamma:g})"
+def _method(kind: str, gamma: Any, scope: str = "global") -> str:
+    name = kind if kind != "wagle" else (f"wagle(h={gamma})" if isinstance(gamma, str) else f"wagle(gamma={gamma:g})")
+    return name if scope == "global" or kind == "dense" else f"{name}/{scope}"
 
 
 def _specs(cfg: SweepConfig, work: str) -> list:
@@ -238,7 +242,8 @@ def _specs(cfg: SweepConfig, work: str) -> list:
     specs = []
     for objective in cfg.objectives:
         for kind in cfg.masks:
-            for gamma in (cfg.gammas if kind == "wagle" else [None]):
+            for gamma, scope in itertools.product(cfg.gammas if kind == "wagle" else [None],
+                                                  cfg.scopes if kind != "dense" else ["global"]):
                 for ratio in (cfg.ratios if kind != "dense" else [1.0]):
                     for lr in cfg.learning_rates:
                         for seed in cfg.seeds:
@@ -247,10 +252,12 @@ def _specs(cfg: SweepConfig, work: str) -> list:
                             settings = {
                                 "format": _FORMAT, "objective": objective, "mask": kind, "gamma": gamma,
                                 "ratio": float(ratio), "learning_rate": float(lr), "seed": seed,
-                                "method": _method(kind, gamma), "context": _context_identity(cfg, seeds[seed]),
+                                "method": _method(kind, gamma, scope), "context": _context_identity(cfg, seeds[seed]),
                                 "mask_seed": cfg.mask_seed if kind != "dense" else None, "unlearn": u,
                                 "eval_every": cfg.eval_every, "eval": dataclasses.asdict(cfg.eval),
                             }
+                            if scope != "global":  # absent for global: earlier sweeps' run keys stay valid
+                                settings["scope"] = scope
                             key = _key(settings)
                             specs.append({"key": key, "settings": settings, "bench_seed": seeds[seed],
                                           "dir": os.path.join(work, "runs", key)})
@@ -315,7 +322,8 @@ def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
     jobs = []
     for sp in todo:
         s = sp["settings"]
-        mpath = None if s["mask"] == "dense" else mask_files[(sp["bench_seed"], s["mask"], s["gamma"], s["ratio"])]
+        mpath = None if s["mask"] == "dense" else mask_files[(sp["bench_seed"], s["mask"], s["gamma"], s["ratio"],
+                                                              s.get("scope", "global"))]
         jobs.append((cfg_dict, sp, mpath, work))
 
     def report(i: int, r: dict) -> None:
