@@ -49,6 +49,9 @@ __all__ = ["run_sweep", "THRESHOLDS"]
 
 THRESHOLDS = (0.95, 0.90)
 _FORMAT = 1  # enters every run key: bump when a run's result changes meaning
+#: UnlearnSettings fields added after sweeps existed, with the value that reproduces the older runs:
+#: left out of a run's key at that value, so a sweep made before them resumes instead of starting over.
+_LATER_UNLEARN_FIELDS: dict = {}
 _CONTEXTS: dict = {}  # per process: (context, sweep dir, eval settings) -> loaded model, data, evaluator
 
 
@@ -191,9 +194,6 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
                                                  hessian=hess)
                     mask = build_mask(scores, ratio, scope=scope, model=ctx.model)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
-                    terms = getattr(scores, "info", {}).get("terms")
-                    if terms is not None:  # which term of w - g_r/gamma dominates (mask diagnostics)
-                        _write_json(path + ".terms.json", terms)
                     mask.save(path + ".tmp")
                     os.replace(path + ".tmp", path)
                     _log(f"[sweep] mask {_method(kind, gamma, scope)} ratio {ratio:g}: {mask.total_selected} of "
@@ -216,9 +216,8 @@ def _diagnostics(cfg: SweepConfig, contexts: dict, mask_files: dict, work: str) 
                 continue
             label = f"{_method(kind, gamma, scope)} @{ratio:g}"
             masks[label], ratios[label] = MaskSet.load(path), ratio
-            t = _read_json(path + ".terms.json")
-            if t is not None:
-                terms[label] = t
+            if "terms" in masks[label].metadata:  # WAGLE scores record which term of w - g_r/gamma dominates
+                terms[label] = masks[label].metadata["terms"]
         if masks:
             out[ctx.key] = mask_diagnostics(masks, ratios, terms)
             _log("[sweep] masks:\n" + format_mask_diagnostics(out[ctx.key]))
@@ -249,6 +248,9 @@ def _specs(cfg: SweepConfig, work: str) -> list:
                         for seed in cfg.seeds:
                             u = {**unlearn, "learning_rate": float(lr), "seed": seed, "save_steps": 0,
                                  "logging_steps": 0}
+                            for k, default in _LATER_UNLEARN_FIELDS.items():
+                                if u.get(k) == default:  # fields added later enter the key only when set
+                                    u.pop(k, None)
                             settings = {
                                 "format": _FORMAT, "objective": objective, "mask": kind, "gamma": gamma,
                                 "ratio": float(ratio), "learning_rate": float(lr), "seed": seed,
