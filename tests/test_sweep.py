@@ -65,6 +65,12 @@ def test_scopes_add_runs_without_changing_the_global_ones(tmp_path):
     assert {sp["key"] for sp in a} < {sp["key"] for sp in b}  # resuming an older sweep redoes nothing
     assert sorted(sp["settings"]["method"] for sp in b) == [
         "dense", "random", "random/per_tensor", "wagle(gamma=1e-06)", "wagle(gamma=1e-06)/per_tensor"]
+    three = load_config(SweepConfig, None, [*base, "--rescores", "[0, 5]"])
+    c = _specs(three, str(tmp_path))
+    assert {sp["key"] for sp in a} < {sp["key"] for sp in c}
+    assert sorted(sp["settings"]["method"] for sp in c) == [
+        "dense", "random", "random+rescore5", "wagle(gamma=1e-06)", "wagle(gamma=1e-06)+rescore5"]
+    assert {sp["settings"]["unlearn"].get("rescore_every", 0) for sp in c} == {0, 5}
 
 
 def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
@@ -132,6 +138,8 @@ def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
     (["--seeds", "[0, 0]"], "seeds: holds a value twice"),
     (["--eval_every", "0"], "eval_every: must be >= 1"),
     (["--scopes", "[global, per_layer]"], r"scopes\[1\]: must be global, per_tensor or per_row"),
+    (["--rescores", "[0, -1]"], r"rescores\[1\]: must be an int >= 0"),
+    (["--unlearn.rescore_every", "5"], "unlearn.rescore_every: is a grid axis in a sweep"),
     (["--workers", "0"], "workers: must be >= 1"),
     (["--eval.metrics", "some"], "eval.metrics: must be one of all, fast"),
 ])

@@ -73,6 +73,7 @@ class UnlearnSettings:
     step_in_backward: bool = False  # with grad_mode "compact": update inside backward (max_grad_norm 0)
     master_weights: Optional[bool] = None  # fp32 copies of the selected bf16/fp16 weights (null: on for bf16/fp16)
     rounding: str = "nearest"     # master weights written back by "nearest" (even) or "stochastic" rounding
+    rescore_every: int = 0        # masked runs: re-score the mask on the current model every N steps (0: never)
     logging_steps: int = 0        # a progress line every N steps (0: about 10 lines per run)
     save_steps: int = 0           # wagle unlearn: checkpoint (model, optimizer, scheduler, RNG) every N steps
     save_total_limit: int = 2     # checkpoints kept (oldest deleted first)
@@ -217,6 +218,7 @@ class SweepConfig:
     gammas: list = dataclasses.field(default_factory=lambda: [1e-6])  # WAGLE's gamma values; also "fisher"/"ema"
     ratios: list = dataclasses.field(default_factory=lambda: [0.1])
     scopes: list = dataclasses.field(default_factory=lambda: ["global"])  # build_mask scopes: global, per_tensor, per_row
+    rescores: list = dataclasses.field(default_factory=lambda: [0])  # masked runs: re-score every N steps (0: never)
     learning_rates: list = dataclasses.field(default_factory=lambda: [1e-3])
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds (data order, retain pairing)
     seed_benchmark: bool = False   # embedded model: also train one benchmark per seed (benchmark.seed + seed)
@@ -451,8 +453,9 @@ def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
               u.step_in_backward)
     _check(not u.step_in_backward or u.max_grad_norm == 0, p + "step_in_backward",
            "needs grad_mode compact and max_grad_norm 0")
-    for k in ("logging_steps", "save_steps"):
+    for k in ("logging_steps", "save_steps", "rescore_every"):
         _check(getattr(u, k) >= 0, p + k, f"must be >= 0, got {getattr(u, k)}")
+    _check(not u.rescore_every or u.grad_mode == "dense", p + "rescore_every", "needs grad_mode dense")
     _check(u.save_total_limit >= 1, p + "save_total_limit", f"must be >= 1, got {u.save_total_limit}")
 
 
@@ -512,7 +515,12 @@ def _validate_sweep(cfg: "SweepConfig") -> None:
     for i, sc in enumerate(cfg.scopes):
         _check(sc in ("global", "per_tensor", "per_row"), f"scopes[{i}]",
                f"must be global, per_tensor or per_row, got {sc!r}")
-    for name in ("ratios", "scopes", "learning_rates", "seeds"):
+    for i, r in enumerate(cfg.rescores):
+        _check(isinstance(r, int) and not isinstance(r, bool) and r >= 0, f"rescores[{i}]",
+               f"must be an int >= 0, got {r!r}")
+    _check(cfg.unlearn.grad_mode == "dense" or cfg.rescores == [0], "rescores", "need unlearn.grad_mode dense")
+    _check(cfg.unlearn.rescore_every == 0, "unlearn.rescore_every", "is a grid axis in a sweep: use --rescores")
+    for name in ("ratios", "scopes", "rescores", "learning_rates", "seeds"):
         values = getattr(cfg, name)
         _check(len(values) > 0, name, "must hold at least one value")
         _check(len(set(map(str, values))) == len(values), name, "holds a value twice")

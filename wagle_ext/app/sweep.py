@@ -51,7 +51,7 @@ THRESHOLDS = (0.95, 0.90)
 _FORMAT = 1  # enters every run key: bump when a run's result changes meaning
 #: UnlearnSettings fields added after sweeps existed, with the value that reproduces the older runs:
 #: left out of a run's key at that value, so a sweep made before them resumes instead of starting over.
-_LATER_UNLEARN_FIELDS: dict = {}
+_LATER_UNLEARN_FIELDS: dict = {"rescore_every": 0}
 _CONTEXTS: dict = {}  # per process: (context, sweep dir, eval settings) -> loaded model, data, evaluator
 
 
@@ -229,9 +229,11 @@ def _diagnostics(cfg: SweepConfig, contexts: dict, mask_files: dict, work: str) 
 # the runs
 # ------------------------------------------------------------------------------------------------
 
-def _method(kind: str, gamma: Any, scope: str = "global") -> str:
+def _method(kind: str, gamma: Any, scope: str = "global", rescore: int = 0) -> str:
     name = kind if kind != "wagle" else (f"wagle(h={gamma})" if isinstance(gamma, str) else f"wagle(gamma={gamma:g})")
-    return name if scope == "global" or kind == "dense" else f"{name}/{scope}"
+    if kind == "dense":
+        return name
+    return name + ("" if scope == "global" else f"/{scope}") + (f"+rescore{rescore}" if rescore else "")
 
 
 def _specs(cfg: SweepConfig, work: str) -> list:
@@ -241,20 +243,21 @@ def _specs(cfg: SweepConfig, work: str) -> list:
     specs = []
     for objective in cfg.objectives:
         for kind in cfg.masks:
-            for gamma, scope in itertools.product(cfg.gammas if kind == "wagle" else [None],
-                                                  cfg.scopes if kind != "dense" else ["global"]):
+            for gamma, scope, rescore in itertools.product(cfg.gammas if kind == "wagle" else [None],
+                                                           cfg.scopes if kind != "dense" else ["global"],
+                                                           cfg.rescores if kind != "dense" else [0]):
                 for ratio in (cfg.ratios if kind != "dense" else [1.0]):
                     for lr in cfg.learning_rates:
                         for seed in cfg.seeds:
                             u = {**unlearn, "learning_rate": float(lr), "seed": seed, "save_steps": 0,
-                                 "logging_steps": 0}
+                                 "logging_steps": 0, "rescore_every": rescore}
                             for k, default in _LATER_UNLEARN_FIELDS.items():
                                 if u.get(k) == default:  # fields added later enter the key only when set
                                     u.pop(k, None)
                             settings = {
                                 "format": _FORMAT, "objective": objective, "mask": kind, "gamma": gamma,
                                 "ratio": float(ratio), "learning_rate": float(lr), "seed": seed,
-                                "method": _method(kind, gamma, scope), "context": _context_identity(cfg, seeds[seed]),
+                                "method": _method(kind, gamma, scope, rescore), "context": _context_identity(cfg, seeds[seed]),
                                 "mask_seed": cfg.mask_seed if kind != "dense" else None, "unlearn": u,
                                 "eval_every": cfg.eval_every, "eval": dataclasses.asdict(cfg.eval),
                             }
@@ -281,7 +284,8 @@ def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str) ->
     model = copy.deepcopy(ctx.model)
     mask = MaskSet.load(mask_path, model=model) if mask_path else None
     u = dataclasses.replace(cfg.unlearn, **{k: s["unlearn"][k] for k in ("learning_rate", "seed", "save_steps",
-                                                                          "logging_steps")})
+                                                                          "logging_steps")},
+                            rescore_every=s["unlearn"].get("rescore_every", 0))
     os.makedirs(spec["dir"], exist_ok=True)
     cb = TrajectoryCallback(ctx.evaluate, cfg.eval_every, os.path.join(spec["dir"], "trajectory.json"),
                             at_start=False)
@@ -290,7 +294,8 @@ def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str) ->
     res = _unlearn(model, ctx.tok, ctx.data["forget"], ctx.data["retain"], s["objective"], mask, u,
                    os.path.join(spec["dir"], "trainer"), device=ctx.device, demo=True, callbacks=[cb])
     result = {"key": spec["key"], "settings": s, "context": ctx.key, "trajectory": cb.entries,
-              "train_loss": res["train_loss"], "seconds": time.perf_counter() - t0,
+              "train_loss": res["train_loss"], "rescore_history": res["rescore_history"],
+              "seconds": time.perf_counter() - t0,
               "eval_seconds": sum(e["seconds"] for e in cb.entries)}
     import shutil
 

@@ -370,6 +370,41 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         if any(not torch.equal(g, gathered[0]) for g in gathered):
             raise ValueError("the mask differs across ranks: every process must load the same MaskSet")
 
+    def set_mask(self, mask: MaskSet) -> None:
+        """Replace the mask during training (e.g. re-scored every N steps,
+        :class:`~wagle_ext.unlearn.rescore.RescoreCallback`): the optimizer's masks are swapped in
+        place (:meth:`MaskedAdamW.set_masks`: weights selected before and after keep their moments,
+        newly selected ones start from zero moments, dropped ones freeze at their current value).
+        The new mask must cover the same tensors with the same ``missing`` mode (the optimizer's
+        parameter groups stay as built). Dense gradients only: in compact mode the hooks' buffers
+        are laid out by the old mask."""
+        if not isinstance(mask, MaskSet):
+            raise TypeError(f"mask must be a wagle_ext.MaskSet, got {type(mask).__name__}")
+        if self.mask is None:
+            raise ValueError("set_mask: this trainer has no mask to replace (it was built for dense unlearning)")
+        if mask.names() != self.mask.names() or mask.missing != self.mask.missing:
+            raise ValueError("set_mask: the new mask must cover the same tensors with the same missing mode")
+        if self.grad_mode == "compact":
+            raise ValueError("set_mask needs grad_mode='dense' (compact gradient buffers follow the old mask)")
+        mask.check_compatible(self.model)
+        self.mask = mask
+        self._param_masks = None
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, _MaskCheckpointCallback):
+                cb.mask = mask
+        if self.optimizer is None:
+            return
+        opt = self._masked_optimizer()
+        named = {id(p): n for n, p in self.model.named_parameters()}
+        new = self._model_masks(self.model)
+        aligned = []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                name = named.get(id(p))
+                aligned.append(new[name] if name in new else opt.mask_of(p))
+        opt.set_masks(aligned)
+        self.trainable_report = trainable_report(self.model, mask)
+
     # ------------------------------------------------------------------ clipping
     def _model_masks(self, model) -> dict:
         """{model parameter name: PackedMask}, resolved once."""
