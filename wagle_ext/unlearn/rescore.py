@@ -32,7 +32,8 @@ class RescoreCallback(transformers.TrainerCallback):
             batches of the forget and retain sets).
         kind, gamma, hessian, ratio, scope: the score and selection; None = the current mask's
             metadata (``score_kind``, ``gamma``, ``hessian``, ``ratio``, ``scope``).
-        seed: seed of the ``random`` score kind (other kinds ignore it).
+        seed: seed of the ``random`` score kind (other kinds ignore it); None = the mask's metadata
+            ``seed`` (then a random mask re-scores to itself), else 0.
 
     ``history``: one dict per re-scoring, ``{"step", "kept"}`` where ``kept`` is the fraction of the
     previous selection that the new mask keeps (:meth:`MaskSet.overlap`), plus ``"selected"``.
@@ -41,7 +42,7 @@ class RescoreCallback(transformers.TrainerCallback):
 
     def __init__(self, every: int, forget_loader: Iterable, retain_loader: Iterable, *, kind: Optional[str] = None,
                  gamma: Optional[float] = None, hessian: Optional[str] = None, ratio: Optional[float] = None,
-                 scope: Optional[str] = None, seed: int = 0):
+                 scope: Optional[str] = None, seed: Optional[int] = None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         self.every, self.forget_loader, self.retain_loader = every, forget_loader, retain_loader
@@ -64,6 +65,8 @@ class RescoreCallback(transformers.TrainerCallback):
             self.hessian = meta["hessian"]
         self.ratio = self.ratio if self.ratio is not None else meta.get("ratio")
         self.scope = self.scope or meta.get("scope", "global")
+        if self.seed is None:
+            self.seed = int(meta.get("seed", 0))
         if self.ratio is None:
             raise ValueError("RescoreCallback: the mask's metadata has no ratio; pass ratio=...")
         self.trainer = trainer
