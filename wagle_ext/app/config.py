@@ -114,7 +114,7 @@ class DemoConfig:
     attack_learning_rate: float = 1e-3  # of the relearning attack
     geffect_every: int = 10        # G-effect of every dense and wagle run, every N steps (0: off)
     front: bool = True             # first the fronts: a sweep over learning_rates x seeds (fast metrics)
-    learning_rates: list = dataclasses.field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 5e-3])  # of the front sweep
+    learning_rates: list = dataclasses.field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 5e-3, 1e-2])  # of the front sweep
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds of the front sweep
     eval_every: int = 5            # front sweep: evaluation every N steps along each run
     workers: int = 1               # front sweep: runs in parallel processes (each num_threads threads)
