@@ -15,7 +15,7 @@ from wagle_ext.unlearn.trainer import UnlearnTrainer  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _setup(tmp_path, steps=6, grad_mode="dense"):
+def _setup(tmp_path, steps=6, grad_mode="dense", kind="wagle"):
     import transformers
 
     tok = char_tokenizer()
@@ -24,7 +24,7 @@ def _setup(tmp_path, steps=6, grad_mode="dense"):
     forget, retain = TINY_QA[:4], TINY_QA[4:]
     coll = QACollator(tok)
     fl, rl = DataLoader(forget, batch_size=4, collate_fn=coll), DataLoader(retain, batch_size=4, collate_fn=coll)
-    mask = build_mask(score_model(model, fl, rl, kind="wagle", progress=False), 0.2, model=model)
+    mask = build_mask(score_model(model, fl, rl, kind=kind, seed=3, progress=False), 0.2, model=model)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=2e-2, max_steps=steps,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, save_strategy="no", report_to=[],
@@ -84,3 +84,14 @@ def test_set_mask_and_callback_refuse_what_cannot_work(tmp_path):
         trainer.set_mask({"a": 1})
     with pytest.raises(ValueError, match="every"):
         RescoreCallback(0, fl, rl)
+
+
+def test_a_random_mask_rescores_to_itself(tmp_path):
+    trainer, fl, rl = _setup(tmp_path, steps=3, kind="random")
+    first = trainer.mask
+    cb = RescoreCallback(1, fl, rl)
+    cb.bind_trainer(trainer)
+    assert cb.seed == 3  # the mask's own seed, from its metadata
+    trainer.add_callback(cb)
+    trainer.train()
+    assert [h["kept"] for h in cb.history] == [1.0, 1.0] and trainer.mask == first
