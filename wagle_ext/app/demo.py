@@ -1,5 +1,8 @@
-"""``wagle demo``: the embedded benchmark, every objective x every mask kind at one ratio and step
-budget, one table, ``results.json`` and the forget-quality / model-utility figure."""
+"""``wagle demo``: the embedded benchmark; first the forget-quality / model-utility fronts of every
+objective x mask kind over learning rates and seeds (a ``wagle sweep``: ``fronts.png``, the table of
+the best forget quality at >= 95% / 90% of the original utility), then every objective x mask kind at
+one ratio, step budget and learning rate with the full evaluation, attacks and G-effect: one table,
+``results.json`` and the forget-quality / model-utility figure."""
 from __future__ import annotations
 
 import copy
@@ -44,9 +47,10 @@ def _format_table(rows: Sequence[dict]) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """The main job: build or reuse the embedded benchmark, then for every objective and mask kind
-    unlearn from the target at ``cfg.ratio`` for ``cfg.unlearn.steps`` steps, evaluate, print the
-    table, write ``results.json`` and ``forget_quality_vs_utility.png`` under ``cfg.out``."""
+    """The main job: build or reuse the embedded benchmark; with ``cfg.front`` run the fronts sweep
+    (``sweep/``, ``fronts.png``); then for every objective and mask kind unlearn from the target at
+    ``cfg.ratio`` for ``cfg.unlearn.steps`` steps, evaluate, print the table, write ``results.json``
+    and ``forget_quality_vs_utility.png`` under ``cfg.out``."""
     with _Job("demo", cfg) as run:
         return _run_demo(cfg, run)
 
@@ -71,6 +75,7 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
                              retain_sets=("retain_eval", "world_facts"), retain_model_eval=bench.retain_eval_path,
                              batch_size=cfg.eval_batch_size, max_new_tokens=96, out_dir=where, progress=False)
 
+    front = _front(cfg, out) if cfg.front else None
     _log("[demo] evaluating the target and the retain model (references)")
     references = []
     for name, model in (("target", bench.target), ("retain", bench.retain)):
@@ -151,7 +156,8 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
         if not res:
             continue
         geffect_pngs.append(plot_g_effect(res, os.path.join(out, f"g_effect_{objective}.png"),
-                                          title=f"G-effect of {objective}: dense vs WAGLE mask (ratio {cfg.ratio:g})"))
+                                          title=f"G-effect of {objective}: dense vs WAGLE mask (ratio {cfg.ratio:g}; "
+                                          "symlog axes)", frozen=True, symlog=True))
     table = _format_table(references + rows)
     _log("\n" + table + "\n")
     png = os.path.join(out, "forget_quality_vs_utility.png")
@@ -164,6 +170,7 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
                       "info": bench.info},
         "masks": mask_info,
         "g_effect": geffects,
+        "front": front,
         "references": references,
         "rows": rows,
         "table": table,
@@ -175,8 +182,37 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
         f.write(table + "\n")
     _log(f"[demo] benchmark {'reused from cache' if not bench.built else 'built'} in {t_bench:.1f} s; "
          f"total {results['total_seconds']:.1f} s")
-    _log(f"[demo] wrote results.json, table.txt, forget_quality_vs_utility.png, masks/, runs/ under {run.path}")
+    _log(f"[demo] wrote results.json, table.txt, forget_quality_vs_utility.png, masks/, runs/"
+         f"{', fronts.png, sweep/' if front else ''} under {run.path}")
     return results
+
+
+def _front(cfg: DemoConfig, out: str) -> dict:
+    """The fronts: ``wagle sweep`` of the demo's grid into ``<out>/sweep`` (its table logged,
+    ``fronts.png`` copied next to the demo's results)."""
+    import shutil
+
+    from .config import demo_sweep_config
+    from .sweep import run_sweep
+
+    scfg = demo_sweep_config(cfg)
+    scfg.out = os.path.join(out, "sweep")
+    if not scfg.masks:
+        _log("[demo] fronts: skipped (no mask kind of the demo is swept: LoRA rows only)")
+        return None
+    n = len(cfg.objectives) * len(cfg.seeds) * len(cfg.learning_rates) * len(scfg.masks)
+    _log(f"[demo] fronts: {n} runs ({len(cfg.objectives)} objectives x {len(scfg.masks)} masks x "
+         f"{len(cfg.learning_rates)} learning rates x {len(cfg.seeds)} seeds), {cfg.unlearn.steps} steps each, "
+         f"evaluated every {cfg.eval_every} (fast metrics) -> sweep/")
+    t0 = time.perf_counter()
+    path = run_sweep(scfg)
+    with open(os.path.join(path, "results.json")) as f:
+        res = json.load(f)
+    shutil.copyfile(os.path.join(path, "fronts.png"), os.path.join(out, "fronts.png"))
+    _log("[demo] fronts over learning rates and seeds (sweep/table.txt, fronts.png):\n" + res["table"])
+    return {"dir": "sweep", "seconds": time.perf_counter() - t0, "utility_key": res["utility_key"],
+            "table": res["table"], "table_rows": res["table_rows"], "n_runs": res["n_runs"],
+            "mask_diagnostics": res.get("mask_diagnostics")}
 
 
 def _geffect_probe(bench, forget, retain, objective, mask, cfg):

@@ -331,7 +331,17 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
     trainer = UnlearnTrainer(model=model, args=args, objective=objective, objective_kwargs=kw, mask=mask,
                              train_dataset=ds, data_collator=QACollator(tok),
                              grad_mode="compact" if compact else "dense",
-                             step_in_backward=compact and u.step_in_backward)
+                             step_in_backward=compact and u.step_in_backward,
+                             master_weights=u.master_weights, rounding=u.rounding)
+    rescore = None
+    if mask is not None and u.rescore_every:
+        from torch.utils.data import DataLoader
+
+        from ..unlearn.rescore import RescoreCallback
+
+        rescore = RescoreCallback(u.rescore_every, DataLoader(forget, batch_size=8, collate_fn=QACollator(tok)),
+                                  DataLoader(retain, batch_size=8, collate_fn=QACollator(tok)))
+        callbacks = [*callbacks, rescore]
     trainer.remove_callback(transformers.PrinterCallback)  # our own progress lines instead of raw log dicts
     if not demo:
         from ..masks import format_trainable_report
@@ -351,8 +361,11 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
         _log(f"[unlearn] resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     model.eval()
+    if rescore is not None and rescore.history and not demo:
+        _log("[unlearn] mask re-scored at steps " + ", ".join(
+            f"{h['step']} (kept {h['kept']:.1%})" for h in rescore.history))
     return {"train_loss": float(result.training_loss), "log_history": trainer.state.log_history,
-            "trainer": trainer}
+            "rescore_history": rescore.history if rescore is not None else None, "trainer": trainer}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 import transformers
 from torch import nn
 
-from .._checks import check_grad_mode, check_weight_decay_mode
+from .._checks import check_grad_mode, check_master_weights, check_weight_decay_mode
 from ..lora.fila import FILA_MARK
 from ..lora.reference import InitialAdapterReference, adapters_are_zero
 from ..masks import MaskSet, format_trainable_report, trainable_report
@@ -176,6 +176,12 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         step_in_backward: with ``grad_mode="compact"``: apply each parameter's update inside its
             backward hook (LOMO/SIFT); needs ``gradient_accumulation_steps=1`` and no clipping
             (``max_grad_norm=0``). The logged ``grad_norm`` is then absent.
+        master_weights: ``MaskedAdamW``'s compact fp32 master copies of the selected elements of
+            bf16/fp16 parameters (12 B of state per selected element instead of 8): None (default) =
+            on for bf16/fp16 parameters, True/False = force. Without them, AdamW updates below half
+            a bf16 ulp are lost (docs/pitfalls.md).
+        rounding: how master weights are written back to bf16/fp16: ``"nearest"`` (default, round
+            to nearest even) or ``"stochastic"`` (unbiased; seeded by ``args.seed``).
 
     At the start of training the trainer logs :func:`~wagle_ext.memory.memory_report` (weights,
     gradients, optimizer state, masks, and the dense-AdamW equivalent) and keeps it as
@@ -191,6 +197,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
                  mask: Optional[MaskSet] = None, ref_model: Optional[nn.Module] = None,
                  clip_before_mask: bool = False, weight_decay_mode: str = "masked",
                  grad_mode: str = "dense", step_in_backward: bool = False,
+                 master_weights: Optional[bool] = None, rounding: str = "nearest",
                  build_reference: bool = True, **kwargs):
         if model is None:
             raise ValueError("UnlearnTrainer needs a model")
@@ -225,6 +232,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             raise ValueError("UnlearnTrainer needs TrainingArguments (args=...)")
         _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight_decay_mode, args)
         _check_hooks_available(grad_mode, mask, clip_before_mask, args)
+        check_master_weights(master_weights, rounding, args.seed)
         args.remove_unused_columns = False
 
         self.objective = objective
@@ -233,6 +241,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         self.weight_decay_mode = weight_decay_mode
         self.grad_mode = grad_mode
         self.step_in_backward = bool(step_in_backward)
+        self.master_weights = master_weights
+        self.rounding = rounding
         self.initial_memory_report: Optional[dict] = None
         self.trainable_report: dict = report
         if objective.needs_reference and ref_model is None:
@@ -340,7 +350,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             param_groups, masks=aligned, lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
             weight_decay=self.args.weight_decay, weight_decay_mode=self.weight_decay_mode,
-            grad_mode=self.grad_mode, step_in_backward=self.step_in_backward)
+            grad_mode=self.grad_mode, step_in_backward=self.step_in_backward,
+            master_weights=self.master_weights, rounding=self.rounding, seed=self.args.seed)
         self._log_trainable_report(opt_model)
         self._log_memory_report(opt_model, self.optimizer)
         return self.optimizer
@@ -364,6 +375,41 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         torch.distributed.all_gather(gathered, digest)
         if any(not torch.equal(g, gathered[0]) for g in gathered):
             raise ValueError("the mask differs across ranks: every process must load the same MaskSet")
+
+    def set_mask(self, mask: MaskSet) -> None:
+        """Replace the mask during training (e.g. re-scored every N steps,
+        :class:`~wagle_ext.unlearn.rescore.RescoreCallback`): the optimizer's masks are swapped in
+        place (:meth:`MaskedAdamW.set_masks`: weights selected before and after keep their moments,
+        newly selected ones start from zero moments, dropped ones freeze at their current value).
+        The new mask must cover the same tensors with the same ``missing`` mode (the optimizer's
+        parameter groups stay as built). Dense gradients only: in compact mode the hooks' buffers
+        are laid out by the old mask."""
+        if not isinstance(mask, MaskSet):
+            raise TypeError(f"mask must be a wagle_ext.MaskSet, got {type(mask).__name__}")
+        if self.mask is None:
+            raise ValueError("set_mask: this trainer has no mask to replace (it was built for dense unlearning)")
+        if mask.names() != self.mask.names() or mask.missing != self.mask.missing:
+            raise ValueError("set_mask: the new mask must cover the same tensors with the same missing mode")
+        if self.grad_mode == "compact":
+            raise ValueError("set_mask needs grad_mode='dense' (compact gradient buffers follow the old mask)")
+        mask.check_compatible(self.model)
+        self.mask = mask
+        self._param_masks = None
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, _MaskCheckpointCallback):
+                cb.mask = mask
+        if self.optimizer is None:
+            return
+        opt = self._masked_optimizer()
+        named = {id(p): n for n, p in self.model.named_parameters()}
+        new = self._model_masks(self.model)
+        aligned = []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                name = named.get(id(p))
+                aligned.append(new[name] if name in new else opt.mask_of(p))
+        opt.set_masks(aligned)
+        self.trainable_report = trainable_report(self.model, mask)
 
     # ------------------------------------------------------------------ clipping
     def _model_masks(self, model) -> dict:
