@@ -131,7 +131,8 @@ class DemoConfig:
     out: str = "saves/demo"
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     objectives: list = dataclasses.field(default_factory=lambda: ["graddiff", "npo"])
-    masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle"])
+    masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle", "lora",
+                                                             "lora+fila", "lora+wagle"])  # LoRA rows: not in the fronts
     ratio: float = 0.1             # fraction of weights selected for update (WAGLE convention)
     gamma: float = 1e-6            # WAGLE score's Hessian constant
     lora_rank: int = 8             # rank of the LoRA rows (masks lora, lora+fila, lora+wagle), alpha 2 * rank
