@@ -24,6 +24,8 @@ rank  package / module                                responsibility
 5     ``optim``, ``parallel``                         MaskedAdamW (masks -> compact updates);
                                                       FSDP2 checkpoints, DDP compact hook,
                                                       DeepSpeed configs
+5     ``lora``                                        LoRA adapters: Fisher importances, FILA,
+                                                      attribution-guided placement, export
 6     ``memory``                                      memory accounting of model + optimizer
 7     ``unlearn``                                     data, objectives/losses, trainer (+ the one
                                                       transformers-internals shim)
@@ -50,7 +52,7 @@ LAYERS = [
     ("wagle_ext.ops", 2),
     ("wagle_ext.attribution", 3),
     ("wagle_ext.masks", 4),
-    ("wagle_ext.optim", 5), ("wagle_ext.parallel", 5),
+    ("wagle_ext.optim", 5), ("wagle_ext.parallel", 5), ("wagle_ext.lora", 5),
     ("wagle_ext.memory", 6),
     ("wagle_ext.unlearn", 7),
     ("wagle_ext.eval", 8),

@@ -75,6 +75,11 @@ def test_file_then_overrides(tmp_path, ext):
     (["--unlearn.learning_rate", "-1"], "unlearn.learning_rate: must be > 0"),
     (["--unlearn.grad_mode", "sparse"], "unlearn.grad_mode: must be dense or compact"),
     (["--unlearn.step_in_backward", "true"], "unlearn.step_in_backward: needs grad_mode compact"),
+    (["--unlearn.rounding", "up"], "unlearn.rounding: must be one of"),
+    (["--learning_rates", "[1e-3, -1]"], r"learning_rates\[1\]: must be a number > 0"),
+    (["--seeds", "[]"], "seeds: must hold at least one value"),
+    (["--unlearn.master_weights", "false", "--unlearn.rounding", "stochastic"], "unlearn.rounding: stochastic"),
+    (["--unlearn.master_weights", "maybe"], "unlearn.master_weights: expected"),
     (["--benchmark", "3"], "benchmark: expected a mapping"),
     (["ratio", "0.1"], "expected --key value"),
 ])
@@ -126,7 +131,9 @@ def test_cli_bad_config_exits_2_naming_the_field(capsys):
 
 def test_demo_end_to_end_and_cache_reuse(tmp_path, cache, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", *TINY, "--cache_dir", cache, "--out", str(out), "--geffect_every", "1"]) == 0
+    assert main(["demo", *TINY, "--cache_dir", cache, "--out", str(out), "--geffect_every", "1",
+                 "--masks", "[dense, random, magnitude, wagle]",  # LoRA rows: tests/test_lora_cli.py
+                 "--learning_rates", "[1e-2]", "--seeds", "[0]", "--eval_every", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"results in {out}" in printed and "forget_quality" in printed and "model_utility" in printed
     for f in ("results.json", "table.txt", "forget_quality_vs_utility.png", "config.json",
@@ -151,6 +158,14 @@ def test_demo_end_to_end_and_cache_reuse(tmp_path, cache, capsys):
     for m in ("random", "magnitude", "wagle"):
         assert res["masks"][m]["density"] == pytest.approx(0.1, abs=1e-3)
     assert res["benchmark"]["reused_cache"] is False
+    # the fronts: a sweep of the same grid (one lr, one seed here), its table printed and saved
+    front = res["front"]
+    assert front["n_runs"] == 8 and (out / "fronts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert front["table"] in printed and (out / "sweep" / "table.txt").read_text().strip() == front["table"].strip()
+    assert [(r["objective"], r["method"]) for r in front["table_rows"]] == [
+        (o, m) for o in ("graddiff", "npo") for m in ("dense", "random", "magnitude", "wagle(gamma=1e-06)")]
+    assert set(next(iter(front["mask_diagnostics"].values()))["masks"]) == {
+        "random @0.1", "magnitude @0.1", "wagle(gamma=1e-06) @0.1"}
     # the table printed is the table saved
     assert res["table"] in printed and (out / "table.txt").read_text().strip() == res["table"].strip()
 
@@ -160,7 +175,7 @@ def test_demo_end_to_end_and_cache_reuse(tmp_path, cache, capsys):
     stamp = os.stat(weights).st_mtime_ns
     out2 = tmp_path / "demo2"
     assert main(["demo", *TINY, "--cache_dir", cache, "--out", str(out2), "--objectives", "[graddiff]",
-                 "--masks", "[dense, wagle]", "--attacks", "false", "--geffect_every", "0"]) == 0
+                 "--masks", "[dense, wagle]", "--attacks", "false", "--geffect_every", "0", "--front", "false"]) == 0
     assert "reusing cached models" in capsys.readouterr().out
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["benchmark"]["reused_cache"] is True and res2["benchmark"]["directory"] == bdir

@@ -110,9 +110,14 @@ def test_mask_from_precomputed_scores(user_files, tmp_path, capsys):
 
     a, b = MaskSet.load(str(sdir / "mask.safetensors")), MaskSet.load(str(mdir / "mask.safetensors"))
     assert a.names() == b.names() and all(torch.equal(a[n].bits, b[n].bits) for n in a.names())
-    # with the model given, the mask is bound to it (its fingerprint)
-    assert main(["mask", "--scores", str(sdir / "scores.safetensors"), "--model", str(d / "my-llama"),
+    # with the model given, the mask is bound to it (its fingerprint); a job's folder stands for its file
+    assert main(["mask", "--scores", str(sdir), "--model", str(d / "my-llama"),
                  "--ratio", "0.1", "--out", str(tmp_path / "mask2")]) == 0
+    assert main(["unlearn", *_common(d), "--mask", str(tmp_path / "mask2"), "--unlearn.steps", "1",
+                 "--out", str(tmp_path / "u")]) == 0
+    capsys.readouterr()
+    assert main(["unlearn", *_common(d), "--mask", str(tmp_path), "--out", str(tmp_path / "u2")]) == 2
+    assert "a mask file, or the folder" in _err_line(capsys)
     # a file that is not a scores file: one line, exit 1, nothing written
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(os.urandom(300))

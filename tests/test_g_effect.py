@@ -65,7 +65,7 @@ def test_equals_direct_inner_product(setup, objective):
         {"lm_head"} if model.config.tie_word_embeddings else set())
 
 
-def test_groups_bands_and_mask_split(setup):
+def test_groups_bands_and_mask_split(setup, tmp_path):
     _, model, loader = setup
     groups = weight_groups(model, layer_band=2)
     assert {"embed", "layers 0-1", "layers 2-3", "other"} <= set(groups.values())
@@ -77,6 +77,19 @@ def test_groups_bands_and_mask_split(setup):
     rec = g_effect(model, "ga", [batch], ema=None, mask=mask, layer_band=2)["records"][0]
     for g in rec["groups"].values():
         assert g["e_unlearn_masked"] + g["e_unlearn_frozen"] == pytest.approx(g["e_unlearn"], rel=1e-9, abs=1e-12)
+    # a masked probe is drawn with its masked part (and the frozen part on request)
+    import matplotlib.pyplot as plt
+
+    saved = []
+    orig = plt.Figure.savefig
+    try:
+        plt.Figure.savefig = lambda fig, *a, **k: (saved.append(
+            sorted(line.get_label() for ax in fig.axes for line in ax.get_lines())), orig(fig, *a, **k))
+        plot_g_effect({"ga": {"records": [dict(rec, step=1)]}}, str(tmp_path / "m.png"), frozen=True)
+    finally:
+        plt.Figure.savefig = orig
+    assert "ga unlearn (masked weights)" in saved[0] and "ga unlearn (frozen weights)" in saved[0]
+    assert "ga unlearn" not in saved[0]
 
 
 def test_ema_of_equal_gradients_is_the_plain_value(setup):

@@ -331,6 +331,23 @@ def test_maskset_api(gen):
         MaskSet({}, missing="maybe")
 
 
+def test_overlap_counts_equal_boolean_sets(gen):
+    scores = _scores(gen)
+    a, b = build_mask(scores, 0.25), build_mask({n: torch.rand(t.shape, generator=gen) for n, t in scores.items()}, 0.1)
+    ba, bb = a.to_bool_dict(), b.to_bool_dict()
+    inter = sum(int((ba[n] & bb[n]).sum()) for n in ba)
+    union = sum(int((ba[n] | bb[n]).sum()) for n in ba)
+    o = a.overlap(b)
+    assert o["intersection"] == inter and o["selected_self"] == a.total_selected
+    assert o["jaccard"] == pytest.approx(inter / union) and o["fraction_of_self"] == pytest.approx(inter / a.total_selected)
+    assert o["expected_random"] == pytest.approx(b.total_selected / a.numel)
+    assert a.overlap(a)["jaccard"] == 1.0
+    with pytest.raises(TypeError):
+        a.overlap(ba)
+    with pytest.raises(ValueError, match="share no tensor"):
+        a.overlap(MaskSet({"zz": PackedMask.full((3,))}))
+
+
 def test_stats_and_plot(tok, gen, tmp_path):
     model = tiny_llama(len(tok), layers=4, seed=_s(gen))
     forget, retain = _data(tok, gen)

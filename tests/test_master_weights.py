@@ -521,3 +521,49 @@ def test_step_in_backward_with_master_weights(gen):
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         assert _same(p.detach(), q.detach()), n
         assert _same(o1.master_weight(p), o2.master_weight(q)), n
+
+
+# ------------------------------------------------------------------ the trainer passes the settings on
+def _bf16_trainer(tmp_path, **kw):
+    import transformers
+
+    from wagle_ext import ForgetRetainDataset, MaskSet, QACollator
+    from wagle_ext.fictitious_authors import make_fictitious_authors
+    from wagle_ext.trainer import UnlearnTrainer
+
+    from tiny_models import char_tokenizer, tiny_llama
+
+    tok = char_tokenizer()
+    data = make_fictitious_authors(4, seed=0)
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=4, intermediate=64, seed=0).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    mask = MaskSet.from_bool_dict({n: torch.rand(p.shape, generator=gen) < 0.2 for n, p in model.named_parameters()})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=1e-3, max_steps=2,
+        lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", report_to=[], use_cpu=True,
+        seed=7, disable_tqdm=True)
+    return UnlearnTrainer(model=model, args=args, objective="graddiff", mask=mask,
+                          train_dataset=ForgetRetainDataset(data["forget10"], data["retain90"], seed=0),
+                          data_collator=QACollator(tok), **kw)
+
+
+@pytest.mark.parametrize("settings", [{}, {"master_weights": False}, {"rounding": "stochastic"}])
+def test_trainer_passes_master_weight_settings(tmp_path, settings):
+    trainer = _bf16_trainer(tmp_path, **settings)
+    trainer.train()
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert isinstance(opt, MaskedAdamW)
+    want_master = settings.get("master_weights", True)
+    assert opt.master_weights is want_master
+    assert opt.rounding == settings.get("rounding", "nearest") and opt.seed == 7
+    masked = [p for p in trainer.model.parameters() if opt.mask_of(p) is not None and opt.mask_of(p).nnz > 0]
+    assert masked
+    for p in masked:
+        assert (opt.master_weight(p) is not None) is want_master
+
+
+def test_trainer_rejects_stochastic_rounding_without_master_weights(tmp_path):
+    with pytest.raises(ValueError, match="stochastic"):
+        _bf16_trainer(tmp_path, master_weights=False, rounding="stochastic")
+    with pytest.raises(ValueError, match="rounding"):
+        _bf16_trainer(tmp_path, rounding="up")

@@ -23,6 +23,56 @@ def _runs(out):
     return {d: os.path.getmtime(os.path.join(out, "runs", d, "result.json")) for d in os.listdir(os.path.join(out, "runs"))}
 
 
+def _mask_files(out: str) -> list:
+    return [f for f in os.listdir(os.path.join(out, "masks")) if f.endswith(".safetensors")]
+
+
+def test_mask_diagnostics_types_and_overlaps():
+    import torch
+
+    from wagle_ext.app.mask_diagnostics import format_mask_diagnostics, layer_type_of, mask_diagnostics
+    from wagle_ext.masks import MaskSet
+
+    assert [layer_type_of(n) for n in (
+        "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight", "model.norm.weight", "lm_head.weight",
+        "transformer.h.1.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.ln_2.weight",
+        "transformer.wte.weight", "base_model.model.model.layers.0.self_attn.v_proj.weight")] == [
+        "embed", "attention", "mlp", "norm", "norm", "lm_head", "attention", "mlp", "norm", "embed", "attention"]
+    shapes = {"model.embed_tokens.weight": (10, 4), "model.layers.0.self_attn.q_proj.weight": (4, 4),
+              "model.layers.0.mlp.up_proj.weight": (8, 4)}
+    a = MaskSet.from_bool_dict({n: torch.ones(s, dtype=torch.bool) if "q_proj" in n else torch.zeros(s, dtype=torch.bool)
+                                for n, s in shapes.items()})
+    b = MaskSet.from_bool_dict({n: torch.ones(s, dtype=torch.bool) if "proj" in n else torch.zeros(s, dtype=torch.bool)
+                                for n, s in shapes.items()})
+    d = mask_diagnostics({"a": a, "b": b, "c": b}, ratios={"a": 0.1, "b": 0.1, "c": 0.5})
+    assert d["masks"]["a"]["per_type"]["attention"] == {"numel": 16, "selected": 16, "density": 1.0, "share": 1.0}
+    assert d["masks"]["b"]["per_type"]["mlp"]["share"] == pytest.approx(32 / 48)
+    (o,) = d["overlaps"]  # only the pair of equal ratio
+    assert (o["a"], o["b"]) == ("a", "b") and o["fraction_of_a"] == 1.0 and o["jaccard"] == pytest.approx(16 / 48)
+    assert o["expected_random"] == pytest.approx(48 / 88) and o["lift"] == pytest.approx(88 / 48)
+    assert "overlap a / b" in format_mask_diagnostics(d)
+
+
+def test_scopes_add_runs_without_changing_the_global_ones(tmp_path):
+    from wagle_ext.app.config import SweepConfig, load_config
+    from wagle_ext.app.sweep import _specs
+
+    base = ["--masks", "[dense, random, wagle]", "--seeds", "[0]"]
+    one = load_config(SweepConfig, None, base)
+    two = load_config(SweepConfig, None, [*base, "--scopes", "[global, per_tensor]"])
+    a, b = _specs(one, str(tmp_path)), _specs(two, str(tmp_path))
+    assert {sp["key"] for sp in a} < {sp["key"] for sp in b}  # resuming an older sweep redoes nothing
+    assert sorted(sp["settings"]["method"] for sp in b) == [
+        "dense", "random", "random/per_tensor", "wagle(gamma=1e-06)", "wagle(gamma=1e-06)/per_tensor"]
+    three = load_config(SweepConfig, None, [*base, "--rescores", "[0, 5]"])
+    c = _specs(three, str(tmp_path))
+    assert {sp["key"] for sp in a} < {sp["key"] for sp in c}
+    assert sorted(sp["settings"]["method"] for sp in c) == [
+        "dense", "random", "random+rescore5", "wagle(gamma=1e-06)", "wagle(gamma=1e-06)+rescore5"]
+    assert {sp["settings"]["unlearn"].get("rescore_every", 0) for sp in c} == {0, 5}
+
+
 def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
     out = str(tmp_path / "sweep")
     args = ["sweep", *TINY, "--cache_dir", str(tmp_path / "cache"), "--masks", "[dense, wagle]", "--ratios", "[0.1]",
@@ -35,7 +85,14 @@ def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "fronts.png")) > 10_000
     res = json.loads(open(os.path.join(out, "results.json")).read())
     assert res["n_runs"] == 4 and res["n_skipped"] == 0 and res["utility_key"] == "model_utility"
-    assert len(os.listdir(os.path.join(out, "masks"))) == 1  # the wagle mask, shared by both seeds
+    assert len(_mask_files(out)) == 1  # the wagle mask, shared by both seeds
+    # its diagnostics: layer-type shares (adding up to 1) and the dominant term of the WAGLE score
+    (diag,) = res["mask_diagnostics"].values()
+    (label, d), = diag["masks"].items()
+    assert label == "wagle(gamma=1e-06) @0.1" and d["terms"]["dominant"] in ("weight", "retain_gradient")
+    assert sum(v["share"] for v in d["per_type"].values()) == pytest.approx(1.0)
+    assert {"embed", "attention", "mlp", "norm"} <= set(d["per_type"]) and diag["overlaps"] == []
+    assert json.load(open(os.path.join(out, "masks", "diagnostics.json"))) == res["mask_diagnostics"]
     # every run: trajectory at steps 2 and 4 (step 0 is the original model, evaluated once)
     for r in res["runs"]:
         assert [e["step"] for e in r["trajectory"]] == [2, 4]
@@ -68,7 +125,7 @@ def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
     assert "6 runs (4 done before, skipped)" in capsys.readouterr().out
     after = _runs(out)
     assert len(after) == 6 and all(after[k] == v for k, v in before.items())
-    assert len(os.listdir(os.path.join(out, "masks"))) == 1
+    assert len(_mask_files(out)) == 1
     res = json.loads(open(os.path.join(out, "results.json")).read())
     assert all(len(row["0.9"]["per_seed"]) == 3 for row in res["table_rows"])
 
@@ -80,6 +137,9 @@ def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
     (["--learning_rates", "[]"], "learning_rates: must hold at least one value"),
     (["--seeds", "[0, 0]"], "seeds: holds a value twice"),
     (["--eval_every", "0"], "eval_every: must be >= 1"),
+    (["--scopes", "[global, per_layer]"], r"scopes\[1\]: must be global, per_tensor or per_row"),
+    (["--rescores", "[0, -1]"], r"rescores\[1\]: must be an int >= 0"),
+    (["--unlearn.rescore_every", "5"], "unlearn.rescore_every: is a grid axis in a sweep"),
     (["--workers", "0"], "workers: must be >= 1"),
     (["--eval.metrics", "some"], "eval.metrics: must be one of all, fast"),
 ])

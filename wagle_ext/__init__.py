@@ -7,7 +7,9 @@ Layers (data flows one way, and no module imports a layer above its own; see doc
 Pipeline: model + data -> gradients (:func:`accumulate_gradients`) -> scores
 (:func:`compute_scores` / :func:`attribution_scores`) -> mask (:func:`build_mask` /
 :func:`select_topk_mask` -> :class:`MaskSet` of :class:`PackedMask`) -> optimizer
-(:class:`MaskedAdamW`) -> trainer (:class:`UnlearnTrainer` with an :class:`Objective`).
+(:class:`MaskedAdamW`) -> trainer (:class:`UnlearnTrainer` with an :class:`Objective`). Or, with
+LoRA adapters instead of a mask: :func:`fisher_importance` -> :func:`add_lora` (``init="fila"``, on all
+linears or on :func:`select_lora_targets`) -> the same trainer (``wagle_ext.lora``, docs/lora.md).
 """
 from . import _compat
 from ._version import __version__
@@ -35,6 +37,9 @@ from .attribution import (
     estimate_hessian_diagonal,
     score_model,
 )
+
+# parameter-efficient unlearning (LoRA through peft, imported only when used)
+from .lora import FisherImportance, LoraPlacement, add_lora, fila_init, fisher_importance, select_lora_targets
 
 # optimizer, objectives and data
 from .optim import MaskedAdamW
@@ -79,6 +84,13 @@ __all__ = [
     "model_fingerprint",
     "partition_names",
     "score_model",
+    # LoRA / FILA
+    "FisherImportance",
+    "LoraPlacement",
+    "add_lora",
+    "fila_init",
+    "fisher_importance",
+    "select_lora_targets",
     # optimizer, objectives and data
     "MaskedAdamW",
     "memory_report",

@@ -30,6 +30,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GRAD_MODES = ("dense", "compact")
 #: MaskedAdamW decoupled weight decay: selected weights only, every weight, or none.
 WEIGHT_DECAY_MODES = ("masked", "all", "none")
+#: ``rounding=`` choices of :class:`~wagle_ext.MaskedAdamW` (how master weights are written back).
+ROUNDINGS = ("nearest", "stochastic")
 
 
 def as_tensor_list(x: Any, name: str) -> list:
@@ -101,6 +103,20 @@ def check_grad_mode(grad_mode: Any, step_in_backward: bool = False, weight_decay
     if grad_mode == "compact" and weight_decay_mode == "all":
         raise ValueError("grad_mode='compact' does not support weight_decay_mode='all' (frozen weights have "
                          "no gradient to carry their decay); use grad_mode='dense'")
+
+
+def check_master_weights(master_weights: Any, rounding: Any = "nearest", seed: Any = 0) -> None:
+    """``MaskedAdamW``'s master-weight settings: ``master_weights`` None (auto: on for bf16/fp16
+    parameters), True or False; ``rounding`` in :data:`ROUNDINGS` (stochastic needs master weights);
+    ``seed`` an int in [0, 2^63)."""
+    if master_weights not in (None, True, False):
+        raise TypeError(f"master_weights must be None, True or False, got {master_weights!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding == "stochastic" and master_weights is False:
+        raise ValueError("rounding='stochastic' writes back master weights: it needs master_weights=True (or None)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
 
 
 def check_batch_size(batch_size: Any) -> None:

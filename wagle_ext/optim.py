@@ -48,14 +48,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from . import ops
-from ._checks import GRAD_MODES, check_grad_mode, check_weight_decay_mode
+from ._checks import GRAD_MODES, ROUNDINGS, check_grad_mode, check_master_weights, check_weight_decay_mode
 from .masks.sharding import is_dtensor, local_tensor, shard_mask, shard_range
 from .ops import PackedMask
 
 __all__ = ["MaskedAdamW", "GRAD_MODES", "ROUNDINGS"]
 
-#: ``rounding=`` choices of :class:`MaskedAdamW` (how master weights are written back).
-ROUNDINGS = ("nearest", "stochastic")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _M64 = (1 << 64) - 1
 
@@ -192,14 +190,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay: must be >= 0, got {weight_decay}")
         check_weight_decay_mode(weight_decay_mode)
         check_grad_mode(grad_mode, step_in_backward, weight_decay_mode)
-        if master_weights not in (None, True, False):
-            raise TypeError(f"master_weights must be None, True or False, got {master_weights!r}")
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        if rounding == "stochastic" and master_weights is False:
-            raise ValueError("rounding='stochastic' writes back master weights: it needs master_weights=True (or None)")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+        check_master_weights(master_weights, rounding, seed)
         self.master_weights = master_weights is not False
         self.rounding = rounding
         self.seed = seed

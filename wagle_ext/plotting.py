@@ -104,7 +104,7 @@ def plot_tradeoff(rows: Sequence[dict], references: Sequence[dict], path: str, t
     plt = _pyplot()
 
     markers = {"dense": "o", "random": "s", "magnitude": "^", "wagle": "*", "snip": "D", "gradient": "v",
-               "wanda": "P"}
+               "wanda": "P", "lora": "h", "lora+fila": "H", "lora+wagle": "X"}
     objectives = list(dict.fromkeys(r["objective"] for r in rows))
     colors = {o: plt.get_cmap("tab10")(i) for i, o in enumerate(objectives)}
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
@@ -137,7 +137,7 @@ def plot_tradeoff(rows: Sequence[dict], references: Sequence[dict], path: str, t
 
 def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dict] = (),
                 thresholds: Sequence[float] = (), target_utility: Sequence[float] = (),
-                xlabel: str = "model utility (higher = better)") -> None:
+                xlabel: str = "model utility (higher = better)", floor_decades: Optional[float] = 3.0) -> None:
     """Write a PNG of forget quality (log) vs model utility, one panel per objective.
 
     ``panels``: ``{objective: {"curves": [...], "fronts": {method: [(x, log10 y), ...]}, "overall":
@@ -146,7 +146,9 @@ def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dic
     method has one colour (its settings one line style each, thin, with error bars); its Pareto front is
     the thick line; points on the front of all methods are ringed in black. ``references``: ``{"name",
     "x", "log10_y"}`` in grey; ``target_utility`` x ``thresholds``: vertical dotted lines (e.g. 95% / 90%
-    of the original model's utility)."""
+    of the original model's utility). ``floor_decades``: the y axis starts that many decades below the
+    lowest reference (collapsed runs' p-values of 1e-30 would otherwise squeeze the region that
+    matters; None = no cut)."""
     plt = _pyplot()
 
     names = list(panels)
@@ -186,6 +188,14 @@ def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dic
                 ax.annotate(f"{thr:.0%}", (thr * t, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
                             ha="right", va="top", color="gray", rotation=90)
         ax.set_yscale("log")
+        if ax.get_ylim()[1] > 3.0:  # a p-value is <= 1; log-space error bars can reach past it
+            ax.set_ylim(top=3.0)
+        if floor_decades is not None and references:
+            floor = 10 ** (min(r["log10_y"] for r in references) - floor_decades)
+            if ax.get_ylim()[0] < floor:
+                ax.set_ylim(bottom=floor)
+                ax.annotate(f"axis cut at {floor:.1e}", (0.01, 0.01), xycoords="axes fraction", fontsize=7,
+                            color="gray")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("forget quality (KS p-value vs retain model; log; higher = better)")
         ax.set_title(name, fontsize=10)

@@ -45,12 +45,10 @@ JOBS = {"demo": DemoConfig, "score": ScoreConfig, "mask": ScoreConfig, "unlearn"
 def _fields_help(cls: type, prefix: str = "") -> list:
     lines = []
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type in (
-                "BenchmarkConfig", "UnlearnSettings", "DataConfig", "EvalSettings")):
-            sub = getattr(cls(), f.name)
-            lines += _fields_help(type(sub), prefix + f.name + ".")
+        default = getattr(cls(), f.name)
+        if dataclasses.is_dataclass(default):  # a nested section (benchmark, unlearn, data, eval, lora)
+            lines += _fields_help(type(default), prefix + f.name + ".")
         else:
-            default = getattr(cls(), f.name)
             lines.append(f"  --{prefix}{f.name} {json.dumps(default)}")
     return lines
 

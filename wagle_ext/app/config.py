@@ -16,20 +16,25 @@ each, kept next to each other so that a field and its rule change together; the 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import typing
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .._checks import check_grad_mode, check_ratio
+from .._checks import ROUNDINGS, check_grad_mode, check_ratio
 from .embedded_benchmark import BenchmarkConfig
 
 __all__ = ["DemoConfig", "ScoreConfig", "UnlearnConfig", "EvalConfig", "BenchConfig", "SweepConfig", "EvalSettings",
-           "load_config", "parse_overrides", "config_to_dict", "MASK_KINDS", "EVAL_METRICS"]
+           "LoraSettings",
+           "load_config", "parse_overrides", "config_to_dict", "MASK_KINDS", "LORA_KINDS", "EVAL_METRICS"]
 
 # Demo mask kinds: "dense" = no mask, the others are score kinds of wagle_ext.score_model.
 MASK_KINDS = ("dense", "random", "magnitude", "wagle", "snip", "gradient", "wanda")
+# Demo LoRA rows (rank DemoConfig.lora_rank, merged before evaluation): default init on every decoder linear,
+# FILA init on every decoder linear, default init placed by WAGLE mass at the same trainable-parameter count.
+LORA_KINDS = ("lora", "lora+fila", "lora+wagle")
 # Metric sets of the evaluation along the trajectory (EvalSettings.metrics).
 EVAL_METRICS = ("all", "fast")
 # WAGLE gammas given as a name: the Hessian diagonal estimated from the retain data (score_model's hessian=)
@@ -70,9 +75,34 @@ class UnlearnSettings:
     seed: int = 0
     grad_mode: str = "dense"      # "compact": gradients compacted in backward hooks (masked runs only)
     step_in_backward: bool = False  # with grad_mode "compact": update inside backward (max_grad_norm 0)
+    master_weights: Optional[bool] = None  # fp32 copies of the selected bf16/fp16 weights (null: on for bf16/fp16)
+    rounding: str = "nearest"     # master weights written back by "nearest" (even) or "stochastic" rounding
+    rescore_every: int = 0        # masked runs: re-score the mask on the current model every N steps (0: never)
     logging_steps: int = 0        # a progress line every N steps (0: about 10 lines per run)
     save_steps: int = 0           # wagle unlearn: checkpoint (model, optimizer, scheduler, RNG) every N steps
     save_total_limit: int = 2     # checkpoints kept (oldest deleted first)
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    """``wagle unlearn --lora.rank R``: train LoRA adapters instead of the weights (docs/lora.md). ``init:
+    fila`` = LoKU's Fisher-weighted initialisation (importances computed here on the forget data paired with
+    random retain items, ``fisher_batch_size`` per batch as LoKU, or read from ``importances``, a file of
+    ``wagle score --kind fisher``); ``targets: wagle`` = adapters on the modules with the most WAGLE mask
+    mass (``--mask`` file, else WAGLE scores at ``ratio`` / ``gamma``), ranks proportional to the mass,
+    within ``budget`` trainable parameters (default: what rank ``rank`` on every target linear trains)."""
+
+    rank: int = 0                  # 0: no adapters (dense or masked full-weight unlearning)
+    alpha: Optional[float] = None  # lora_alpha; null: 2 * rank (LoKU)
+    init: str = "default"          # default (lora_B = 0) or fila
+    targets: str = "all"           # all (every linear of the decoder layers, or `modules`) or wagle
+    modules: Optional[list] = None  # module names to adapt (e.g. [q_proj, v_proj]); null: every decoder linear
+    budget: Optional[int] = None   # targets wagle: trainable LoRA parameters; null: those of `all` at `rank`
+    ratio: float = 0.1             # targets wagle without --mask: the WAGLE mask ratio
+    gamma: float = 1e-6            # targets wagle without --mask: WAGLE's gamma
+    importances: Optional[str] = None  # init fila: a fisher.safetensors of `wagle score --kind fisher`
+    fisher_batch_size: int = 4     # init fila: batch size of the importance pass (the Fisher depends on it)
+    dropout: float = 0.0           # lora_dropout (LoKU: 0)
 
 
 @dataclasses.dataclass
@@ -93,19 +123,29 @@ class EvalSettings:
 
 @dataclasses.dataclass
 class DemoConfig:
-    """``wagle demo``: every objective x every mask kind, one ratio, one step budget, from the target."""
+    """``wagle demo``: the forget-quality / model-utility fronts of every objective x mask kind over
+    ``learning_rates`` x ``seeds`` (a ``wagle sweep`` into ``<out>/sweep``), then every objective x
+    mask kind at one ratio, step budget and learning rate with the full evaluation, the attacks and
+    the G-effect."""
 
     out: str = "saves/demo"
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     objectives: list = dataclasses.field(default_factory=lambda: ["graddiff", "npo"])
-    masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle"])
+    masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle", "lora",
+                                                             "lora+fila", "lora+wagle"])  # LoRA rows: not in the fronts
     ratio: float = 0.1             # fraction of weights selected for update (WAGLE convention)
     gamma: float = 1e-6            # WAGLE score's Hessian constant
+    lora_rank: int = 8             # rank of the LoRA rows (masks lora, lora+fila, lora+wagle), alpha 2 * rank
     unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
     eval_batch_size: int = 32
     attacks: bool = True           # per row: relearning (25 steps on 10% of the forget set) and prompt rewrites
     attack_learning_rate: float = 1e-3  # of the relearning attack
     geffect_every: int = 10        # G-effect of every dense and wagle run, every N steps (0: off)
+    front: bool = True             # first the fronts: a sweep over learning_rates x seeds (fast metrics)
+    learning_rates: list = dataclasses.field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 5e-3, 1e-2])  # of the front sweep
+    seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds of the front sweep
+    eval_every: int = 5            # front sweep: evaluation every N steps along each run
+    workers: int = 1               # front sweep: runs in parallel processes (each num_threads threads)
     num_threads: int = 1           # torch intra-op threads (tiny models: 1 avoids spinning workers)
     overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
     cache_dir: Optional[str] = None  # default $WAGLE_CACHE or ~/.cache/wagle_ext
@@ -122,7 +162,7 @@ class ScoreConfig:
     tokenizer: Optional[str] = None  # default: the model's
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     scores: Optional[str] = None   # wagle mask: a scores.safetensors of `wagle score` (no gradients computed)
-    kind: str = "wagle"
+    kind: str = "wagle"            # a score kind, or `fisher` (wagle score: LoKU's importances, fisher.safetensors)
     gamma: float = 1e-6
     ratio: float = 0.1
     scope: str = "global"
@@ -131,6 +171,7 @@ class ScoreConfig:
     seed: int = 0
     max_batches: Optional[int] = None
     batch_size: int = 8            # items per forward/backward while accumulating (scores do not depend on it)
+    fisher_batch_size: int = 4     # kind fisher: batch size of the importance pass (LoKU: 4; the Fisher depends on it)
     memory_budget: Optional[str] = None  # wagle mask: bound the gradient accumulators ("16GB"): grouped passes
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     cache_dir: Optional[str] = None
@@ -153,6 +194,7 @@ class UnlearnConfig:
     objective: str = "graddiff"
     objective_kwargs: dict = dataclasses.field(default_factory=dict)
     unlearn: UnlearnSettings = dataclasses.field(default_factory=UnlearnSettings)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)  # LoRA adapters instead of full weights
     eval_every: int = 0            # evaluate every N steps (and at steps 0 and last) into trajectory.json; 0: never
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)  # what --eval_every evaluates, and on what
     geffect_every: int = 0         # record the G-effect every N steps into g_effect.json / g_effect.png; 0: never
@@ -205,6 +247,8 @@ class SweepConfig:
     masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle"])
     gammas: list = dataclasses.field(default_factory=lambda: [1e-6])  # WAGLE's gamma values; also "fisher"/"ema"
     ratios: list = dataclasses.field(default_factory=lambda: [0.1])
+    scopes: list = dataclasses.field(default_factory=lambda: ["global"])  # build_mask scopes: global, per_tensor, per_row
+    rescores: list = dataclasses.field(default_factory=lambda: [0])  # masked runs: re-score every N steps (0: never)
     learning_rates: list = dataclasses.field(default_factory=lambda: [1e-3])
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds (data order, retain pairing)
     seed_benchmark: bool = False   # embedded model: also train one benchmark per seed (benchmark.seed + seed)
@@ -431,14 +475,48 @@ def _validate_unlearn(u: UnlearnSettings, p: str = "unlearn.") -> None:
     _check(u.learning_rate > 0, p + "learning_rate", f"must be > 0, got {u.learning_rate}")
     _check(u.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {u.weight_decay}")
     _check(u.max_grad_norm >= 0, p + "max_grad_norm", f"must be >= 0, got {u.max_grad_norm}")
+    _check(u.rounding in ROUNDINGS, p + "rounding", f"must be one of {list(ROUNDINGS)}, got {u.rounding!r}")
+    _check(u.rounding != "stochastic" or u.master_weights is not False, p + "rounding",
+           "stochastic rounding writes back master weights: it needs master_weights true (or null)")
     _check_by(check_grad_mode, p + "grad_mode", f"must be dense or compact, got {u.grad_mode!r}", u.grad_mode)
     _check_by(check_grad_mode, p + "step_in_backward", "needs grad_mode compact and max_grad_norm 0", u.grad_mode,
               u.step_in_backward)
     _check(not u.step_in_backward or u.max_grad_norm == 0, p + "step_in_backward",
            "needs grad_mode compact and max_grad_norm 0")
-    for k in ("logging_steps", "save_steps"):
+    for k in ("logging_steps", "save_steps", "rescore_every"):
         _check(getattr(u, k) >= 0, p + k, f"must be >= 0, got {getattr(u, k)}")
+    _check(not u.rescore_every or u.grad_mode == "dense", p + "rescore_every", "needs grad_mode dense")
     _check(u.save_total_limit >= 1, p + "save_total_limit", f"must be >= 1, got {u.save_total_limit}")
+
+
+def _validate_lora(lo: LoraSettings, cfg: Any, p: str = "lora.") -> None:
+    from ..lora import LORA_INITS
+
+    _check(lo.rank >= 0, p + "rank", f"must be >= 0 (0: no adapters), got {lo.rank}")
+    _check(lo.init in LORA_INITS, p + "init", f"must be one of {', '.join(LORA_INITS)}, got {lo.init!r}")
+    _check(lo.targets in ("all", "wagle"), p + "targets", f"must be all or wagle, got {lo.targets!r}")
+    if lo.rank == 0:
+        changed = [k for k in ("alpha", "init", "targets", "modules", "budget", "importances")
+                   if getattr(lo, k) != getattr(LoraSettings, k)]
+        _check(not changed, p + changed[0] if changed else p + "rank",
+               "needs LoRA adapters: set --lora.rank (e.g. 8)")
+        return
+    _check(lo.alpha is None or lo.alpha > 0, p + "alpha", f"must be > 0, got {lo.alpha}")
+    _check(lo.budget is None or lo.budget >= 1, p + "budget", f"must be >= 1, got {lo.budget}")
+    _check(lo.budget is None or lo.targets == "wagle", p + "budget", "only applies to --lora.targets wagle")
+    _check_by(check_ratio, p + "ratio", f"must be in (0, 1], got {lo.ratio}", lo.ratio)
+    _check(lo.gamma > 0, p + "gamma", f"must be > 0, got {lo.gamma}")
+    _check(lo.fisher_batch_size >= 1, p + "fisher_batch_size", f"must be >= 1, got {lo.fisher_batch_size}")
+    _check(0 <= lo.dropout < 1, p + "dropout", f"must be in [0, 1), got {lo.dropout}")
+    _check(lo.modules is None or (len(lo.modules) > 0 and all(isinstance(m, str) for m in lo.modules)),
+           p + "modules", f"must be a non-empty list of module names, got {lo.modules!r}")
+    if lo.importances is not None:
+        _check(lo.init == "fila", p + "importances", "only used by --lora.init fila")
+        _check(os.path.isfile(lo.importances), p + "importances", f"file not found: {lo.importances}")
+    _check(cfg.mask is None or lo.targets == "wagle", "mask",
+           "LoRA trains adapters, not masked weights: with --lora.rank a mask can only place the adapters "
+           "(--lora.targets wagle)")
+    _check(not cfg.resume, "resume", "is not supported with LoRA adapters (--lora.rank)")
 
 
 def _validate_eval(e: EvalSettings, p: str = "eval.") -> None:
@@ -464,6 +542,22 @@ def _as_float(v: Any) -> Any:
     return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
+def demo_sweep_config(cfg: DemoConfig) -> "SweepConfig":
+    """The front sweep of ``wagle demo``: its objectives, masks, gamma and ratio over its
+    ``learning_rates`` x ``seeds`` on the same embedded benchmark, evaluated every ``eval_every``
+    steps with the fast metrics, into ``<out>/sweep``. LoRA rows are not swept (``wagle sweep`` has
+    no LoRA axis): the front covers the demo's other mask kinds."""
+    from ..attribution import SCORE_KINDS
+
+    return SweepConfig(
+        out=os.path.join(cfg.out, "sweep"), model="embedded", data=DataConfig(source="embedded"),
+        objectives=list(cfg.objectives),
+        masks=[m for m in cfg.masks if m == "dense" or m in SCORE_KINDS], gammas=[cfg.gamma], ratios=[cfg.ratio], learning_rates=list(cfg.learning_rates),
+        seeds=list(cfg.seeds), eval_every=cfg.eval_every, eval=EvalSettings(metrics="fast"),
+        unlearn=copy.deepcopy(cfg.unlearn), workers=cfg.workers, benchmark=copy.deepcopy(cfg.benchmark),
+        cache_dir=cfg.cache_dir, num_threads=cfg.num_threads, device="cpu", overwrite=True)
+
+
 def _validate_sweep(cfg: "SweepConfig") -> None:
     from ..attribution import SCORE_KINDS
 
@@ -481,7 +575,15 @@ def _validate_sweep(cfg: "SweepConfig") -> None:
     for i, g in enumerate(cfg.gammas):
         ok = g in HESSIAN_ESTIMATES or (isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0)
         _check(ok, f"gammas[{i}]", f"must be a number > 0 or one of {', '.join(HESSIAN_ESTIMATES)}, got {g!r}")
-    for name in ("ratios", "learning_rates", "seeds"):
+    for i, sc in enumerate(cfg.scopes):
+        _check(sc in ("global", "per_tensor", "per_row"), f"scopes[{i}]",
+               f"must be global, per_tensor or per_row, got {sc!r}")
+    for i, r in enumerate(cfg.rescores):
+        _check(isinstance(r, int) and not isinstance(r, bool) and r >= 0, f"rescores[{i}]",
+               f"must be an int >= 0, got {r!r}")
+    _check(cfg.unlearn.grad_mode == "dense" or cfg.rescores == [0], "rescores", "need unlearn.grad_mode dense")
+    _check(cfg.unlearn.rescore_every == 0, "unlearn.rescore_every", "is a grid axis in a sweep: use --rescores")
+    for name in ("ratios", "scopes", "rescores", "learning_rates", "seeds"):
         values = getattr(cfg, name)
         _check(len(values) > 0, name, "must hold at least one value")
         _check(len(set(map(str, values))) == len(values), name, "holds a value twice")
@@ -578,21 +680,30 @@ def validate(cfg: Any) -> None:
             _validate_objective(o, f"objectives[{i}]")
         _check(len(cfg.masks) > 0, "masks", "must name at least one mask kind")
         for i, m in enumerate(cfg.masks):
-            _check(m in MASK_KINDS, f"masks[{i}]", f"unknown mask kind {m!r} (known: {', '.join(MASK_KINDS)})")
+            _check(m in MASK_KINDS + LORA_KINDS, f"masks[{i}]",
+                   f"unknown mask kind {m!r} (known: {', '.join(MASK_KINDS + LORA_KINDS)})")
+        _check(cfg.lora_rank >= 1, "lora_rank", f"must be >= 1, got {cfg.lora_rank}")
         _check(cfg.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {cfg.eval_batch_size}")
         _check(cfg.attack_learning_rate > 0, "attack_learning_rate", f"must be > 0, got {cfg.attack_learning_rate}")
         _check(cfg.geffect_every >= 0, "geffect_every", f"must be >= 0, got {cfg.geffect_every}")
+        sweep = demo_sweep_config(cfg)
+        if cfg.front and sweep.masks:  # the front sweep's fields carry the demo's names (learning_rates, ...)
+            _validate_sweep(sweep)
+            cfg.learning_rates = sweep.learning_rates
     elif isinstance(cfg, ScoreConfig):
         _check(cfg.missing in ("frozen", "dense"), "missing", f"must be frozen or dense, got {cfg.missing!r}")
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+        _check(cfg.fisher_batch_size >= 1, "fisher_batch_size", f"must be >= 1, got {cfg.fisher_batch_size}")
         if cfg.scores is not None:
+            cfg.scores = _run_file(cfg.scores, "scores.safetensors")
             _check(os.path.isfile(cfg.scores), "scores", f"file not found: {cfg.scores}")
         if cfg.memory_budget is not None:
             from ..attribution import parse_bytes
 
             _check_by(parse_bytes, "memory_budget", f"a size such as 16GB or 512MiB, got {cfg.memory_budget!r}",
                       cfg.memory_budget)
-        _check(cfg.kind in SCORE_KINDS, "kind", f"unknown score kind {cfg.kind!r} (known: {', '.join(SCORE_KINDS)})")
+        _check(cfg.kind in SCORE_KINDS or cfg.kind == "fisher", "kind",
+               f"unknown score kind {cfg.kind!r} (known: {', '.join(SCORE_KINDS)}, fisher)")
         _check_by(check_ratio, "ratio", f"must be in (0, 1], got {cfg.ratio}", cfg.ratio)
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
         _check(cfg.scope in ("global", "per_tensor", "per_row"), "scope",
@@ -604,7 +715,10 @@ def validate(cfg: Any) -> None:
         _validate_objective(cfg.objective, "objective")
         _check(cfg.eval_every >= 0, "eval_every", f"must be >= 0, got {cfg.eval_every}")
         if cfg.mask is not None:
-            _check(os.path.isfile(cfg.mask), "mask", f"file not found: {cfg.mask}")
+            cfg.mask = _run_file(cfg.mask, "mask.safetensors")
+            _check(os.path.isfile(cfg.mask), "mask", f"file not found: {cfg.mask} (a mask file, or the folder of "
+                   "a `wagle mask` run)")
+        _validate_lora(cfg.lora, cfg)
     elif isinstance(cfg, EvalConfig):
         _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
         _check(cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, "max_new_tokens",
@@ -623,6 +737,13 @@ def validate(cfg: Any) -> None:
             _check(os.path.exists(v), name, f"not found: {v} (a save_pretrained directory, a .gguf file or a Hub id)")
     if hasattr(cfg, "data") and not (isinstance(cfg, ScoreConfig) and cfg.scores is not None):
         _validate_data(cfg)
+
+
+def _run_file(path: str, name: str) -> str:
+    """``path`` itself, or ``path/name`` when ``path`` is the output folder of an earlier job (``wagle
+    unlearn --mask runs/mask`` reads ``runs/mask/mask.safetensors``)."""
+    inner = os.path.join(path, name)
+    return inner if os.path.isdir(path) and os.path.isfile(inner) else path
 
 
 def _looks_like_path(v: str) -> bool:

@@ -1,5 +1,8 @@
-"""``wagle demo``: the embedded benchmark, every objective x every mask kind at one ratio and step
-budget, one table, ``results.json`` and the forget-quality / model-utility figure."""
+"""``wagle demo``: the embedded benchmark; first the forget-quality / model-utility fronts of every
+objective x mask kind over learning rates and seeds (a ``wagle sweep``: ``fronts.png``, the table of
+the best forget quality at >= 95% / 90% of the original utility), then every objective x mask kind at
+one ratio, step budget and learning rate with the full evaluation, attacks and G-effect: one table,
+``results.json`` and the forget-quality / model-utility figure."""
 from __future__ import annotations
 
 import copy
@@ -10,8 +13,8 @@ import time
 from typing import Sequence
 
 from ..plotting import plot_tradeoff
-from .config import DemoConfig, config_to_dict
-from .pipeline import _benchmark, _build_mask, _Job, _log, _unlearn
+from .config import LORA_KINDS, DemoConfig, LoraSettings, config_to_dict
+from .pipeline import _benchmark, _build_mask, _Job, _log, _lora_model, _unlearn
 from .runs import RunDir
 
 __all__ = ["run_demo", "TABLE_COLUMNS"]
@@ -44,9 +47,10 @@ def _format_table(rows: Sequence[dict]) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """The main job: build or reuse the embedded benchmark, then for every objective and mask kind
-    unlearn from the target at ``cfg.ratio`` for ``cfg.unlearn.steps`` steps, evaluate, print the
-    table, write ``results.json`` and ``forget_quality_vs_utility.png`` under ``cfg.out``."""
+    """The main job: build or reuse the embedded benchmark; with ``cfg.front`` run the fronts sweep
+    (``sweep/``, ``fronts.png``); then for every objective and mask kind unlearn from the target at
+    ``cfg.ratio`` for ``cfg.unlearn.steps`` steps, evaluate, print the table, write ``results.json``
+    and ``forget_quality_vs_utility.png`` under ``cfg.out``."""
     with _Job("demo", cfg) as run:
         return _run_demo(cfg, run)
 
@@ -71,6 +75,7 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
                              retain_sets=("retain_eval", "world_facts"), retain_model_eval=bench.retain_eval_path,
                              batch_size=cfg.eval_batch_size, max_new_tokens=96, out_dir=where, progress=False)
 
+    front = _front(cfg, out) if cfg.front else None
     _log("[demo] evaluating the target and the retain model (references)")
     references = []
     for name, model in (("target", bench.target), ("retain", bench.retain)):
@@ -82,7 +87,7 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
     masks: dict = {"dense": None}
     mask_info: dict = {}
     for kind in cfg.masks:
-        if kind == "dense":
+        if kind == "dense" or kind in LORA_KINDS:
             continue
         t0 = time.perf_counter()
         _, mask = _build_mask(bench.target, bench.tokenizer, forget, retain, kind, cfg.ratio, cfg.gamma,
@@ -111,15 +116,26 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
             callbacks = []
             if cfg.geffect_every and kind in ("dense", "wagle"):
                 callbacks.append(_geffect_probe(bench, forget, retain, objective, masks[kind], cfg))
-            train = _unlearn(model, bench.tokenizer, forget, retain, objective, masks[kind], cfg.unlearn, run_dir,
+            lora_info = None
+            if kind in LORA_KINDS:
+                lo = LoraSettings(rank=cfg.lora_rank, init="fila" if kind == "lora+fila" else "default",
+                                  targets="wagle" if kind == "lora+wagle" else "all", ratio=cfg.ratio, gamma=cfg.gamma)
+                model, lora_info = _lora_model(model, bench.tokenizer, forget, retain, lo, mask=masks.get("wagle"),
+                                               seed=cfg.unlearn.seed, progress=False)
+            train = _unlearn(model, bench.tokenizer, forget, retain, objective, masks.get(kind), cfg.unlearn, run_dir,
                              demo=True, callbacks=callbacks)
             train.pop("trainer")
+            if lora_info is not None:  # evaluate and attack the merged model (what `wagle unlearn` exports)
+                model = model.merge_and_unload()
+                n_params = sum(p.numel() for p in model.parameters())
             if callbacks:
                 geffects.setdefault(objective, {})[kind] = callbacks[0].result
             t_train = time.perf_counter() - t0
             s = evaluate(model, run_dir)
             row = {"objective": objective, "mask": kind, "ratio": 1.0 if kind == "dense" else cfg.ratio, **s,
                    "train_loss": train["train_loss"], "train_seconds": t_train}
+            if lora_info is not None:  # ratio: trainable adapter parameters / model parameters
+                row.update(ratio=lora_info["trainable"] / n_params, lora=lora_info)
             if cfg.attacks:
                 row.update(_attack_columns(model, bench.tokenizer, forget, cfg, run_dir))
             row["seconds"] = time.perf_counter() - t0
@@ -140,7 +156,8 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
         if not res:
             continue
         geffect_pngs.append(plot_g_effect(res, os.path.join(out, f"g_effect_{objective}.png"),
-                                          title=f"G-effect of {objective}: dense vs WAGLE mask (ratio {cfg.ratio:g})"))
+                                          title=f"G-effect of {objective}: dense vs WAGLE mask (ratio {cfg.ratio:g}; "
+                                          "symlog axes)", frozen=True, symlog=True))
     table = _format_table(references + rows)
     _log("\n" + table + "\n")
     png = os.path.join(out, "forget_quality_vs_utility.png")
@@ -153,6 +170,7 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
                       "info": bench.info},
         "masks": mask_info,
         "g_effect": geffects,
+        "front": front,
         "references": references,
         "rows": rows,
         "table": table,
@@ -164,8 +182,37 @@ def _run_demo(cfg: DemoConfig, run: RunDir) -> dict:
         f.write(table + "\n")
     _log(f"[demo] benchmark {'reused from cache' if not bench.built else 'built'} in {t_bench:.1f} s; "
          f"total {results['total_seconds']:.1f} s")
-    _log(f"[demo] wrote results.json, table.txt, forget_quality_vs_utility.png, masks/, runs/ under {run.path}")
+    _log(f"[demo] wrote results.json, table.txt, forget_quality_vs_utility.png, masks/, runs/"
+         f"{', fronts.png, sweep/' if front else ''} under {run.path}")
     return results
+
+
+def _front(cfg: DemoConfig, out: str) -> dict:
+    """The fronts: ``wagle sweep`` of the demo's grid into ``<out>/sweep`` (its table logged,
+    ``fronts.png`` copied next to the demo's results)."""
+    import shutil
+
+    from .config import demo_sweep_config
+    from .sweep import run_sweep
+
+    scfg = demo_sweep_config(cfg)
+    scfg.out = os.path.join(out, "sweep")
+    if not scfg.masks:
+        _log("[demo] fronts: skipped (no mask kind of the demo is swept: LoRA rows only)")
+        return None
+    n = len(cfg.objectives) * len(cfg.seeds) * len(cfg.learning_rates) * len(scfg.masks)
+    _log(f"[demo] fronts: {n} runs ({len(cfg.objectives)} objectives x {len(scfg.masks)} masks x "
+         f"{len(cfg.learning_rates)} learning rates x {len(cfg.seeds)} seeds), {cfg.unlearn.steps} steps each, "
+         f"evaluated every {cfg.eval_every} (fast metrics) -> sweep/")
+    t0 = time.perf_counter()
+    path = run_sweep(scfg)
+    with open(os.path.join(path, "results.json")) as f:
+        res = json.load(f)
+    shutil.copyfile(os.path.join(path, "fronts.png"), os.path.join(out, "fronts.png"))
+    _log("[demo] fronts over learning rates and seeds (sweep/table.txt, fronts.png):\n" + res["table"])
+    return {"dir": "sweep", "seconds": time.perf_counter() - t0, "utility_key": res["utility_key"],
+            "table": res["table"], "table_rows": res["table_rows"], "n_runs": res["n_runs"],
+            "mask_diagnostics": res.get("mask_diagnostics")}
 
 
 def _geffect_probe(bench, forget, retain, objective, mask, cfg):

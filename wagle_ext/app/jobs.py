@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 from .config import BenchConfig, EvalConfig, ScoreConfig, UnlearnConfig
 from .config import source_root as _source_root
-from .pipeline import (_benchmark, _compute_scores, _device_dtype, _embedded_splits, _Job, _load_model, _log,
-                       _model_tokenizer_data, _trajectory_evaluator, _unlearn)
+from .pipeline import (_benchmark, _compute_scores, _device_dtype, _embedded_splits, _fisher, _Job, _load_model,
+                       _log, _lora_model, _model_tokenizer_data, _trajectory_evaluator, _unlearn)
 from .runs import is_main_process
 
 __all__ = ["run_score", "run_unlearn", "run_eval", "run_bench"]
@@ -29,6 +29,12 @@ def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
     if cfg.memory_budget is not None and not with_mask:
         raise ValueError("memory_budget: scores of a bounded run are produced group by group and never held "
                          "at once; use `wagle mask --memory_budget ...` (mask straight from the grouped passes)")
+    if cfg.kind == "fisher":
+        if with_mask or cfg.scores is not None or cfg.memory_budget is not None:
+            raise ValueError("kind: fisher importances are written by `wagle score --kind fisher` (no mask, no "
+                             "--scores, no --memory_budget); use them with `wagle unlearn --lora.init fila "
+                             "--lora.importances <out>/fisher.safetensors`")
+        return _run_fisher(cfg)
     with _Job(job, cfg) as run:
         if cfg.scores is not None:
             model = None
@@ -69,6 +75,22 @@ def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
              f"{cfg.scope}, parameters without scores: {cfg.missing}); wrote mask.safetensors, mask.png, "
              "mask_stats.json")
         run.update(mask={"selected": mask.total_selected, "numel": mask.numel, "density": mask.density})
+    return run.path
+
+
+def _run_fisher(cfg: ScoreConfig) -> str:
+    """``wagle score --kind fisher``: LoKU's Fisher importances of every decoder linear -> fisher.safetensors."""
+    with _Job("score", cfg) as run:
+        model, tok, data, _, device = _model_tokenizer_data(cfg)
+        _log(f"[score] fisher importances on {len(data['forget'])} forget items paired with random retain items, "
+             f"batch size {cfg.fisher_batch_size}, on {device}")
+        with run.phase("score"):
+            imp = _fisher(model, tok, data["forget"], data["retain"], cfg.fisher_batch_size, seed=cfg.seed)
+        imp.save(run.file("fisher.safetensors"))
+        run.update(fisher={"weights": len(imp.forget), "forget_tokens": imp.forget_tokens,
+                           "retain_tokens": imp.retain_tokens})
+        _log(f"[score] wrote fisher.safetensors ({len(imp.forget)} weights; {imp.forget_tokens} forget / "
+             f"{imp.retain_tokens} retain label tokens)")
     return run.path
 
 
@@ -193,8 +215,23 @@ def run_unlearn(cfg: UnlearnConfig) -> str:
     with _Job("unlearn", cfg, resume=cfg.resume) as run:
         model, tok, data, bench, device = _model_tokenizer_data(cfg)
         mask = _load_mask(cfg.mask, model) if cfg.mask else None
+        lora = cfg.lora.rank > 0
+        what = "dense" if mask is None else f"mask {cfg.mask}"
+        if lora:
+            lo = cfg.lora
+            with run.phase("lora"):
+                model, info = _lora_model(model, tok, data["forget"], data["retain"], lo, mask=mask,
+                                          seed=cfg.unlearn.seed)
+            mask = None  # a mask only placed the adapters
+            run.update(lora=info)
+            if "fila_eps_dominated" in info:
+                _log(f"[unlearn] FILA: the retain Fisher is below eps=1e-5 in {100 * info['fila_eps_dominated']:.1f}% "
+                     "of the entries (there the row weights follow the forget Fisher alone)")
+            what = (f"LoRA rank {lo.rank} ({lo.init} init) on {info['adapted_modules']} modules "
+                    f"({'WAGLE-placed' if lo.targets == 'wagle' else 'all targets'}), {info['trainable']} trainable "
+                    "parameters")
         _log(f"[unlearn] {cfg.objective} on {len(data['forget'])} forget / {len(data['retain'])} retain items, "
-             f"{'dense' if mask is None else f'mask {cfg.mask}'}, {cfg.unlearn.steps} steps on {device}")
+             f"{what}, {cfg.unlearn.steps} steps on {device}")
         callbacks = []
         if cfg.eval_every:
             from ..unlearn.trajectory import TrajectoryCallback
@@ -225,7 +262,14 @@ def run_unlearn(cfg: UnlearnConfig) -> str:
             digests = [None] * dist.get_world_size()
             dist.all_gather_object(digests, digest)
         with run.phase("save"):
-            trainer.save_model(run.dir("model"))
+            if lora:  # merged weights in model/ (loads as any model), base + adapter in adapter/ (docs/lora.md)
+                if is_main_process():
+                    from ..lora import save_adapter_with_base, save_merged
+
+                    save_merged(model, run.dir("model"))
+                    save_adapter_with_base(model, run.dir("adapter"), tokenizer=tok)
+            else:
+                trainer.save_model(run.dir("model"))
             if is_main_process():
                 tok.save_pretrained(os.path.join(run.work, "model"))
                 with open(run.file("train_log.json"), "w") as f:
@@ -237,7 +281,7 @@ def run_unlearn(cfg: UnlearnConfig) -> str:
                           title=f"G-effect of {cfg.objective} ({'dense' if mask is None else 'masked'})")
         run.update(device=str(device), trainable=report, weights_sha256_by_rank=digests)
         _log(f"[unlearn] train loss {res['train_loss']:.4f} in {time.perf_counter() - t0:.1f} s; model saved to "
-             "model/")
+             "model/" + (" (adapters merged; base + adapter in adapter/)" if lora else ""))
     return run.path
 
 

@@ -193,6 +193,60 @@ def _build_mask(model, tok, forget, retain, kind: str, ratio: float, gamma: floa
     return scores, mask
 
 
+def _fisher(model, tok, forget, retain, batch_size: int, seed: int = 0, modules=None, progress: bool = True):
+    """LoKU's importances: one pass over the forget items, each paired with a seeded random retain item
+    (:class:`ForgetRetainDataset`), ``batch_size`` pairs per batch (the Fisher depends on it)."""
+    from torch.utils.data import DataLoader
+
+    from ..lora import fisher_importance
+    from ..unlearn.data import ForgetRetainDataset, QACollator
+
+    loader = DataLoader(ForgetRetainDataset(forget, retain, seed=seed), batch_size=batch_size, shuffle=False,
+                        collate_fn=QACollator(tok))
+    return fisher_importance(model, loader, loader, modules=modules, forget_key="forget", retain_key="retain",
+                             progress=progress)
+
+
+def _lora_model(model, tok, forget, retain, lo, *, mask=None, seed: int = 0, progress: bool = True):
+    """(PEFT model, info) for ``--lora.*`` (:class:`~wagle_ext.app.config.LoraSettings`): FILA importances
+    (computed or read), adapters on every target linear or placed by WAGLE mass (``mask``, else WAGLE scores
+    computed here) within the budget, then ``add_lora``."""
+    from ..lora import FisherImportance, add_lora, lora_param_count, lora_target_modules, select_lora_targets
+
+    t0 = time.perf_counter()
+    info: dict = {"rank": lo.rank, "alpha": lo.alpha if lo.alpha is not None else 2.0 * lo.rank, "init": lo.init,
+                  "targets": lo.targets}
+    imp = None
+    if lo.init == "fila":
+        if lo.importances is not None:
+            imp = FisherImportance.load(lo.importances)
+            info["importances"] = lo.importances
+        else:
+            imp = _fisher(model, tok, forget, retain, lo.fisher_batch_size, seed=seed, modules=lo.modules,
+                          progress=progress)
+            info["importances"] = f"computed (batch size {lo.fisher_batch_size})"
+        info["fisher_seconds"] = time.perf_counter() - t0
+    targets = lo.modules
+    if lo.targets == "wagle":
+        linears = lora_target_modules(model, lo.modules)
+        budget = lo.budget or sum(lora_param_count(m.weight.shape, lo.rank) for m in linears.values())
+        source = mask
+        if source is None:
+            source = _compute_scores(model, tok, forget, retain, "wagle", lo.gamma, seed=seed, progress=progress)
+        targets = select_lora_targets(source, budget, rank=lo.rank, proportional=True, ratio=lo.ratio, model=model,
+                                      modules=lo.modules)
+        info.update(budget=budget, placement=targets.ranks, placement_source="mask" if mask is not None else
+                    f"wagle scores (ratio {lo.ratio:g}, gamma {lo.gamma:g})")
+    peft_model = add_lora(model, rank=lo.rank, alpha=lo.alpha, targets=targets, init=lo.init, importances=imp,
+                          dropout=lo.dropout, seed=seed)
+    if lo.init == "fila":  # where eps swamps the retain Fisher, FILA ranks rows by the forget Fisher alone
+        info["fila_eps_dominated"] = peft_model.wagle_fila["default"]["eps_dominated"]
+    info["adapted_modules"] = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    info["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    info["seconds"] = time.perf_counter() - t0
+    return peft_model, info
+
+
 class _ProgressCallback:
     """One plain line per logged step: ``[unlearn] step 10/40  loss 1.2345  grad_norm 0.88  lr 1e-05
     12.3 s elapsed, ETA 36.9 s`` (through the job's log, so it lands in ``log.txt`` too)."""
@@ -277,7 +331,17 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
     trainer = UnlearnTrainer(model=model, args=args, objective=objective, objective_kwargs=kw, mask=mask,
                              train_dataset=ds, data_collator=QACollator(tok),
                              grad_mode="compact" if compact else "dense",
-                             step_in_backward=compact and u.step_in_backward)
+                             step_in_backward=compact and u.step_in_backward,
+                             master_weights=u.master_weights, rounding=u.rounding)
+    rescore = None
+    if mask is not None and u.rescore_every:
+        from torch.utils.data import DataLoader
+
+        from ..unlearn.rescore import RescoreCallback
+
+        rescore = RescoreCallback(u.rescore_every, DataLoader(forget, batch_size=8, collate_fn=QACollator(tok)),
+                                  DataLoader(retain, batch_size=8, collate_fn=QACollator(tok)))
+        callbacks = [*callbacks, rescore]
     trainer.remove_callback(transformers.PrinterCallback)  # our own progress lines instead of raw log dicts
     if not demo:
         from ..masks import format_trainable_report
@@ -297,8 +361,11 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
         _log(f"[unlearn] resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     model.eval()
+    if rescore is not None and rescore.history and not demo:
+        _log("[unlearn] mask re-scored at steps " + ", ".join(
+            f"{h['step']} (kept {h['kept']:.1%})" for h in rescore.history))
     return {"train_loss": float(result.training_loss), "log_history": trainer.state.log_history,
-            "trainer": trainer}
+            "rescore_history": rescore.history if rescore is not None else None, "trainer": trainer}
 
 
 # ------------------------------------------------------------------------------------------------

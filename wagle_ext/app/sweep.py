@@ -1,7 +1,8 @@
 """``wagle sweep``: forget-quality / model-utility trade-off curves over a grid of unlearning runs.
 
 Grid: objectives x mask kinds (``dense``, the score kinds; ``wagle`` once per gamma of ``gammas``) x
-ratios (``dense`` has one ratio: 1) x learning rates x seeds. Every run unlearns from the same model
+ratios x selection scopes (``build_mask``'s ``global``, ``per_tensor``, ``per_row``; ``dense`` has
+one ratio, 1, and no scope) x learning rates x seeds. Every run unlearns from the same model
 and is evaluated every ``eval_every`` steps (:class:`~wagle_ext.unlearn.trajectory.TrajectoryCallback`
 with the evaluator of ``wagle unlearn --eval_every``); its trajectory starts at step 0 with the
 original model's evaluation, made once per model.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -47,6 +49,9 @@ __all__ = ["run_sweep", "THRESHOLDS"]
 
 THRESHOLDS = (0.95, 0.90)
 _FORMAT = 1  # enters every run key: bump when a run's result changes meaning
+#: UnlearnSettings fields added after sweeps existed, with the value that reproduces the older runs:
+#: left out of a run's key at that value, so a sweep made before them resumes instead of starting over.
+_LATER_UNLEARN_FIELDS: dict = {"rescore_every": 0}
 _CONTEXTS: dict = {}  # per process: (context, sweep dir, eval settings) -> loaded model, data, evaluator
 
 
@@ -174,8 +179,11 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
             continue
         for gamma in (cfg.gammas if kind == "wagle" else [None]):
             scores = None
-            for ratio in cfg.ratios:
-                mkey = _key({"ctx": ctx.ident, "kind": kind, "gamma": gamma, "ratio": ratio, "seed": cfg.mask_seed})
+            for ratio, scope in itertools.product(cfg.ratios, cfg.scopes):
+                ident = {"ctx": ctx.ident, "kind": kind, "gamma": gamma, "ratio": ratio, "seed": cfg.mask_seed}
+                if scope != "global":  # the keys of global masks stay those of sweeps before scopes existed
+                    ident["scope"] = scope
+                mkey = _key(ident)
                 path = os.path.join(work, "masks", f"{kind}_{mkey}.safetensors")
                 if not os.path.isfile(path):
                     t0 = time.perf_counter()
@@ -184,13 +192,36 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
                         g = gamma if isinstance(gamma, (int, float)) else 1e-6
                         scores = _compute_scores(ctx.model, ctx.tok, forget, retain, kind, g, seed=cfg.mask_seed,
                                                  hessian=hess)
-                    mask = build_mask(scores, ratio, model=ctx.model)
+                    mask = build_mask(scores, ratio, scope=scope, model=ctx.model)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     mask.save(path + ".tmp")
                     os.replace(path + ".tmp", path)
-                    _log(f"[sweep] mask {_method(kind, gamma)} ratio {ratio:g}: {mask.total_selected} of "
+                    _log(f"[sweep] mask {_method(kind, gamma, scope)} ratio {ratio:g}: {mask.total_selected} of "
                          f"{mask.numel} weights ({time.perf_counter() - t0:.1f} s)")
-                out[(kind, gamma, ratio)] = path
+                out[(kind, gamma, ratio, scope)] = path
+    return out
+
+
+def _diagnostics(cfg: SweepConfig, contexts: dict, mask_files: dict, work: str) -> dict:
+    """Per benchmark context: :func:`~wagle_ext.app.mask_diagnostics.mask_diagnostics` of its masks,
+    logged and written to ``masks/diagnostics.json``."""
+    from ..masks import MaskSet
+    from .mask_diagnostics import format_mask_diagnostics, mask_diagnostics
+
+    out = {}
+    for bseed, ctx in contexts.items():
+        masks, ratios, terms = {}, {}, {}
+        for (b, kind, gamma, ratio, scope), path in mask_files.items():
+            if b != bseed:
+                continue
+            label = f"{_method(kind, gamma, scope)} @{ratio:g}"
+            masks[label], ratios[label] = MaskSet.load(path), ratio
+            if "terms" in masks[label].metadata:  # WAGLE scores record which term of w - g_r/gamma dominates
+                terms[label] = masks[label].metadata["terms"]
+        if masks:
+            out[ctx.key] = mask_diagnostics(masks, ratios, terms)
+            _log("[sweep] masks:\n" + format_mask_diagnostics(out[ctx.key]))
+    _write_json(os.path.join(work, "masks", "diagnostics.json"), out)
     return out
 
 
@@ -198,10 +229,11 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
 # the runs
 # ------------------------------------------------------------------------------------------------
 
-def _method(kind: str, gamma: Any) -> str:
-    if kind != "wagle":
-        return kind
-    return f"wagle(h={gamma})" if isinstance(gamma, str) else f"wagle(gamma={gamma:g})"
+def _method(kind: str, gamma: Any, scope: str = "global", rescore: int = 0) -> str:
+    name = kind if kind != "wagle" else (f"wagle(h={gamma})" if isinstance(gamma, str) else f"wagle(gamma={gamma:g})")
+    if kind == "dense":
+        return name
+    return name + ("" if scope == "global" else f"/{scope}") + (f"+rescore{rescore}" if rescore else "")
 
 
 def _specs(cfg: SweepConfig, work: str) -> list:
@@ -211,19 +243,26 @@ def _specs(cfg: SweepConfig, work: str) -> list:
     specs = []
     for objective in cfg.objectives:
         for kind in cfg.masks:
-            for gamma in (cfg.gammas if kind == "wagle" else [None]):
+            for gamma, scope, rescore in itertools.product(cfg.gammas if kind == "wagle" else [None],
+                                                           cfg.scopes if kind != "dense" else ["global"],
+                                                           cfg.rescores if kind != "dense" else [0]):
                 for ratio in (cfg.ratios if kind != "dense" else [1.0]):
                     for lr in cfg.learning_rates:
                         for seed in cfg.seeds:
                             u = {**unlearn, "learning_rate": float(lr), "seed": seed, "save_steps": 0,
-                                 "logging_steps": 0}
+                                 "logging_steps": 0, "rescore_every": rescore}
+                            for k, default in _LATER_UNLEARN_FIELDS.items():
+                                if u.get(k) == default:  # fields added later enter the key only when set
+                                    u.pop(k, None)
                             settings = {
                                 "format": _FORMAT, "objective": objective, "mask": kind, "gamma": gamma,
                                 "ratio": float(ratio), "learning_rate": float(lr), "seed": seed,
-                                "method": _method(kind, gamma), "context": _context_identity(cfg, seeds[seed]),
+                                "method": _method(kind, gamma, scope, rescore), "context": _context_identity(cfg, seeds[seed]),
                                 "mask_seed": cfg.mask_seed if kind != "dense" else None, "unlearn": u,
                                 "eval_every": cfg.eval_every, "eval": dataclasses.asdict(cfg.eval),
                             }
+                            if scope != "global":  # absent for global: earlier sweeps' run keys stay valid
+                                settings["scope"] = scope
                             key = _key(settings)
                             specs.append({"key": key, "settings": settings, "bench_seed": seeds[seed],
                                           "dir": os.path.join(work, "runs", key)})
@@ -245,7 +284,8 @@ def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str) ->
     model = copy.deepcopy(ctx.model)
     mask = MaskSet.load(mask_path, model=model) if mask_path else None
     u = dataclasses.replace(cfg.unlearn, **{k: s["unlearn"][k] for k in ("learning_rate", "seed", "save_steps",
-                                                                          "logging_steps")})
+                                                                          "logging_steps")},
+                            rescore_every=s["unlearn"].get("rescore_every", 0))
     os.makedirs(spec["dir"], exist_ok=True)
     cb = TrajectoryCallback(ctx.evaluate, cfg.eval_every, os.path.join(spec["dir"], "trajectory.json"),
                             at_start=False)
@@ -254,7 +294,8 @@ def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str) ->
     res = _unlearn(model, ctx.tok, ctx.data["forget"], ctx.data["retain"], s["objective"], mask, u,
                    os.path.join(spec["dir"], "trainer"), device=ctx.device, demo=True, callbacks=[cb])
     result = {"key": spec["key"], "settings": s, "context": ctx.key, "trajectory": cb.entries,
-              "train_loss": res["train_loss"], "seconds": time.perf_counter() - t0,
+              "train_loss": res["train_loss"], "rescore_history": res["rescore_history"],
+              "seconds": time.perf_counter() - t0,
               "eval_seconds": sum(e["seconds"] for e in cb.entries)}
     import shutil
 
@@ -278,6 +319,7 @@ def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
         references[ctx.key] = _references(cfg, ctx)
         for k, v in _masks(cfg, ctx, work).items():
             mask_files[(bseed, *k)] = v
+    diagnostics = _diagnostics(cfg, contexts, mask_files, work)
     utility_key = next(iter(contexts.values())).info["utility_key"]
     done = {sp["key"]: _read_json(os.path.join(sp["dir"], "result.json")) for sp in specs}
     todo = [sp for sp in specs if done[sp["key"]] is None]
@@ -287,7 +329,8 @@ def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
     jobs = []
     for sp in todo:
         s = sp["settings"]
-        mpath = None if s["mask"] == "dense" else mask_files[(sp["bench_seed"], s["mask"], s["gamma"], s["ratio"])]
+        mpath = None if s["mask"] == "dense" else mask_files[(sp["bench_seed"], s["mask"], s["gamma"], s["ratio"],
+                                                              s.get("scope", "global"))]
         jobs.append((cfg_dict, sp, mpath, work))
 
     def report(i: int, r: dict) -> None:
@@ -312,7 +355,7 @@ def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
             report(i, done[j[1]["key"]])
 
     results = _summarise(cfg, [done[sp["key"]] for sp in specs], references, utility_key, work)
-    results.update(config=cfg_dict, n_runs=len(specs), n_skipped=len(specs) - len(todo),
+    results.update(config=cfg_dict, mask_diagnostics=diagnostics, n_runs=len(specs), n_skipped=len(specs) - len(todo),
                    total_seconds=time.perf_counter() - t_start)
     _write_json(os.path.join(work, "results.json"), results)
     _log("\n" + results["table"] + "\n")

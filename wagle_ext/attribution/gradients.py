@@ -89,6 +89,8 @@ def accumulate_gradients(
     eval_mode: bool = True,
     progress: bool = True,
     desc: str = "gradients",
+    granularity: str = "example",
+    step_weight: Optional[Callable[[Any], float]] = None,
 ) -> GradientDict:
     """One pass over ``dataloader``, accumulating gradients of ``loss_fn`` per parameter.
 
@@ -122,11 +124,19 @@ def accumulate_gradients(
             activation (gradient) checkpointing enabled and left in train mode scores with less activation
             memory (Llama-family models have no dropout, so the gradients are the same).
         progress: show a tqdm progress bar.
+        granularity: what one backward sees when the accumulation is not linear in the gradient
+            (``square`` or ``"ema"``): ``"example"`` (default; batches split into their sequences, so
+            the result does not depend on the batch size) or ``"batch"`` (one backward per batch of
+            the loader as given: squares of batch gradients, LoKU's FILA importances, docs/lora.md).
+        step_weight: ``step_weight(batch) -> float``: each step's contribution (``g`` or ``g * g``)
+            is multiplied by it (LoKU: the batch's label-token count); ``reduction="mean"`` then
+            divides by the sum of the weights instead of the number of examples. Not with ``"ema"``.
 
     Returns:
         :class:`GradientDict` ``{name: tensor}`` shaped like each parameter, ``dtype``, on the
         parameter's device, in ``named_parameters()`` order; parameters that received no gradient
-        get zeros. ``.info``: reduction, num_batches, num_examples, square, dtype, beta.
+        get zeros. ``.info``: reduction, num_batches, num_examples, square, dtype, beta; also
+        ``granularity`` when it is ``"batch"`` and ``total_weight`` with ``step_weight``.
 
     Raises:
         ValueError: a non-finite loss, a sequence without label tokens, no batches.
@@ -147,9 +157,13 @@ def accumulate_gradients(
         raise ValueError(f"beta must be in [0, 1) for reduction='ema', got {beta!r}")
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
+    if granularity not in ("example", "batch"):
+        raise ValueError(f"granularity must be 'example' or 'batch', got {granularity!r}")
+    if step_weight is not None and (reduction == "ema" or not callable(step_weight)):
+        raise ValueError("step_weight must be a callable batch -> float, and is not used with reduction='ema'")
     if loss_fn is None:
         loss_fn = causal_lm_sequence_loss
-    per_example = square or reduction == "ema"
+    per_example = (square or reduction == "ema") and granularity == "example"
     params = _named_trainable(model, names)
     if not params:
         raise ValueError("model has no parameter with requires_grad=True to accumulate gradients for")
@@ -163,6 +177,7 @@ def accumulate_gradients(
     acc: dict = {}
     touched: set = set()
     ema = reduction == "ema"
+    weight = [1.0]  # the current step's step_weight (1 without one)
 
     def make_hook(name: str):
         def hook(p: torch.Tensor) -> None:
@@ -172,9 +187,12 @@ def accumulate_gradients(
                 return
             touched.add(name)
             a = acc.get(name)
+            w = weight[0]
             if square:
                 g32 = g.to(dtype)
                 sq = g32 * g32  # a transient of one parameter's size
+                if w != 1.0:
+                    sq.mul_(w)
                 if a is None:
                     acc[name] = sq.mul_(1 - beta) if ema else sq
                 elif ema:
@@ -185,11 +203,11 @@ def accumulate_gradients(
                 if a is None:
                     # Steal the step's gradient as the accumulator (no copy) when dtypes match.
                     first = g.to(dtype).contiguous()
-                    acc[name] = first.mul_(1 - beta) if ema else first
+                    acc[name] = first.mul_(1 - beta) if ema else (first.mul_(w) if w != 1.0 else first)
                 elif ema:
                     a.mul_(beta).add_(g, alpha=1 - beta)
                 else:
-                    a.add_(g)
+                    a.add_(g, alpha=w) if w != 1.0 else a.add_(g)
         return hook
 
     was_training = model.training
@@ -197,6 +215,7 @@ def accumulate_gradients(
     frozen_state = [p.requires_grad for p in frozen]
     n_batches = 0
     n_examples = 0
+    total_weight = 0.0
     try:
         if eval_mode:
             model.eval()
@@ -221,6 +240,12 @@ def accumulate_gradients(
                 batch = batch[batch_key]
             for step in (_split_sequences(batch) if per_example else (batch,)):
                 touched.clear()
+                if step_weight is not None:
+                    weight[0] = float(step_weight(step))
+                    if not weight[0] >= 0.0:
+                        raise ValueError(f"step_weight returned {weight[0]!r} at batch {n_batches}; weights must "
+                                         "be >= 0")
+                    total_weight += weight[0]
                 loss = loss_fn(model, step)
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
@@ -247,13 +272,17 @@ def accumulate_gradients(
 
     out = GradientDict(info={"reduction": reduction, "num_batches": n_batches, "num_examples": n_examples,
                              "square": bool(square),
-                             "dtype": str(dtype).replace("torch.", ""), **({"beta": beta} if ema else {})})
+                             "dtype": str(dtype).replace("torch.", ""), **({"beta": beta} if ema else {}),
+                             **({"granularity": granularity} if granularity != "example" else {}),
+                             **({"total_weight": total_weight} if step_weight is not None else {})})
+    if reduction == "mean" and step_weight is not None and total_weight <= 0.0:
+        raise ValueError("reduction='mean' with step_weight: the weights sum to 0 (nothing to average)")
     for name, p in params:
         a = acc.pop(name, None)
         if a is None:
             a = torch.zeros(p.shape, dtype=dtype, device=p.device)
         elif reduction == "mean":
-            a.div_(n_examples)
+            a.div_(total_weight if step_weight is not None else n_examples)
         out[name] = a.view(p.shape)
     return out
 

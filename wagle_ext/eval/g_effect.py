@@ -264,10 +264,16 @@ class GEffectCallback:
         return _GEffect(*args, **kwargs)
 
 
-def plot_g_effect(results: Mapping[str, Mapping[str, Any]], path: str, title: str = "G-effect") -> str:
+def plot_g_effect(results: Mapping[str, Mapping[str, Any]], path: str, title: str = "G-effect",
+                  frozen: bool = False, symlog: bool = False) -> str:
     """Lines over steps, one panel per weight group, one line per run (``results``: label -> a
     :func:`g_effect` / :class:`GEffectCallback` result): ``e_unlearn`` solid, ``e_retain`` dashed.
-    Writes a PNG to ``path`` and returns it."""
+    A run probed with a mask is drawn with its **masked** part (``e_*_masked``): only the masked
+    weights move, so that part is the first-order effect of the run's steps, while the full-model
+    value also counts weights that never change. ``frozen=True`` adds the frozen part (dotted: what
+    the frozen weights' gradients point at, not a change that happens). ``symlog=True``: symmetric
+    log y axes (runs whose values differ by orders of magnitude). Writes a PNG to ``path`` and
+    returns it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,13 +292,20 @@ def plot_g_effect(results: Mapping[str, Mapping[str, Any]], path: str, title: st
     fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.0), squeeze=False, sharey=False)
     for ax, g in zip(axes[0], order):
         for j, (label, res) in enumerate(results.items()):
-            steps = [r["step"] for r in res["records"] if g in r["groups"]]
-            color = f"C{j}"
-            for key, style in (("e_unlearn", "-"), ("e_retain", "--")):
-                ys = [r["groups"][g].get(key) for r in res["records"] if g in r["groups"]]
-                if any(y is not None for y in ys):
-                    ax.plot(steps, ys, style, color=color, label=f"{label} {key[2:]}")
+            recs = [r for r in res["records"] if g in r["groups"]]
+            masked = any("e_unlearn_masked" in r["groups"][g] for r in recs)
+            lines = [("", "-", "--")] if not masked else [("_masked", "-", "--")] + (
+                [("_frozen", ":", ":")] if frozen else [])
+            for suffix, solid, dashed in lines:
+                for key, style in (("e_unlearn", solid), ("e_retain", dashed)):
+                    ys = [r["groups"][g].get(key + suffix) for r in recs]
+                    if any(y is not None for y in ys):
+                        name = f"{label} {key[2:]}" + (f" ({suffix[1:]} weights)" if suffix else "")
+                        ax.plot([r["step"] for r in recs], ys, style, color=f"C{j}", label=name,
+                                alpha=0.5 if suffix == "_frozen" else 1.0)
         ax.axhline(0.0, color="0.6", linewidth=0.8)
+        if symlog:
+            ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_title(g, fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("<grad R, grad L>")

@@ -3,6 +3,9 @@ a model fingerprint, model binding, statistics and safetensors I/O.
 
 Masks are keyed by normalised parameter name (:mod:`wagle_ext.naming`) and stored one bit per
 weight, in safetensors files with provenance metadata.
+
+Long file: one class, the artifact users hold; its I/O (format, checksum, header parsing), model
+binding, statistics and overlap are methods of it, with the trainable report beside it.
 """
 from __future__ import annotations
 
@@ -375,6 +378,33 @@ class MaskSet(Mapping):
             "per_module_type": per_type,
             "per_layer_module": layer_module,
         }
+
+    def overlap(self, other: "MaskSet") -> dict:
+        """How much of this mask ``other`` also selects, over the tensors both cover (same shapes
+        required): ``selected_self``, ``selected_other``, ``intersection`` (weights both select),
+        ``jaccard`` = intersection / union, ``fraction_of_self`` = intersection / selected_self, and
+        ``expected_random`` = the intersection fraction an independent random mask of other's
+        density would give (``selected_other / numel``), the baseline to read the overlap against."""
+        if not isinstance(other, MaskSet):
+            raise TypeError(f"overlap needs a MaskSet, got {type(other).__name__}")
+        common = [n for n in self._masks if n in other._masks]
+        if not common:
+            raise ValueError("overlap: the two masks share no tensor name")
+        inter = sel_a = sel_b = numel = 0
+        for n in common:
+            a, b = self._masks[n], other._masks[n]
+            if tuple(a.shape) != tuple(b.shape):
+                raise ValueError(f"overlap: {n} has shape {tuple(a.shape)} here and {tuple(b.shape)} in other")
+            both = PackedMask(a.bits.to(b.device) & b.bits, a.shape)
+            inter += both.nnz
+            sel_a += a.nnz
+            sel_b += b.nnz
+            numel += a.numel
+        union = sel_a + sel_b - inter
+        return {"numel": numel, "selected_self": sel_a, "selected_other": sel_b, "intersection": inter,
+                "jaccard": inter / union if union else 0.0,
+                "fraction_of_self": inter / sel_a if sel_a else 0.0,
+                "expected_random": sel_b / numel if numel else 0.0}
 
     def plot(self, path: Union[str, os.PathLike], *, title: Optional[str] = None) -> None:
         """Write a PNG of the selection density: a heatmap of density per decoder layer (x) and

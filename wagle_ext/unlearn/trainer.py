@@ -25,7 +25,9 @@ import transformers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .._checks import check_grad_mode, check_weight_decay_mode
+from .._checks import check_grad_mode, check_master_weights, check_weight_decay_mode
+from ..lora.fila import FILA_MARK
+from ..lora.reference import InitialAdapterReference, adapters_are_zero
 from ..masks import MaskSet, format_trainable_report, trainable_report
 from ..naming import is_adapter_param
 from ..ops import PackedMask
@@ -141,10 +143,13 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 def frozen_reference(model: nn.Module) -> nn.Module:
     """A frozen reference of ``model`` for NPO/DPO/TNPO/KL terms: ``eval()``, ``requires_grad_(False)``,
-    same device and dtype. PEFT models reuse their base with adapters disabled; others are deep-copied
+    same device and dtype. PEFT models reuse their base weights: with adapters disabled when they are
+    still zero (PEFT's default init), else (FILA, a loaded adapter) the base plus a frozen copy of the
+    starting adapter weights (:class:`~wagle_ext.lora.reference.InitialAdapterReference`; the base
+    alone would be FILA's residual, not the model unlearning starts from). Others are deep-copied
     (+1x model memory, as in every reference-based unlearning method)."""
     if _is_peft_model(model):
-        return _AdapterDisabledReference(model)
+        return _AdapterDisabledReference(model) if adapters_are_zero(model) else InitialAdapterReference(model)
     ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)
@@ -165,7 +170,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             weights are outside the mask (updated densely). A mask under which nothing would be
             updated is a ``ValueError``.
         ref_model: frozen reference model for objectives that need one; built automatically
-            (deep copy, or adapters disabled for PEFT models) when None and ``build_reference``.
+            (deep copy; for PEFT models the same weights, see :func:`frozen_reference`) when None and
+            ``build_reference``. A PEFT (LoRA) model trains only its adapters, with any objective.
         build_reference: False = never copy the model; an objective that needs a reference then
             requires ``ref_model`` (ValueError otherwise).
         clip_before_mask: True reproduces WAGLE's order (clip the norm of the UNMASKED gradient,
@@ -186,6 +192,12 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         step_in_backward: with ``grad_mode="compact"``: apply each parameter's update inside its
             backward hook (LOMO/SIFT); needs ``gradient_accumulation_steps=1`` and no clipping
             (``max_grad_norm=0``). The logged ``grad_norm`` is then absent.
+        master_weights: ``MaskedAdamW``'s compact fp32 master copies of the selected elements of
+            bf16/fp16 parameters (12 B of state per selected element instead of 8): None (default) =
+            on for bf16/fp16 parameters, True/False = force. Without them, AdamW updates below half
+            a bf16 ulp are lost (docs/pitfalls.md).
+        rounding: how master weights are written back to bf16/fp16: ``"nearest"`` (default, round
+            to nearest even) or ``"stochastic"`` (unbiased; seeded by ``args.seed``).
 
     At the start of training the trainer logs :func:`~wagle_ext.memory.memory_report` (weights,
     gradients, optimizer state, masks, and the dense-AdamW equivalent) and keeps it as
@@ -201,6 +213,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
                  mask: Optional[MaskSet] = None, ref_model: Optional[nn.Module] = None,
                  clip_before_mask: bool = False, weight_decay_mode: str = "masked",
                  grad_mode: str = "dense", step_in_backward: bool = False,
+                 master_weights: Optional[bool] = None, rounding: str = "nearest",
                  build_reference: bool = True, **kwargs):
         if model is None:
             raise ValueError("UnlearnTrainer needs a model")
@@ -236,6 +249,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         _check_grad_mode(grad_mode, step_in_backward, mask, clip_before_mask, weight_decay_mode, args)
         _check_deepspeed(mask, args)
         _check_hooks_available(grad_mode, mask, clip_before_mask, args)
+        check_master_weights(master_weights, rounding, args.seed)
         args.remove_unused_columns = False
 
         self.objective = objective
@@ -244,6 +258,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         self.weight_decay_mode = weight_decay_mode
         self.grad_mode = grad_mode
         self.step_in_backward = bool(step_in_backward)
+        self.master_weights = master_weights
+        self.rounding = rounding
         self.initial_memory_report: Optional[dict] = None
         self.trainable_report: dict = report
         if objective.needs_reference and ref_model is None:
@@ -268,7 +284,7 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         inputs = dict(inputs)
         inputs.pop("index", None)
         ref = self.ref_model
-        if ref is not None and not isinstance(ref, _AdapterDisabledReference):
+        if ref is not None and not isinstance(ref, (_AdapterDisabledReference, InitialAdapterReference)):
             dev = next(model.parameters()).device
             if next(ref.parameters()).device != dev:
                 ref.to(dev)
@@ -361,7 +377,8 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
             param_groups, masks=aligned, lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
             weight_decay=self.args.weight_decay, weight_decay_mode=self.weight_decay_mode,
-            grad_mode=self.grad_mode, step_in_backward=self.step_in_backward)
+            grad_mode=self.grad_mode, step_in_backward=self.step_in_backward,
+            master_weights=self.master_weights, rounding=self.rounding, seed=self.args.seed)
         self._log_trainable_report(opt_model)
         self._log_memory_report(opt_model, self.optimizer)
         return self.optimizer
@@ -385,6 +402,41 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         torch.distributed.all_gather(gathered, digest)
         if any(not torch.equal(g, gathered[0]) for g in gathered):
             raise ValueError("the mask differs across ranks: every process must load the same MaskSet")
+
+    def set_mask(self, mask: MaskSet) -> None:
+        """Replace the mask during training (e.g. re-scored every N steps,
+        :class:`~wagle_ext.unlearn.rescore.RescoreCallback`): the optimizer's masks are swapped in
+        place (:meth:`MaskedAdamW.set_masks`: weights selected before and after keep their moments,
+        newly selected ones start from zero moments, dropped ones freeze at their current value).
+        The new mask must cover the same tensors with the same ``missing`` mode (the optimizer's
+        parameter groups stay as built). Dense gradients only: in compact mode the hooks' buffers
+        are laid out by the old mask."""
+        if not isinstance(mask, MaskSet):
+            raise TypeError(f"mask must be a wagle_ext.MaskSet, got {type(mask).__name__}")
+        if self.mask is None:
+            raise ValueError("set_mask: this trainer has no mask to replace (it was built for dense unlearning)")
+        if mask.names() != self.mask.names() or mask.missing != self.mask.missing:
+            raise ValueError("set_mask: the new mask must cover the same tensors with the same missing mode")
+        if self.grad_mode == "compact":
+            raise ValueError("set_mask needs grad_mode='dense' (compact gradient buffers follow the old mask)")
+        mask.check_compatible(self.model)
+        self.mask = mask
+        self._param_masks = None
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, _MaskCheckpointCallback):
+                cb.mask = mask
+        if self.optimizer is None:
+            return
+        opt = self._masked_optimizer()
+        named = {id(p): n for n, p in self.model.named_parameters()}
+        new = self._model_masks(self.model)
+        aligned = []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                name = named.get(id(p))
+                aligned.append(new[name] if name in new else opt.mask_of(p))
+        opt.set_masks(aligned)
+        self.trainable_report = trainable_report(self.model, mask)
 
     # ------------------------------------------------------------------ clipping
     def _model_masks(self, model) -> dict:
@@ -414,6 +466,19 @@ class UnlearnTrainer(GradNormShim, transformers.Trainer):
         return fallback(model, grad_norm=grad_norm)
 
     # ------------------------------------------------------------------ checkpoints
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """``transformers.Trainer.save_model`` (a PEFT model saves its adapter only). When FILA replaced
+        the base weights of the PEFT model by residuals, the final save (not the checkpoints) also
+        writes those base weights to ``<output_dir>/base``, since the adapter is only right on them
+        (docs/lora.md, "Export"); ``wagle_ext.lora.load_adapter_with_base(output_dir)`` reloads the pair.
+        For a single plain model folder use ``wagle_ext.lora.save_merged``."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        model = self.model
+        if not _internal_call and _is_peft_model(model) and getattr(model, FILA_MARK, None) and self.args.should_save:
+            from ..lora.export import save_base
+
+            save_base(model, os.path.join(output_dir or self.args.output_dir, "base"))
+
     def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, *args, **kwargs):
         """``transformers.Trainer.train``; resuming with a mask first checks that the checkpoint was
         trained with the same mask (its ``wagle_mask.safetensors``)."""
