@@ -46,7 +46,12 @@ def _format_table(rows: Sequence[dict]) -> str:
 def run_demo(cfg: DemoConfig) -> dict:
     """The main job: build or reuse the embedded benchmark, then for every objective and mask kind
     unlearn from the target at ``cfg.ratio`` for ``cfg.unlearn.steps`` steps, evaluate, print the
-    table, write ``results.json`` and ``forget_quality_vs_utility.png`` under ``cfg.out``."""
+    table, write ``results.json`` and ``forget_quality_vs_utility.png`` under ``cfg.out``. ``track:
+    smollm2``: the real-knowledge track instead (:mod:`wagle_ext.app.track_smollm2`)."""
+    if cfg.track == "smollm2":
+        from .track_smollm2 import run_smollm2_track
+
+        return run_smollm2_track(cfg)
     with _Job("demo", cfg) as run:
         return _run_demo(cfg, run)
 
