@@ -25,7 +25,10 @@ magnitude; its seeds are averaged in log space, i.e. a geometric mean). The tabl
 mask) and threshold (model utility >= 95% / 90% of the original model's), each seed's best forget
 quality over the trajectory points that keep that utility, then mean and spread over seeds, for the
 ratio/lr setting of the method with the best mean (each method at its own tuned setting). The original
-model (step 0) always qualifies, so every seed has a value.
+model (step 0) always qualifies, so every seed has a value. The axes are a
+:class:`~wagle_ext.app.front_axes.FrontAxes`: forget quality here; a track that brings its own model,
+data and metrics (``wagle demo --track smollm2``: no retain model, so forget answer probability, lower =
+better) runs the same grid, table and fronts through ``_run_sweep(cfg, run, hooks)``.
 """
 from __future__ import annotations
 
@@ -292,7 +295,9 @@ def _run_sweep(cfg: SweepConfig, run: RunDir, hooks: Any = None) -> dict:
     done = {sp["key"]: _read_json(os.path.join(sp["dir"], "result.json")) for sp in specs}
     todo = [sp for sp in specs if done[sp["key"]] is None]
     _log(f"[sweep] {len(specs)} runs ({len(specs) - len(todo)} done before, skipped); {cfg.unlearn.steps} steps "
-         f"each, evaluated every {cfg.eval_every} ({cfg.eval.metrics} metrics); {cfg.workers} worker(s)")
+         f"each, evaluated every {cfg.eval_every} ("
+         + (f"{cfg.eval.metrics} metrics); {cfg.workers}" if hooks is None else "the track's metrics); 1")
+         + " worker(s)")
     cfg_dict = config_to_dict(cfg)
     jobs = []
     for sp in todo:

