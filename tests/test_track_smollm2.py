@@ -109,3 +109,8 @@ def test_track_sweep_on_a_tiny_model(tmp_path, monkeypatch):
         assert 0.0 <= row["forget_acc"]["mean"] <= 1.0 and len(finals[0]["forget_answers"]) == 3
         assert "holdout_acc" in row and "refusal" in row
     assert all(k in res["settings"][0]["curve"][0] for k in ("forget_prob_mean", "forget_prob_std"))
+    # a rerun into the same out skips every run and reuses the original model's evaluation
+    ref = os.path.join(out, "references", os.listdir(os.path.join(out, "references"))[0], "references.json")
+    before = os.path.getmtime(ref)
+    again = T.run_smollm2_track(cfg, model=model, tokenizer=tok, facts=facts)
+    assert again["n_skipped"] == 4 and again["table"] == res["table"] and os.path.getmtime(ref) == before

@@ -273,7 +273,7 @@ def track_hooks(scfg: Any, model: Any, tok: Any, splits: dict, *, ident: dict, w
         if os.path.isfile(path):
             with open(path) as f:
                 cached = json.load(f)
-            if cached.get("identity") == ident:
+            if cached.get("identity") == json.loads(json.dumps(ident)):  # as JSON: tuples read back as lists
                 return cached
         t0 = time.perf_counter()
         with preserved_training_state(model):
