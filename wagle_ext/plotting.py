@@ -137,7 +137,8 @@ def plot_tradeoff(rows: Sequence[dict], references: Sequence[dict], path: str, t
 
 def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dict] = (),
                 thresholds: Sequence[float] = (), target_utility: Sequence[float] = (),
-                xlabel: str = "model utility (higher = better)", floor_decades: Optional[float] = 3.0) -> None:
+                xlabel: str = "model utility (higher = better)", ylabel: Optional[str] = None,
+                log_y: bool = True, floor_decades: Optional[float] = 3.0) -> None:
     """Write a PNG of forget quality (log) vs model utility, one panel per objective.
 
     ``panels``: ``{objective: {"curves": [...], "fronts": {method: [(x, log10 y), ...]}, "overall":
@@ -146,10 +147,16 @@ def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dic
     method has one colour (its settings one line style each, thin, with error bars); its Pareto front is
     the thick line; points on the front of all methods are ringed in black. ``references``: ``{"name",
     "x", "log10_y"}`` in grey; ``target_utility`` x ``thresholds``: vertical dotted lines (e.g. 95% / 90%
-    of the original model's utility). ``floor_decades``: the y axis starts that many decades below the
-    lowest reference (collapsed runs' p-values of 1e-30 would otherwise squeeze the region that
-    matters; None = no cut)."""
+    of the original model's utility). ``log_y=False``: a linear forget metric (``ylabel``, e.g. a forget
+    answer probability): curves, fronts and references carry ``y`` / ``yerr`` (the values) instead of
+    ``log10_y`` / ``log10_yerr``. ``floor_decades`` (log axis): the y axis starts that many decades
+    below the lowest reference (collapsed runs' p-values of 1e-30 would otherwise squeeze the region
+    that matters; None = no cut)."""
     plt = _pyplot()
+    yk = "log10_y" if log_y else "y"
+
+    def val(v: float) -> float:
+        return 10 ** v if log_y else v
 
     names = list(panels)
     methods = list(dict.fromkeys(c["method"] for p in panels.values() for c in p["curves"]))
@@ -163,41 +170,42 @@ def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dic
             k = seen.setdefault(c["method"], [])
             k.append(c["label"])
             ls = styles[(len(k) - 1) % len(styles)]
-            y = [10 ** v for v in c["log10_y"]]
-            lo = [10 ** v - 10 ** (v - e) for v, e in zip(c["log10_y"], c["log10_yerr"])]
-            hi = [10 ** (v + e) - 10 ** v for v, e in zip(c["log10_y"], c["log10_yerr"])]
+            y = [val(v) for v in c[yk]]
+            lo = [val(v) - val(v - e) for v, e in zip(c[yk], c[yk + "err"])]
+            hi = [val(v + e) - val(v) for v, e in zip(c[yk], c[yk + "err"])]
             ax.errorbar(c["x"], y, xerr=c["xerr"], yerr=[lo, hi], color=colors[c["method"]], ls=ls, lw=0.9,
                         marker="o", ms=3, alpha=0.55, elinewidth=0.6, capsize=1.5,
                         label=f"{c['method']}: {c['label']}")
         for m, pts in panel["fronts"].items():
             if pts:
-                ax.plot([p[0] for p in pts], [10 ** p[1] for p in pts], color=colors[m], lw=2.6, alpha=0.95,
-                        drawstyle="steps-post" if len(pts) > 1 else "default", marker="D", ms=5)
+                ax.plot([p[0] for p in pts], [val(p[1]) for p in pts], color=colors[m], lw=2.6, alpha=0.95,
+                        drawstyle=("steps-post" if log_y else "steps-pre") if len(pts) > 1 else "default", marker="D", ms=5)
         ov = panel.get("overall", [])
         if ov:
-            ax.scatter([p[0] for p in ov], [10 ** p[1] for p in ov], s=110, facecolors="none", edgecolors="black",
+            ax.scatter([p[0] for p in ov], [val(p[1]) for p in ov], s=110, facecolors="none", edgecolors="black",
                        linewidths=1.4, zorder=5, label="Pareto front (all methods)")
         for ref, marker in zip(references, ("X", "P", "X", "P")):
-            ax.scatter([ref["x"]], [10 ** ref["log10_y"]], marker=marker, color="lightgray", edgecolors="black",
+            ax.scatter([ref["x"]], [val(ref[yk])], marker=marker, color="lightgray", edgecolors="black",
                        s=90, zorder=4)
-            ax.annotate(ref["name"], (ref["x"], 10 ** ref["log10_y"]), textcoords="offset points", xytext=(6, 4),
+            ax.annotate(ref["name"], (ref["x"], val(ref[yk])), textcoords="offset points", xytext=(6, 4),
                         fontsize=8)
         for t in target_utility:
             for thr in thresholds:
                 ax.axvline(thr * t, color="gray", ls=":", lw=0.9)
                 ax.annotate(f"{thr:.0%}", (thr * t, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
                             ha="right", va="top", color="gray", rotation=90)
-        ax.set_yscale("log")
-        if ax.get_ylim()[1] > 3.0:  # a p-value is <= 1; log-space error bars can reach past it
-            ax.set_ylim(top=3.0)
-        if floor_decades is not None and references:
-            floor = 10 ** (min(r["log10_y"] for r in references) - floor_decades)
-            if ax.get_ylim()[0] < floor:
-                ax.set_ylim(bottom=floor)
-                ax.annotate(f"axis cut at {floor:.1e}", (0.01, 0.01), xycoords="axes fraction", fontsize=7,
-                            color="gray")
+        if log_y:
+            ax.set_yscale("log")
+            if ax.get_ylim()[1] > 3.0:  # a p-value is <= 1; log-space error bars can reach past it
+                ax.set_ylim(top=3.0)
+            if floor_decades is not None and references:
+                floor = 10 ** (min(r["log10_y"] for r in references) - floor_decades)
+                if ax.get_ylim()[0] < floor:
+                    ax.set_ylim(bottom=floor)
+                    ax.annotate(f"axis cut at {floor:.1e}", (0.01, 0.01), xycoords="axes fraction", fontsize=7,
+                                color="gray")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("forget quality (KS p-value vs retain model; log; higher = better)")
+        ax.set_ylabel(ylabel or "forget quality (KS p-value vs retain model; log; higher = better)")
         ax.set_title(name, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="best")

@@ -1,6 +1,7 @@
 """The ``wagle`` command line.
 
     wagle demo   [CONFIG] [--key value ...]   benchmark -> {GradDiff, NPO} x {dense, random, magnitude, wagle}
+                 (--track smollm2: real knowledge of SmolLM2-135M-Instruct, as a sweep)
     wagle score  [CONFIG] [--key value ...]   attribution scores (scores.safetensors)
     wagle mask   [CONFIG] [--key value ...]   scores -> top-ratio MaskSet (mask.safetensors, mask.png)
     wagle unlearn [CONFIG] [--key value ...]  model + mask + objective -> unlearned model
@@ -58,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="wagle", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[2:11]))
+                                     epilog="\n".join(__doc__.split("\n")[2:12]))
     parser.add_argument("job", choices=sorted(JOBS))
     parser.add_argument("config", nargs="?", help="YAML or JSON file of job fields")
     if not argv or argv[0] in ("-h", "--help"):

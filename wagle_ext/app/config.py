@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from .._checks import ROUNDINGS, check_grad_mode, check_ratio
 from .embedded_benchmark import BenchmarkConfig
+from .track_config import TRACKS, TrackSettings
 
 __all__ = ["DemoConfig", "ScoreConfig", "UnlearnConfig", "EvalConfig", "BenchConfig", "SweepConfig", "EvalSettings",
            "LoraSettings",
@@ -150,6 +151,8 @@ class DemoConfig:
     overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
     cache_dir: Optional[str] = None  # default $WAGLE_CACHE or ~/.cache/wagle_ext
     rebuild: bool = False          # retrain the benchmark models even when cached
+    track: str = "embedded"        # or smollm2: real knowledge of SmolLM2-135M-Instruct, as a sweep (track_smollm2)
+    smollm2: TrackSettings = dataclasses.field(default_factory=TrackSettings)  # that track's settings
 
 
 @dataclasses.dataclass
@@ -686,8 +689,12 @@ def validate(cfg: Any) -> None:
         _check(cfg.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {cfg.eval_batch_size}")
         _check(cfg.attack_learning_rate > 0, "attack_learning_rate", f"must be > 0, got {cfg.attack_learning_rate}")
         _check(cfg.geffect_every >= 0, "geffect_every", f"must be >= 0, got {cfg.geffect_every}")
+        _check(cfg.track in TRACKS, "track", f"unknown track {cfg.track!r} (known: {', '.join(TRACKS)})")
+        from .track_config import check_track
+
+        check_track(cfg)  # the smollm2 section's fields; with track smollm2 the optional packages too
         sweep = demo_sweep_config(cfg)
-        if cfg.front and sweep.masks:  # the front sweep's fields carry the demo's names (learning_rates, ...)
+        if cfg.track == "embedded" and cfg.front and sweep.masks:  # the front's fields carry the demo's names
             _validate_sweep(sweep)
             cfg.learning_rates = sweep.learning_rates
     elif isinstance(cfg, ScoreConfig):

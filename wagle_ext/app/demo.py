@@ -50,7 +50,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     """The main job: build or reuse the embedded benchmark; with ``cfg.front`` run the fronts sweep
     (``sweep/``, ``fronts.png``); then for every objective and mask kind unlearn from the target at
     ``cfg.ratio`` for ``cfg.unlearn.steps`` steps, evaluate, print the table, write ``results.json``
-    and ``forget_quality_vs_utility.png`` under ``cfg.out``."""
+    and ``forget_quality_vs_utility.png`` under ``cfg.out``. ``track: smollm2``: the real-knowledge
+    track instead (:mod:`wagle_ext.app.track_smollm2`)."""
+    if cfg.track == "smollm2":
+        from .track_smollm2 import run_smollm2_track
+
+        return run_smollm2_track(cfg)
     with _Job("demo", cfg) as run:
         return _run_demo(cfg, run)
 

@@ -14,6 +14,9 @@ trained once and cached), so the spread covers the models too; each run is then 
 original model. Masks depend on kind, gamma, ratio, model and data and on ``mask_seed`` -- never on the
 learning rate or the unlearning seed -- and are built once (``masks/<key>.safetensors``).
 
+Long file: one job whose pieces share its key scheme and directory layout (the grid and its run keys,
+mask building and diagnostics, run execution, resumption, aggregation into curves, fronts and table).
+
 Layout of ``out`` (a :class:`~wagle_ext.app.runs.RunDir`): ``runs/<key>/result.json`` (settings,
 trajectory, seconds; ``<key>`` = hash of the run's settings) and ``trajectory.json``; ``references/``
 (the original and retain models' evaluations); ``masks/``; ``results.json``, ``table.txt`` and
@@ -26,7 +29,10 @@ magnitude; its seeds are averaged in log space, i.e. a geometric mean). The tabl
 mask) and threshold (model utility >= 95% / 90% of the original model's), each seed's best forget
 quality over the trajectory points that keep that utility, then mean and spread over seeds, for the
 ratio/lr setting of the method with the best mean (each method at its own tuned setting). The original
-model (step 0) always qualifies, so every seed has a value.
+model (step 0) always qualifies, so every seed has a value. The axes are a
+:class:`~wagle_ext.app.front_axes.FrontAxes`: forget quality here; a track that brings its own model,
+data and metrics (``wagle demo --track smollm2``: no retain model, so forget answer probability, lower =
+better) runs the same grid, table and fronts through ``_run_sweep(cfg, run, hooks)``.
 """
 from __future__ import annotations
 
@@ -35,13 +41,13 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import os
 import time
 import types
 from typing import Any, Optional
 
 from .config import SweepConfig, config_to_dict
+from .front_axes import FORGET_QUALITY, FrontAxes
 from .pipeline import _benchmark, _device_dtype, _Job, _load_data, _load_model, _log, _set_threads, _unlearn
 from .runs import RunDir
 
@@ -236,8 +242,9 @@ def _method(kind: str, gamma: Any, scope: str = "global", rescore: int = 0) -> s
     return name + ("" if scope == "global" else f"/{scope}") + (f"+rescore{rescore}" if rescore else "")
 
 
-def _specs(cfg: SweepConfig, work: str) -> list:
-    """One dict per run of the grid: its settings (hashed into its key) and where it writes."""
+def _specs(cfg: SweepConfig, work: str, ident: Optional[dict] = None) -> list:
+    """One dict per run of the grid: its settings (hashed into its key) and where it writes. ``ident``:
+    the context identity of a track that brings its own model and data (else the config's)."""
     seeds = _bench_seeds(cfg)
     unlearn = dataclasses.asdict(cfg.unlearn)
     specs = []
@@ -257,7 +264,8 @@ def _specs(cfg: SweepConfig, work: str) -> list:
                             settings = {
                                 "format": _FORMAT, "objective": objective, "mask": kind, "gamma": gamma,
                                 "ratio": float(ratio), "learning_rate": float(lr), "seed": seed,
-                                "method": _method(kind, gamma, scope, rescore), "context": _context_identity(cfg, seeds[seed]),
+                                "method": _method(kind, gamma, scope, rescore),
+                                "context": ident if ident is not None else _context_identity(cfg, seeds[seed]),
                                 "mask_seed": cfg.mask_seed if kind != "dense" else None, "unlearn": u,
                                 "eval_every": cfg.eval_every, "eval": dataclasses.asdict(cfg.eval),
                             }
@@ -269,17 +277,18 @@ def _specs(cfg: SweepConfig, work: str) -> list:
     return specs
 
 
-def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str) -> dict:
-    """One run (in this process or a worker): unlearn with trajectory evaluation, write ``result.json``."""
+def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str, hooks: Any = None) -> dict:
+    """One run (in this process or a worker): unlearn with trajectory evaluation, write ``result.json``.
+    ``hooks`` (a track's, in this process): its context, and ``hooks.final(model)`` evaluated at the end."""
     import torch
 
     from ..masks import MaskSet
     from ..unlearn.trajectory import TrajectoryCallback
     from .config import load_config
 
-    cfg = load_config(SweepConfig, None, cfg_dict)
+    cfg = load_config(SweepConfig, None, cfg_dict) if hooks is None else hooks.cfg
     _set_threads(cfg.num_threads)
-    ctx = _context(cfg, spec["bench_seed"], work)
+    ctx = _context(cfg, spec["bench_seed"], work) if hooks is None else hooks.context
     s = spec["settings"]
     model = copy.deepcopy(ctx.model)
     mask = MaskSet.load(mask_path, model=model) if mask_path else None
@@ -297,6 +306,8 @@ def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str) ->
               "train_loss": res["train_loss"], "rescore_history": res["rescore_history"],
               "seconds": time.perf_counter() - t0,
               "eval_seconds": sum(e["seconds"] for e in cb.entries)}
+    if hooks is not None and hooks.final is not None:
+        result["final"] = hooks.final(model)
     import shutil
 
     shutil.rmtree(os.path.join(spec["dir"], "trainer"), ignore_errors=True)  # no checkpoints in a sweep run
@@ -308,15 +319,20 @@ def _worker_init(num_threads: int) -> None:
     _set_threads(num_threads)
 
 
-def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
+def _run_sweep(cfg: SweepConfig, run: RunDir, hooks: Any = None) -> dict:
+    """The sweep into ``run``. ``hooks``: a track that brings its own model, data and metrics (e.g.
+    :func:`~wagle_ext.app.track_smollm2.track_hooks`): ``cfg`` (this config), ``ident`` and ``context``
+    (one model context), ``references(ctx)``, ``axes`` (:class:`FrontAxes`), ``final(model)`` (or None)
+    and ``what`` (the figure's title); its runs are in this process."""
     t_start = time.perf_counter()
     work = run.work
-    specs = _specs(cfg, work)
+    specs = _specs(cfg, work, None if hooks is None else hooks.ident)
+    axes = FORGET_QUALITY if hooks is None else hooks.axes
     contexts, references, mask_files = {}, {}, {}
     for bseed in sorted(set(_bench_seeds(cfg).values())):
-        ctx = _context(cfg, bseed, work)
+        ctx = _context(cfg, bseed, work) if hooks is None else hooks.context
         contexts[bseed] = ctx
-        references[ctx.key] = _references(cfg, ctx)
+        references[ctx.key] = _references(cfg, ctx) if hooks is None else hooks.references(ctx)
         for k, v in _masks(cfg, ctx, work).items():
             mask_files[(bseed, *k)] = v
     diagnostics = _diagnostics(cfg, contexts, mask_files, work)
@@ -324,7 +340,9 @@ def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
     done = {sp["key"]: _read_json(os.path.join(sp["dir"], "result.json")) for sp in specs}
     todo = [sp for sp in specs if done[sp["key"]] is None]
     _log(f"[sweep] {len(specs)} runs ({len(specs) - len(todo)} done before, skipped); {cfg.unlearn.steps} steps "
-         f"each, evaluated every {cfg.eval_every} ({cfg.eval.metrics} metrics); {cfg.workers} worker(s)")
+         f"each, evaluated every {cfg.eval_every} ("
+         + (f"{cfg.eval.metrics} metrics); {cfg.workers}" if hooks is None else "the track's metrics); 1")
+         + " worker(s)")
     cfg_dict = config_to_dict(cfg)
     jobs = []
     for sp in todo:
@@ -336,10 +354,10 @@ def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
     def report(i: int, r: dict) -> None:
         s, last = r["settings"], r["trajectory"][-1]["metrics"] if r["trajectory"] else {}
         _log(f"[sweep] ({i}/{len(jobs)}) {s['objective']} {s['method']} ratio {s['ratio']:g} lr {s['learning_rate']:g} "
-             f"seed {s['seed']}: forget_quality {last.get('forget_quality', float('nan')):.3g}  {utility_key} "
+             f"seed {s['seed']}: {axes.forget_key} {last.get(axes.forget_key, float('nan')):.3g}  {utility_key} "
              f"{last.get(utility_key, float('nan')):.3f}  ({r['seconds']:.1f} s)")
 
-    if cfg.workers > 1 and len(jobs) > 1:
+    if cfg.workers > 1 and len(jobs) > 1 and hooks is None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -351,10 +369,11 @@ def _run_sweep(cfg: SweepConfig, run: RunDir) -> dict:
                 report(i, done[futures[f]])
     else:
         for i, j in enumerate(jobs, 1):
-            done[j[1]["key"]] = _execute(*j)
+            done[j[1]["key"]] = _execute(*j, hooks=hooks)
             report(i, done[j[1]["key"]])
 
-    results = _summarise(cfg, [done[sp["key"]] for sp in specs], references, utility_key, work)
+    results = _summarise(cfg, [done[sp["key"]] for sp in specs], references, utility_key, work, axes=axes,
+                         what=None if hooks is None else hooks.what)
     results.update(config=cfg_dict, mask_diagnostics=diagnostics, n_runs=len(specs), n_skipped=len(specs) - len(todo),
                    total_seconds=time.perf_counter() - t_start)
     _write_json(os.path.join(work, "results.json"), results)
@@ -377,10 +396,6 @@ def _mean_std(x) -> tuple:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def _log10(fq: float) -> float:
-    return math.log10(max(float(fq), 1e-300))
-
-
 def _pareto(points: list) -> list:
     """Indices of the non-dominated points (maximise both coordinates)."""
     keep = []
@@ -390,9 +405,13 @@ def _pareto(points: list) -> list:
     return sorted(keep, key=lambda i: points[i][0])
 
 
-def _summarise(cfg: SweepConfig, results: list, references: dict, ukey: str, work: str) -> dict:
+def _summarise(cfg: SweepConfig, results: list, references: dict, ukey: str, work: str,
+               axes: FrontAxes = FORGET_QUALITY, what: Optional[str] = None) -> dict:
+    """Curves (mean / std over seeds per step), the table and the fronts of ``axes``' forget metric
+    against ``ukey``; writes ``table.txt`` and ``fronts.png`` into ``work``."""
     from ..plotting import plot_fronts
 
+    fk, ck = axes.forget_key, axes.curve_key
     groups: dict = {}
     for r in results:
         s = r["settings"]
@@ -406,13 +425,12 @@ def _summarise(cfg: SweepConfig, results: list, references: dict, ukey: str, wor
         curve = []
         for st in steps:
             mu = _mean_std([m[2][st][ukey] for m in members])
-            lfq = _mean_std([_log10(m[2][st]["forget_quality"]) for m in members])
-            curve.append({"step": st, "utility_mean": mu[0], "utility_std": mu[1], "log10_fq_mean": lfq[0],
-                          "log10_fq_std": lfq[1]})
+            fy = _mean_std([axes.coord(m[2][st][fk]) for m in members])
+            curve.append({"step": st, "utility_mean": mu[0], "utility_std": mu[1], f"{ck}_mean": fy[0],
+                          f"{ck}_std": fy[1]})
         best = {}
         for thr in THRESHOLDS:
-            per_seed = [max(m["forget_quality"] for m in pts.values() if m[ukey] >= thr * tmu)
-                        for _, tmu, pts in members]
+            per_seed = [axes.best(m[fk] for m in pts.values() if m[ukey] >= thr * tmu) for _, tmu, pts in members]
             mean, std = _mean_std(per_seed)
             best[f"{thr:g}"] = {"per_seed": per_seed, "mean": mean, "std": std, "n": len(per_seed)}
         settings.append({"objective": objective, "method": method, "ratio": ratio, "learning_rate": lr,
@@ -424,50 +442,53 @@ def _summarise(cfg: SweepConfig, results: list, references: dict, ukey: str, wor
             row = {"objective": objective, "method": method}
             for thr in THRESHOLDS:
                 t = f"{thr:g}"
-                b = max(mine, key=lambda st: st["best"][t]["mean"])
+                b = max(mine, key=lambda st: axes.rank(st["best"][t]["mean"]))
                 row[t] = {**b["best"][t], "ratio": b["ratio"], "learning_rate": b["learning_rate"]}
             table_rows.append(row)
     tmus = sorted({round(ref["target"]["metrics"][ukey], 12) for ref in references.values()})
-    tfqs = [ref["target"]["metrics"]["forget_quality"] for ref in references.values()]
-    table = _format_table(table_rows, ukey, tmus, tfqs, len(cfg.seeds))
+    tfqs = [ref["target"]["metrics"][fk] for ref in references.values()]
+    table = _format_table(table_rows, ukey, tmus, tfqs, len(cfg.seeds), axes)
     with open(os.path.join(work, "table.txt"), "w") as f:
         f.write(table + "\n")
+    yk = "log10_y" if axes.log else "y"
     panels, fronts = {}, {}
     for objective in cfg.objectives:
         curves, pool = [], []
         for st in (st for st in settings if st["objective"] == objective):
             xs = [p["utility_mean"] for p in st["curve"]]
-            ys = [p["log10_fq_mean"] for p in st["curve"]]
+            ys = [p[f"{ck}_mean"] for p in st["curve"]]
             curves.append({"method": st["method"], "label": f"ratio {st['ratio']:g}, lr {st['learning_rate']:g}",
-                           "x": xs, "xerr": [p["utility_std"] for p in st["curve"]], "log10_y": ys,
-                           "log10_yerr": [p["log10_fq_std"] for p in st["curve"]]})
+                           "x": xs, "xerr": [p["utility_std"] for p in st["curve"]], yk: ys,
+                           f"{yk}err": [p[f"{ck}_std"] for p in st["curve"]]})
             pool += [(st["method"], x, y, st["ratio"], st["learning_rate"], p["step"])
                      for x, y, p in zip(xs, ys, st["curve"])]
         per_method = {}
         for method in dict.fromkeys(p[0] for p in pool):
             pts = [p for p in pool if p[0] == method]
-            per_method[method] = [pts[i][1:] for i in _pareto([(p[1], p[2]) for p in pts])]
-        overall = [pool[i] for i in _pareto([(p[1], p[2]) for p in pool])]
+            per_method[method] = [pts[i][1:] for i in _pareto([(p[1], axes.rank(p[2])) for p in pts])]
+        overall = [pool[i] for i in _pareto([(p[1], axes.rank(p[2])) for p in pool])]
         fronts[objective] = {"per_method": per_method, "overall": overall}
         panels[objective] = {"curves": curves, "fronts": {m: [(p[0], p[1]) for p in v] for m, v in per_method.items()},
                              "overall": [(p[1], p[2]) for p in overall]}
-    refs = [{"name": f"{name} model", "x": ref[name]["metrics"][ukey], "log10_y": _log10(ref[name]["metrics"]["forget_quality"])}
+    refs = [{"name": f"{name} model", "x": ref[name]["metrics"][ukey], yk: axes.coord(ref[name]["metrics"][fk])}
             for ref in references.values() for name in ("target", "retain") if name in ref]
-    what = "embedded benchmark" if cfg.model == "embedded" else cfg.model
+    what = what or ("embedded benchmark" if cfg.model == "embedded" else cfg.model)
     plot_fronts(panels, os.path.join(work, "fronts.png"), references=refs, thresholds=THRESHOLDS,
                 target_utility=tmus, xlabel=f"{ukey} (higher = better)",
                 title=f"{what}: {cfg.unlearn.steps} steps, evaluated every {cfg.eval_every}; mean over "
-                      f"{len(cfg.seeds)} seeds (bars: 1 std)")
-    return {"utility_key": ukey, "thresholds": list(THRESHOLDS), "references": references, "settings": settings,
-            "table_rows": table_rows, "table": table, "fronts": fronts,
+                      f"{len(cfg.seeds)} seeds (bars: 1 std)", ylabel=axes.ylabel, log_y=axes.log)
+    return {"utility_key": ukey, "forget_key": fk, "thresholds": list(THRESHOLDS), "references": references,
+            "settings": settings, "table_rows": table_rows, "table": table, "fronts": fronts,
             "runs": [{"key": r["key"], "settings": r["settings"], "trajectory": r["trajectory"],
-                      "seconds": r["seconds"], "eval_seconds": r["eval_seconds"]} for r in results]}
+                      "seconds": r["seconds"], "eval_seconds": r["eval_seconds"],
+                      **({"final": r["final"]} if "final" in r else {})} for r in results]}
 
 
-def _format_table(rows: list, ukey: str, tmus: list, tfqs: list, n_seeds: int) -> str:
+def _format_table(rows: list, ukey: str, tmus: list, tfqs: list, n_seeds: int,
+                  axes: FrontAxes = FORGET_QUALITY) -> str:
     head = ["objective", "method"]
     for thr in THRESHOLDS:
-        head += [f"FQ @ MU>={thr:.0%}", "at"]
+        head += [f"{axes.short} @ {axes.utility_short}>={thr:.0%}", "at"]
     cells = [head]
     for r in rows:
         line = [r["objective"], r["method"]]
@@ -481,6 +502,7 @@ def _format_table(rows: list, ukey: str, tmus: list, tfqs: list, n_seeds: int) -
     lines.insert(1, "  ".join("-" * w for w in widths))
     mu = ", ".join(f"{m:.3f}" for m in tmus)
     fq = ", ".join(f"{f:.3g}" for f in tfqs)
-    return (f"Best forget quality (FQ) at model utility >= 95% / 90% of the original model's ({ukey} {mu}; its "
-            f"FQ {fq}): mean ± std over {n_seeds} seed(s); each method at its best ratio/lr (\"at\")\n"
-            + "\n".join(lines))
+    best = "Best" if axes.higher_is_better else "Lowest"
+    return (f"{best} {axes.name} ({axes.short}) at {axes.utility_name} >= 95% / 90% of the original model's ({ukey} "
+            f"{mu}; its {axes.short} {fq}): mean ± std over {n_seeds} seed(s); each method at its best ratio/lr "
+            "(\"at\")\n" + "\n".join(lines))
