@@ -26,7 +26,7 @@ class TrackSettings:
     max_forget: int = 8            # forget facts (known ones of the forget group, in order)
     n_eval: int = 6                # retain and held-out facts evaluated along the trajectory (each)
     ratios: list = dataclasses.field(default_factory=lambda: [0.05])
-    learning_rates: list = dataclasses.field(default_factory=lambda: [1e-5, 4e-5])
+    learning_rates: list = dataclasses.field(default_factory=lambda: [1e-5, 2e-5, 4e-5, 1e-4])
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
     steps: int = 6                 # (a GradDiff step of SmolLM2 took ~25 s on the shared 2-core machine)
     batch_size: int = 1            # forget items per step (each paired with a retain item)
