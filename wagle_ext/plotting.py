@@ -179,7 +179,7 @@ def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dic
         for m, pts in panel["fronts"].items():
             if pts:
                 ax.plot([p[0] for p in pts], [val(p[1]) for p in pts], color=colors[m], lw=2.6, alpha=0.95,
-                        drawstyle=("steps-post" if log_y else "steps-pre") if len(pts) > 1 else "default", marker="D", ms=5)
+                        drawstyle="steps-pre" if len(pts) > 1 else "default", marker="D", ms=5)
         ov = panel.get("overall", [])
         if ov:
             ax.scatter([p[0] for p in ov], [val(p[1]) for p in ov], s=110, facecolors="none", edgecolors="black",
