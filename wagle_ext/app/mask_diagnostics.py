@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
 from ..masks import MaskSet
-from ..naming import layer_of, normalize_param_name
+from ..naming import normalize_param_name
 
 __all__ = ["LAYER_TYPES", "layer_type_of", "mask_diagnostics", "format_mask_diagnostics"]
 
@@ -40,21 +40,20 @@ def layer_type_of(name: str) -> str:
 
 
 def _composition(mask: MaskSet) -> dict:
+    """:meth:`MaskSet.stats`, regrouped by layer type, with each group's share of the selection."""
+    st = mask.stats()
     per_type: "OrderedDict[str, dict]" = OrderedDict((t, {"numel": 0, "selected": 0}) for t in LAYER_TYPES)
-    per_layer: "OrderedDict[str, dict]" = OrderedDict()
-    for name in mask.names():
-        m = mask[name]
-        for d, key in ((per_type, layer_type_of(name)),
-                       (per_layer, str(layer_of(name)) if layer_of(name) is not None else "outside layers")):
-            a = d.setdefault(key, {"numel": 0, "selected": 0})
-            a["numel"] += m.numel
-            a["selected"] += m.nnz
-    total = mask.total_selected
+    for name, p in st["per_parameter"].items():
+        a = per_type[layer_type_of(name)]
+        a["numel"] += p["numel"]
+        a["selected"] += p["selected"]
+    per_layer = OrderedDict((k, dict(v)) for k, v in st["per_layer"].items())  # "other": outside the layers
+    total = st["total"]["selected"]
     for d in (per_type, per_layer):
         for a in d.values():
             a["density"] = a["selected"] / a["numel"] if a["numel"] else 0.0
             a["share"] = a["selected"] / total if total else 0.0
-    return {"density": mask.density, "selected": total, "numel": mask.numel,
+    return {"density": st["total"]["density"], "selected": total, "numel": st["total"]["numel"],
             "per_type": OrderedDict((k, v) for k, v in per_type.items() if v["numel"]),
             "per_layer": per_layer}
 

@@ -339,8 +339,9 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
 
         from ..unlearn.rescore import RescoreCallback
 
-        rescore = RescoreCallback(u.rescore_every, DataLoader(forget, batch_size=8, collate_fn=QACollator(tok)),
-                                  DataLoader(retain, batch_size=8, collate_fn=QACollator(tok)))
+        coll = QACollator(tok)
+        rescore = RescoreCallback(u.rescore_every, DataLoader(forget, batch_size=8, collate_fn=coll),
+                                  DataLoader(retain, batch_size=8, collate_fn=coll))
         callbacks = [*callbacks, rescore]
     trainer.remove_callback(transformers.PrinterCallback)  # our own progress lines instead of raw log dicts
     if not demo:
