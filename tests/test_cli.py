@@ -93,6 +93,10 @@ def test_bad_fields_of_other_jobs(tmp_path):
         load_config(ScoreConfig, None, ["--kind", "lottery"])
     with pytest.raises(ValueError, match="scope"):
         load_config(ScoreConfig, None, ["--scope", "per_layer"])
+    with pytest.raises(ValueError, match="forget_target: must be one of answer, refusal"):
+        load_config(ScoreConfig, None, ["--forget_target", "idk"])
+    with pytest.raises(ValueError, match="forget_target: 'refusal' changes the forget gradient"):
+        load_config(ScoreConfig, None, ["--kind", "magnitude", "--forget_target", "refusal"])
     with pytest.raises(ValueError, match="objective: unknown objective"):
         load_config(UnlearnConfig, None, ["--objective", "forgetful"])
     with pytest.raises(ValueError, match="mask: file not found"):
@@ -218,6 +222,18 @@ def test_mask_unlearn_eval_chain(tmp_path, cache, capsys):
     sdir = tmp_path / "score"
     assert main(["score", *common, "--kind", "magnitude", "--out", str(sdir)]) == 0
     assert (sdir / "scores.safetensors").is_file()
+
+    # scored on refusals (PO's forget loss): another mask, and its file says so -- also through --scores
+    rdir, rsdir, rmdir = tmp_path / "mask_refusal", tmp_path / "score_refusal", tmp_path / "mask_refusal2"
+    assert main(["mask", *common, "--ratio", "0.05", "--forget_target", "refusal", "--out", str(rdir)]) == 0
+    refusal = MaskSet.load(str(rdir / "mask.safetensors"))
+    assert refusal.metadata["forget_target"] == "refusal" and "forget_target" not in mask.metadata
+    assert refusal.total_selected == mask.total_selected and mask.overlap(refusal)["jaccard"] < 1
+    assert main(["score", *common, "--forget_target", "refusal", "--out", str(rsdir)]) == 0
+    assert main(["mask", *common, "--ratio", "0.05", "--scores", str(rsdir), "--out", str(rmdir)]) == 0
+    again = MaskSet.load(str(rmdir / "mask.safetensors"))
+    assert again.metadata["forget_target"] == "refusal"
+    assert all(torch.equal(again[n].to_bool(), refusal[n].to_bool()) for n in refusal)
 
     udir = tmp_path / "unlearn"
     assert main(["unlearn", *common, "--mask", str(mdir / "mask.safetensors"), "--objective", "npo",

@@ -221,6 +221,24 @@ def test_dataset_errors():
         ForgetRetainDataset(TINY_QA, TINY_QA, seed=1.5)
 
 
+def test_refusal_targets_are_the_refusals_po_trains_on():
+    from wagle_ext import refusal_targets
+
+    forget, retain = TINY_QA[:5], TINY_QA[5:]
+    for seed in (0, 3):
+        ds = ForgetRetainDataset(forget, retain, seed=seed, refusal=True)
+        items = refusal_targets(forget, retain, seed=seed)
+        assert items == [ds[i]["forget_refusal"] for i in range(len(forget))]
+        assert [it["question"] for it in items] == [f["question"] for f in forget]
+        alone = ForgetRetainDataset(forget, None, seed=seed, refusal=True)  # GA-style data: no retain draws
+        assert refusal_targets(forget, seed=seed) == [alone[i]["forget_refusal"] for i in range(len(forget))]
+    assert refusal_targets(forget, seed=0, refusal_answers=["No."]) == [
+        {"question": f["question"], "answer": "No."} for f in forget]
+    assert refusal_targets([], seed=0) == []
+    with pytest.raises(ValueError, match="refusal_answers"):
+        refusal_targets(forget, refusal_answers=[])
+
+
 def test_refusal_answers_builtin():
     assert 15 <= len(REFUSAL_ANSWERS) <= 40
     assert len(set(REFUSAL_ANSWERS)) == len(REFUSAL_ANSWERS)

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from wagle_ext.cli import main
 
@@ -71,6 +72,55 @@ def test_scopes_add_runs_without_changing_the_global_ones(tmp_path):
     assert sorted(sp["settings"]["method"] for sp in c) == [
         "dense", "random", "random+rescore5", "wagle(gamma=1e-06)", "wagle(gamma=1e-06)+rescore5"]
     assert {sp["settings"]["unlearn"].get("rescore_every", 0) for sp in c} == {0, 5}
+
+
+def test_forget_targets_add_runs_without_changing_the_answer_ones(tmp_path):
+    from wagle_ext.app.config import SweepConfig, load_config
+    from wagle_ext.app.sweep import _specs
+
+    base = ["--masks", "[dense, random, wagle]", "--seeds", "[0]"]
+    a = _specs(load_config(SweepConfig, None, base), str(tmp_path))
+    b = _specs(load_config(SweepConfig, None, [*base, "--forget_targets", "[answer, refusal]"]), str(tmp_path))
+    assert {sp["key"] for sp in a} < {sp["key"] for sp in b}
+    # random masks take no forget gradient: one per grid point, not one per target
+    assert sorted(sp["settings"]["method"] for sp in b) == [
+        "dense", "random", "wagle(gamma=1e-06)", "wagle(gamma=1e-06)@refusal"]
+    assert [sp["settings"].get("forget_target") for sp in b if "@" in sp["settings"]["method"]] == ["refusal"]
+
+
+def test_masks_scored_on_refusals_are_the_po_forget_gradients(tmp_path, capsys):
+    """forget_targets [answer, refusal]: two WAGLE masks, the refusal one equal to a mask scored by the
+    library on refusal_targets (the forget loss of PO), recorded in its metadata and diagnostics."""
+    from torch.utils.data import DataLoader
+
+    from wagle_ext import MaskSet, QACollator, build_mask, refusal_targets, score_model
+    from wagle_ext.app.config import SweepConfig, load_config
+    from wagle_ext.app.sweep import _context
+
+    out = str(tmp_path / "sweep")
+    args = [*TINY, "--cache_dir", str(tmp_path / "cache"), "--objectives", "[po]", "--masks", "[wagle]",
+            "--forget_targets", "[answer, refusal]", "--ratios", "[0.1]", "--learning_rates", "[1e-2]",
+            "--seeds", "[0]", "--mask_seed", "3", "--out", out]
+    assert main(["sweep", *args]) == 0
+    res = json.loads(open(os.path.join(out, "results.json")).read())
+    assert sorted(r["settings"]["method"] for r in res["runs"]) == ["wagle(gamma=1e-06)", "wagle(gamma=1e-06)@refusal"]
+    assert {row["method"] for row in res["table_rows"]} == {"wagle(gamma=1e-06)", "wagle(gamma=1e-06)@refusal"}
+    masks = {MaskSet.load(os.path.join(out, "masks", f)).metadata.get("forget_target", "answer"):
+             MaskSet.load(os.path.join(out, "masks", f)) for f in _mask_files(out)}
+    assert set(masks) == {"answer", "refusal"}
+    (diag,) = res["mask_diagnostics"].values()
+    (o,) = diag["overlaps"]
+    assert {o["a"], o["b"]} == {"wagle(gamma=1e-06) @0.1", "wagle(gamma=1e-06)@refusal @0.1"}
+    assert o["fraction_of_a"] < 1.0  # scored on other targets, the masks differ
+
+    cfg = load_config(SweepConfig, None, args)
+    ctx = _context(cfg, cfg.benchmark.seed, str(tmp_path / "ctx"))
+    coll = QACollator(ctx.tok)
+    fl = DataLoader(refusal_targets(ctx.data["forget"], ctx.data["retain"], seed=3), batch_size=8, collate_fn=coll)
+    rl = DataLoader(ctx.data["retain"], batch_size=8, collate_fn=coll)
+    expected = build_mask(score_model(ctx.model, fl, rl, kind="wagle", gamma=1e-6, seed=3), 0.1, model=ctx.model)
+    for name, m in expected.items():
+        assert torch.equal(masks["refusal"][name].to_bool(), m.to_bool()), name
 
 
 def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
@@ -141,6 +191,9 @@ def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
     (["--rescores", "[0, -1]"], r"rescores\[1\]: must be an int >= 0"),
     (["--unlearn.rescore_every", "5"], "unlearn.rescore_every: is a grid axis in a sweep"),
     (["--workers", "0"], "workers: must be >= 1"),
+    (["--forget_targets", "[answer, idk]"], r"forget_targets\[1\]: must be one of answer, refusal"),
+    (["--masks", "[dense, random]", "--forget_targets", "[refusal]"], r"forget_targets\[0\]: 'refusal' changes"),
+    (["--forget_targets", "[answer, answer]"], "forget_targets: holds a value twice"),
     (["--eval.metrics", "some"], "eval.metrics: must be one of all, fast"),
 ])
 def test_bad_sweep_fields_are_named(overrides, field, capsys):

@@ -28,6 +28,7 @@ def test_missing_packages_name_the_install_command(monkeypatch, tmp_path, capsys
     (["--smollm2.forget_group", "poetry"], "smollm2.forget_group: unknown group"),
     (["--smollm2.ratios", "[0.05, 2]"], r"smollm2.ratios\[1\]: must be in"),
     (["--smollm2.steps", "0"], "smollm2.steps: must be an int >= 1"),
+    (["--smollm2.forget_targets", "[answer, idk]"], r"smollm2.forget_targets\[1\]: must be one of answer, refusal"),
 ])
 def test_bad_track_fields_are_named(overrides, field, tmp_path, capsys):
     assert main(["demo", *overrides, "--out", str(tmp_path / "d")]) == 2  # also on the embedded track
@@ -63,6 +64,15 @@ def test_split_facts_forget_group_retain_holdout():
     assert len(sp["retain_eval"]) == 2 and set(sp["retain_eval"]) <= set(sp["retain"])
     with pytest.raises(ValueError, match="forget_group"):
         T.split_facts(facts[:5], "beta")
+
+
+def test_track_grid_carries_the_forget_targets():
+    from wagle_ext.app.config import DemoConfig
+
+    cfg = DemoConfig(track="smollm2", objectives=["po"], masks=["dense", "wagle"],
+                     smollm2=T.TrackSettings(forget_targets=["answer", "refusal"]))
+    scfg = T._sweep_config(cfg, "model.gguf")
+    assert scfg.forget_targets == ["answer", "refusal"] and scfg.objectives == ["po"]
 
 
 def test_track_sweep_on_a_tiny_model(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ from .lora import FisherImportance, LoraPlacement, add_lora, fila_init, fisher_i
 # optimizer, objectives and data
 from .optim import MaskedAdamW
 from .memory import memory_report
-from .unlearn.data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
+from .unlearn.data import REFUSAL_ANSWERS, ForgetRetainDataset, QACollator, refusal_targets
 from .unlearn.objectives import OBJECTIVES, Objective, get_objective
 
 # evaluation
@@ -99,6 +99,7 @@ __all__ = [
     "REFUSAL_ANSWERS",
     "ForgetRetainDataset",
     "QACollator",
+    "refusal_targets",
     "get_objective",
     # training (lazy: imports transformers)
     "UnlearnTrainer",

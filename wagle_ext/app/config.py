@@ -24,6 +24,7 @@ import typing
 from typing import Any, Callable, Optional, Sequence, Union
 
 from .._checks import ROUNDINGS, check_grad_mode, check_ratio
+from ..unlearn.data import FORGET_TARGETS
 from .embedded_benchmark import BenchmarkConfig
 from .track_config import TRACKS, TrackSettings
 
@@ -40,6 +41,10 @@ LORA_KINDS = ("lora", "lora+fila", "lora+wagle")
 EVAL_METRICS = ("all", "fast")
 # WAGLE gammas given as a name: the Hessian diagonal estimated from the retain data (score_model's hessian=)
 HESSIAN_ESTIMATES = ("fisher", "ema")
+# Score kinds with a forget gradient: only they depend on what it is taken on (FORGET_TARGETS: the forget
+# answers, WAGLE's snip_advanced; or refusals to the forget questions, the PO/IdkPO forget loss, WAGLE's
+# snip_advanced_CL).
+FORGET_GRADIENT_KINDS = ("wagle", "snip", "gradient")
 
 
 @dataclasses.dataclass
@@ -167,6 +172,7 @@ class ScoreConfig:
     scores: Optional[str] = None   # wagle mask: a scores.safetensors of `wagle score` (no gradients computed)
     kind: str = "wagle"            # a score kind, or `fisher` (wagle score: LoKU's importances, fisher.safetensors)
     gamma: float = 1e-6
+    forget_target: str = "answer"  # forget gradient on the forget answers, or "refusal": on refusals (PO/IdkPO masks)
     ratio: float = 0.1
     scope: str = "global"
     missing: str = "frozen"        # parameters the scores do not cover: "frozen" or "dense" (updated in full)
@@ -251,6 +257,7 @@ class SweepConfig:
     gammas: list = dataclasses.field(default_factory=lambda: [1e-6])  # WAGLE's gamma values; also "fisher"/"ema"
     ratios: list = dataclasses.field(default_factory=lambda: [0.1])
     scopes: list = dataclasses.field(default_factory=lambda: ["global"])  # build_mask scopes: global, per_tensor, per_row
+    forget_targets: list = dataclasses.field(default_factory=lambda: ["answer"])  # wagle/snip/gradient masks: answer, refusal
     rescores: list = dataclasses.field(default_factory=lambda: [0])  # masked runs: re-score every N steps (0: never)
     learning_rates: list = dataclasses.field(default_factory=lambda: [1e-3])
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds (data order, retain pairing)
@@ -561,6 +568,13 @@ def demo_sweep_config(cfg: DemoConfig) -> "SweepConfig":
         cache_dir=cfg.cache_dir, num_threads=cfg.num_threads, device="cpu", overwrite=True)
 
 
+def _check_forget_target(target: Any, field: str, kinds: Sequence[str]) -> None:
+    _check(target in FORGET_TARGETS, field, f"must be one of {', '.join(FORGET_TARGETS)}, got {target!r}")
+    _check(target == "answer" or any(k in FORGET_GRADIENT_KINDS for k in kinds), field,
+           f"'refusal' changes the forget gradient; no kind of {list(kinds)} takes one "
+           f"(kinds with one: {', '.join(FORGET_GRADIENT_KINDS)})")
+
+
 def _validate_sweep(cfg: "SweepConfig") -> None:
     from ..attribution import SCORE_KINDS
 
@@ -578,6 +592,8 @@ def _validate_sweep(cfg: "SweepConfig") -> None:
     for i, g in enumerate(cfg.gammas):
         ok = g in HESSIAN_ESTIMATES or (isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0)
         _check(ok, f"gammas[{i}]", f"must be a number > 0 or one of {', '.join(HESSIAN_ESTIMATES)}, got {g!r}")
+    for i, t in enumerate(cfg.forget_targets):
+        _check_forget_target(t, f"forget_targets[{i}]", cfg.masks)
     for i, sc in enumerate(cfg.scopes):
         _check(sc in ("global", "per_tensor", "per_row"), f"scopes[{i}]",
                f"must be global, per_tensor or per_row, got {sc!r}")
@@ -586,7 +602,7 @@ def _validate_sweep(cfg: "SweepConfig") -> None:
                f"must be an int >= 0, got {r!r}")
     _check(cfg.unlearn.grad_mode == "dense" or cfg.rescores == [0], "rescores", "need unlearn.grad_mode dense")
     _check(cfg.unlearn.rescore_every == 0, "unlearn.rescore_every", "is a grid axis in a sweep: use --rescores")
-    for name in ("ratios", "scopes", "rescores", "learning_rates", "seeds"):
+    for name in ("ratios", "scopes", "forget_targets", "rescores", "learning_rates", "seeds"):
         values = getattr(cfg, name)
         _check(len(values) > 0, name, "must hold at least one value")
         _check(len(set(map(str, values))) == len(values), name, "holds a value twice")
@@ -711,6 +727,9 @@ def validate(cfg: Any) -> None:
                       cfg.memory_budget)
         _check(cfg.kind in SCORE_KINDS or cfg.kind == "fisher", "kind",
                f"unknown score kind {cfg.kind!r} (known: {', '.join(SCORE_KINDS)}, fisher)")
+        _check_forget_target(cfg.forget_target, "forget_target", [cfg.kind])
+        _check(cfg.forget_target == "answer" or cfg.scores is None, "forget_target",
+               "is a setting of the gradients; --scores reads scores made earlier (their file records it)")
         _check_by(check_ratio, "ratio", f"must be in (0, 1], got {cfg.ratio}", cfg.ratio)
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
         _check(cfg.scope in ("global", "per_tensor", "per_row"), "scope",

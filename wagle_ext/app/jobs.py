@@ -51,11 +51,14 @@ def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
             with run.phase("score"):
                 scores = _compute_scores(model, tok, data["forget"], data["retain"], cfg.kind, cfg.gamma,
                                          seed=cfg.seed, max_batches=cfg.max_batches, batch_size=cfg.batch_size,
-                                         progress=True, memory_budget=cfg.memory_budget)
+                                         progress=True, memory_budget=cfg.memory_budget,
+                                         forget_target=cfg.forget_target)
             if cfg.memory_budget is not None:
                 _log(f"[score] memory budget {cfg.memory_budget}: {len(scores.groups)} parameter groups, "
                      f"{2 * len(scores.groups)} passes over the data")
             info = {"kind": cfg.kind, "gamma": str(cfg.gamma)}
+            if cfg.forget_target != "answer":
+                info["forget_target"] = cfg.forget_target
             if not with_mask:
                 from safetensors.torch import save_file
 
@@ -66,7 +69,7 @@ def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
                           run.file("scores.safetensors"), metadata=meta)
                 _log("[score] wrote scores.safetensors")
         with run.phase("select"):
-            mask = _select(scores, cfg, model)
+            mask = _select(scores, cfg, model, {k: info[k] for k in ("forget_target",) if k in info})
         mask.save(run.file("mask.safetensors"))
         mask.plot(run.file("mask.png"), title=f"{info.get('kind', cfg.kind)} mask, ratio {cfg.ratio:g}")
         with open(run.file("mask_stats.json"), "w") as f:
@@ -121,10 +124,12 @@ def _read_scores(path: str, model=None):
     return scores, info
 
 
-def _select(scores, cfg: ScoreConfig, model):
+def _select(scores, cfg: ScoreConfig, model, metadata: Optional[dict] = None):
     from ..masks import build_mask
 
     kwargs = {"scope": cfg.scope, "model": model, "missing": cfg.missing}
+    if metadata:
+        kwargs["metadata"] = metadata
     if cfg.allow_empty:
         kwargs["allow_empty"] = True
     mask = build_mask(scores, cfg.ratio, **kwargs)

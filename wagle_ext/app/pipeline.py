@@ -11,7 +11,8 @@ import os
 import time
 from typing import Any, Optional, Sequence
 
-from .config import config_to_dict
+from ..unlearn.data import FORGET_TARGETS
+from .config import FORGET_GRADIENT_KINDS, config_to_dict
 from .config import source_root as _source_root
 from .runs import RunDir, is_main_process
 
@@ -168,15 +169,26 @@ def _model_tokenizer_data(cfg: Any):
 
 def _compute_scores(model, tok, forget, retain, kind: str, gamma: float, seed: int = 0,
                     max_batches: Optional[int] = None, batch_size: int = 8, progress: bool = False,
-                    hessian: Optional[str] = None, memory_budget: Optional[str] = None):
+                    hessian: Optional[str] = None, memory_budget: Optional[str] = None,
+                    forget_target: str = "answer"):
     """Attribution scores (a ``{name: tensor}`` dict, or with ``memory_budget`` grouped scores that
     re-run the data passes per group: hand them to ``build_mask`` once). The accumulated gradient is a
-    sum of per-example gradients, so ``batch_size`` changes the speed, not the scores."""
+    sum of per-example gradients, so ``batch_size`` changes the speed, not the scores.
+    ``forget_target="refusal"``: the forget gradient is taken on the forget questions answered with
+    refusals (:func:`~wagle_ext.unlearn.data.refusal_targets`, drawn as PO's data of ``seed`` draws them), the forget loss of
+    PO/IdkPO -- WAGLE's ``snip_advanced_CL``; only for the kinds of :data:`FORGET_GRADIENT_KINDS`."""
     from torch.utils.data import DataLoader
 
     from ..attribution import score_model
-    from ..unlearn.data import QACollator
+    from ..unlearn.data import QACollator, refusal_targets
 
+    if forget_target not in FORGET_TARGETS:
+        raise ValueError(f"forget_target must be one of {FORGET_TARGETS}, got {forget_target!r}")
+    if forget_target == "refusal":
+        if kind not in FORGET_GRADIENT_KINDS:
+            raise ValueError(f"forget_target 'refusal' changes the forget gradient; kind {kind!r} takes none "
+                             f"(kinds with one: {', '.join(FORGET_GRADIENT_KINDS)})")
+        forget = refusal_targets(forget, retain, seed=seed)
     coll = QACollator(tok)
     fl = DataLoader(forget, batch_size=batch_size, collate_fn=coll)
     rl = DataLoader(retain, batch_size=batch_size, collate_fn=coll)
@@ -340,7 +352,12 @@ def _unlearn(model, tok, forget, retain, objective: str, mask, u, out_dir: str, 
         from ..unlearn.rescore import RescoreCallback
 
         coll = QACollator(tok)
-        rescore = RescoreCallback(u.rescore_every, DataLoader(forget, batch_size=8, collate_fn=coll),
+        scored = forget
+        if mask.metadata.get("forget_target") == "refusal":  # re-score on what the mask was scored on
+            from ..unlearn.data import refusal_targets
+
+            scored = refusal_targets(forget, retain, seed=u.seed)
+        rescore = RescoreCallback(u.rescore_every, DataLoader(scored, batch_size=8, collate_fn=coll),
                                   DataLoader(retain, batch_size=8, collate_fn=coll))
         callbacks = [*callbacks, rescore]
     trainer.remove_callback(transformers.PrinterCallback)  # our own progress lines instead of raw log dicts

@@ -2,7 +2,8 @@
 
 Grid: objectives x mask kinds (``dense``, the score kinds; ``wagle`` once per gamma of ``gammas``) x
 ratios x selection scopes (``build_mask``'s ``global``, ``per_tensor``, ``per_row``; ``dense`` has
-one ratio, 1, and no scope) x learning rates x seeds. Every run unlearns from the same model
+one ratio, 1, and no scope) x forget targets (the kinds with a forget gradient: scored on the forget
+answers, or on refusals, PO's forget loss) x re-scoring intervals x learning rates x seeds. Every run unlearns from the same model
 and is evaluated every ``eval_every`` steps (:class:`~wagle_ext.unlearn.trajectory.TrajectoryCallback`
 with the evaluator of ``wagle unlearn --eval_every``); its trajectory starts at step 0 with the
 original model's evaluation, made once per model.
@@ -46,7 +47,7 @@ import time
 import types
 from typing import Any, Optional
 
-from .config import SweepConfig, config_to_dict
+from .config import FORGET_GRADIENT_KINDS, SweepConfig, config_to_dict
 from .front_axes import FORGET_QUALITY, FrontAxes
 from .pipeline import _benchmark, _device_dtype, _Job, _load_data, _load_model, _log, _set_threads, _unlearn
 from .runs import RunDir
@@ -173,8 +174,15 @@ def _references(cfg: SweepConfig, ctx: Any) -> dict:
     return refs
 
 
+def _targets(cfg: SweepConfig, kind: str) -> list:
+    """The forget targets a mask kind is built for: all of ``forget_targets`` for the kinds with a forget
+    gradient, else the answers only (their scores do not depend on it)."""
+    return list(cfg.forget_targets) if kind in FORGET_GRADIENT_KINDS else ["answer"]
+
+
 def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
-    """{(kind, gamma, ratio): mask file} for this context, each built once (scores once per kind and gamma)."""
+    """{(kind, gamma, ratio, scope, forget target): mask file} for this context, each built once (scores
+    once per kind, gamma and forget target)."""
     from ..masks import build_mask
     from .pipeline import _compute_scores
 
@@ -183,12 +191,14 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
     for kind in cfg.masks:
         if kind == "dense":
             continue
-        for gamma in (cfg.gammas if kind == "wagle" else [None]):
+        for gamma, target in itertools.product(cfg.gammas if kind == "wagle" else [None], _targets(cfg, kind)):
             scores = None
             for ratio, scope in itertools.product(cfg.ratios, cfg.scopes):
                 ident = {"ctx": ctx.ident, "kind": kind, "gamma": gamma, "ratio": ratio, "seed": cfg.mask_seed}
                 if scope != "global":  # the keys of global masks stay those of sweeps before scopes existed
                     ident["scope"] = scope
+                if target != "answer":  # likewise for masks scored on the forget answers
+                    ident["forget_target"] = target
                 mkey = _key(ident)
                 path = os.path.join(work, "masks", f"{kind}_{mkey}.safetensors")
                 if not os.path.isfile(path):
@@ -197,14 +207,15 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
                         hess = gamma if isinstance(gamma, str) else None
                         g = gamma if isinstance(gamma, (int, float)) else 1e-6
                         scores = _compute_scores(ctx.model, ctx.tok, forget, retain, kind, g, seed=cfg.mask_seed,
-                                                 hessian=hess)
-                    mask = build_mask(scores, ratio, scope=scope, model=ctx.model)
+                                                 hessian=hess, forget_target=target)
+                    meta = {"forget_target": target} if target != "answer" else None
+                    mask = build_mask(scores, ratio, scope=scope, model=ctx.model, metadata=meta)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     mask.save(path + ".tmp")
                     os.replace(path + ".tmp", path)
-                    _log(f"[sweep] mask {_method(kind, gamma, scope)} ratio {ratio:g}: {mask.total_selected} of "
-                         f"{mask.numel} weights ({time.perf_counter() - t0:.1f} s)")
-                out[(kind, gamma, ratio, scope)] = path
+                    _log(f"[sweep] mask {_method(kind, gamma, scope, target=target)} ratio {ratio:g}: "
+                         f"{mask.total_selected} of {mask.numel} weights ({time.perf_counter() - t0:.1f} s)")
+                out[(kind, gamma, ratio, scope, target)] = path
     return out
 
 
@@ -217,10 +228,10 @@ def _diagnostics(cfg: SweepConfig, contexts: dict, mask_files: dict, work: str) 
     out = {}
     for bseed, ctx in contexts.items():
         masks, ratios, terms = {}, {}, {}
-        for (b, kind, gamma, ratio, scope), path in mask_files.items():
+        for (b, kind, gamma, ratio, scope, target), path in mask_files.items():
             if b != bseed:
                 continue
-            label = f"{_method(kind, gamma, scope)} @{ratio:g}"
+            label = f"{_method(kind, gamma, scope, target=target)} @{ratio:g}"
             masks[label], ratios[label] = MaskSet.load(path), ratio
             if "terms" in masks[label].metadata:  # WAGLE scores record which term of w - g_r/gamma dominates
                 terms[label] = masks[label].metadata["terms"]
@@ -235,11 +246,12 @@ def _diagnostics(cfg: SweepConfig, contexts: dict, mask_files: dict, work: str) 
 # the runs
 # ------------------------------------------------------------------------------------------------
 
-def _method(kind: str, gamma: Any, scope: str = "global", rescore: int = 0) -> str:
+def _method(kind: str, gamma: Any, scope: str = "global", rescore: int = 0, target: str = "answer") -> str:
     name = kind if kind != "wagle" else (f"wagle(h={gamma})" if isinstance(gamma, str) else f"wagle(gamma={gamma:g})")
     if kind == "dense":
         return name
-    return name + ("" if scope == "global" else f"/{scope}") + (f"+rescore{rescore}" if rescore else "")
+    return (name + ("" if target == "answer" else f"@{target}") + ("" if scope == "global" else f"/{scope}")
+            + (f"+rescore{rescore}" if rescore else ""))
 
 
 def _specs(cfg: SweepConfig, work: str, ident: Optional[dict] = None) -> list:
@@ -250,9 +262,10 @@ def _specs(cfg: SweepConfig, work: str, ident: Optional[dict] = None) -> list:
     specs = []
     for objective in cfg.objectives:
         for kind in cfg.masks:
-            for gamma, scope, rescore in itertools.product(cfg.gammas if kind == "wagle" else [None],
-                                                           cfg.scopes if kind != "dense" else ["global"],
-                                                           cfg.rescores if kind != "dense" else [0]):
+            for gamma, target, scope, rescore in itertools.product(cfg.gammas if kind == "wagle" else [None],
+                                                                   _targets(cfg, kind),
+                                                                   cfg.scopes if kind != "dense" else ["global"],
+                                                                   cfg.rescores if kind != "dense" else [0]):
                 for ratio in (cfg.ratios if kind != "dense" else [1.0]):
                     for lr in cfg.learning_rates:
                         for seed in cfg.seeds:
@@ -264,13 +277,15 @@ def _specs(cfg: SweepConfig, work: str, ident: Optional[dict] = None) -> list:
                             settings = {
                                 "format": _FORMAT, "objective": objective, "mask": kind, "gamma": gamma,
                                 "ratio": float(ratio), "learning_rate": float(lr), "seed": seed,
-                                "method": _method(kind, gamma, scope, rescore),
+                                "method": _method(kind, gamma, scope, rescore, target),
                                 "context": ident if ident is not None else _context_identity(cfg, seeds[seed]),
                                 "mask_seed": cfg.mask_seed if kind != "dense" else None, "unlearn": u,
                                 "eval_every": cfg.eval_every, "eval": dataclasses.asdict(cfg.eval),
                             }
                             if scope != "global":  # absent for global: earlier sweeps' run keys stay valid
                                 settings["scope"] = scope
+                            if target != "answer":  # likewise
+                                settings["forget_target"] = target
                             key = _key(settings)
                             specs.append({"key": key, "settings": settings, "bench_seed": seeds[seed],
                                           "dir": os.path.join(work, "runs", key)})
@@ -348,7 +363,8 @@ def _run_sweep(cfg: SweepConfig, run: RunDir, hooks: Any = None) -> dict:
     for sp in todo:
         s = sp["settings"]
         mpath = None if s["mask"] == "dense" else mask_files[(sp["bench_seed"], s["mask"], s["gamma"], s["ratio"],
-                                                              s.get("scope", "global"))]
+                                                              s.get("scope", "global"),
+                                                              s.get("forget_target", "answer"))]
         jobs.append((cfg_dict, sp, mpath, work))
 
     def report(i: int, r: dict) -> None:

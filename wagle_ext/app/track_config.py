@@ -8,6 +8,7 @@ import importlib.util
 import os
 from typing import Any, Optional
 
+from ..unlearn.data import FORGET_TARGETS
 from .real_facts import GROUPS
 
 __all__ = ["TrackSettings", "check_track", "missing_packages", "TRACKS", "PACKAGES", "INSTALL_HINT"]
@@ -26,6 +27,7 @@ class TrackSettings:
     max_forget: int = 8            # forget facts (known ones of the forget group, in order)
     n_eval: int = 6                # retain and held-out facts evaluated along the trajectory (each)
     ratios: list = dataclasses.field(default_factory=lambda: [0.05])
+    forget_targets: list = dataclasses.field(default_factory=lambda: ["answer"])  # masks scored on answers / refusals
     learning_rates: list = dataclasses.field(default_factory=lambda: [1e-5, 2e-5, 4e-5, 1e-4])
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
     steps: int = 6                 # (a GradDiff step of SmolLM2 took ~25 s on the shared 2-core machine)
@@ -62,7 +64,10 @@ def check_track(cfg: Any) -> None:
             bad(name, f"must be an int >= 1, got {v!r}")
     from .._checks import check_ratio
 
-    for name in ("ratios", "learning_rates", "seeds"):
+    for i, ft in enumerate(t.forget_targets):
+        if ft not in FORGET_TARGETS:
+            bad(f"forget_targets[{i}]", f"must be one of {', '.join(FORGET_TARGETS)}, got {ft!r}")
+    for name in ("ratios", "forget_targets", "learning_rates", "seeds"):
         values = getattr(t, name)
         if not values:
             bad(name, "must hold at least one value")

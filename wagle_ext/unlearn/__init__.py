@@ -5,8 +5,8 @@ that combine them), ``trainer`` (UnlearnTrainer, a ``transformers.Trainer``; imp
 since it imports transformers), ``_hf_shim`` (the only code that touches ``transformers.Trainer``
 internals).
 """
-from .data import IGNORE_INDEX, REFUSAL_ANSWERS, ForgetRetainDataset, QACollator
+from .data import IGNORE_INDEX, REFUSAL_ANSWERS, ForgetRetainDataset, QACollator, refusal_targets
 from .objectives import OBJECTIVES, Objective, get_objective
 
 __all__ = ["IGNORE_INDEX", "OBJECTIVES", "REFUSAL_ANSWERS", "ForgetRetainDataset", "Objective", "QACollator",
-           "get_objective"]
+           "get_objective", "refusal_targets"]

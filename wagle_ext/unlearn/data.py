@@ -9,6 +9,8 @@
   has one, labels ``-100`` on prompt tokens and padding, right padding, an attention mask per sequence.
   Every variant (forget, retain, refusal, alternate) is its own sequence with its own mask (docs/pitfalls.md #13).
 * :data:`REFUSAL_ANSWERS`: built-in refusal strings (written for this package).
+* :func:`refusal_targets`: the forget questions with the refusal answers PO draws for them, as items
+  (attribution of a refusal objective: WAGLE's ``snip_advanced_CL``).
 
 Items are plain dicts ``{"question": str, "answer": str, optional "paraphrased_answer",
 "perturbed_answer", ...}`` (TOFU field names).
@@ -144,6 +146,26 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
                 alt = alt[min(int(self._alternate_u[i] * len(alt)), len(alt) - 1)]
             out["forget_alternate"] = {"question": f["question"], "answer": alt}
         return out
+
+
+#: What a forget gradient can be taken on: the forget answers, or refusals to the forget questions
+#: (:func:`refusal_targets`).
+FORGET_TARGETS: tuple[str, ...] = ("answer", "refusal")
+
+
+def refusal_targets(forget: Sequence[Mapping[str, Any]], retain: Optional[Sequence[Mapping[str, Any]]] = None, *,
+                    seed: int = 0, refusal_answers: Sequence[str] = REFUSAL_ANSWERS) -> list:
+    """The forget questions, each with the refusal answer that ``ForgetRetainDataset(forget, retain,
+    seed=seed, refusal=True)`` draws for it in epoch 0: ``[{"question": q_i, "answer": refusal_i}]``
+    (the draw follows the retain pairing's, so pass the training run's ``retain`` and ``seed`` to get
+    exactly the refusals it trains on first).
+
+    The forget loss of a refusal objective (PO/IdkPO, IdkDPO's preferred answer) is the NLL of these
+    items, so their gradient is that objective's forget gradient: scoring a mask on them instead of on
+    the original answers is WAGLE's ``snip_advanced_CL`` (``forget_target="refusal"`` of the CLI).
+    """
+    ds = ForgetRetainDataset(forget, retain, seed=seed, refusal=True, refusal_answers=refusal_answers)
+    return [ds[i]["forget_refusal"] for i in range(len(ds))]
 
 
 class QACollator:
