@@ -3,10 +3,11 @@
 Grid: objectives x mask kinds (``dense``, the score kinds; ``wagle`` once per gamma of ``gammas``) x
 ratios x selection scopes (``build_mask``'s ``global``, ``per_tensor``, ``per_row``; ``dense`` has
 one ratio, 1, and no scope) x forget targets (the kinds with a forget gradient: scored on the forget
-answers, or on refusals, PO's forget loss) x re-scoring intervals x learning rates x seeds. Every run unlearns from the same model
-and is evaluated every ``eval_every`` steps (:class:`~wagle_ext.unlearn.trajectory.TrajectoryCallback`
-with the evaluator of ``wagle unlearn --eval_every``); its trajectory starts at step 0 with the
-original model's evaluation, made once per model.
+answers, or on refusals, PO's forget loss) x re-scoring intervals x learning rates x seeds. Every run
+unlearns from the same model and is evaluated every ``eval_every`` steps
+(:class:`~wagle_ext.unlearn.trajectory.TrajectoryCallback` with the evaluator of ``wagle unlearn
+--eval_every``); its trajectory starts at step 0 with the original model's evaluation, made once per
+model.
 
 Seeds vary the unlearning run (the order of the forget batches and the retain items paired with them;
 the benchmark's models have no dropout). With ``seed_benchmark`` the embedded benchmark is also rebuilt
