@@ -95,3 +95,32 @@ def test_a_random_mask_rescores_to_itself(tmp_path):
     trainer.add_callback(cb)
     trainer.train()
     assert [h["kept"] for h in cb.history] == [1.0, 1.0] and trainer.mask == first
+
+
+def test_the_cli_rescores_on_the_target_the_mask_was_scored_on(tmp_path, monkeypatch):
+    """A mask scored on refusals (PO's forget loss) is re-scored on the same refusals, not on the answers."""
+    from wagle_ext import refusal_targets
+    from wagle_ext.app.config import UnlearnSettings
+    from wagle_ext.app.pipeline import _unlearn
+    from wagle_ext.unlearn import rescore
+
+    seen = []
+
+    class Spy(RescoreCallback):
+        def __init__(self, every, forget_loader, retain_loader, **kw):
+            seen.append(list(forget_loader.dataset))
+            super().__init__(every, forget_loader, retain_loader, **kw)
+
+    monkeypatch.setattr(rescore, "RescoreCallback", Spy)
+    tok = char_tokenizer()
+    forget, retain = TINY_QA[:4], TINY_QA[4:]
+    u = UnlearnSettings(steps=2, batch_size=2, learning_rate=1e-2, rescore_every=1, seed=5)
+    for target, expected in (("refusal", refusal_targets(forget, retain, seed=5)), (None, list(forget))):
+        torch.manual_seed(0)
+        model = tiny_llama(len(tok), hidden=16, layers=2, heads=2, intermediate=32)
+        coll = QACollator(tok)
+        fl, rl = DataLoader(expected, batch_size=4, collate_fn=coll), DataLoader(retain, batch_size=4, collate_fn=coll)
+        mask = build_mask(score_model(model, fl, rl, kind="wagle", seed=3, progress=False), 0.2, model=model,
+                          metadata={"forget_target": target} if target else None)
+        res = _unlearn(model, tok, forget, retain, "po", mask, u, str(tmp_path / str(target)), demo=True)
+        assert seen[-1] == expected and [h["step"] for h in res["rescore_history"]] == [1]
