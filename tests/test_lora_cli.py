@@ -104,7 +104,7 @@ def test_demo_lora_rows(tmp_path):
             "--unlearn.batch_size", "2", "--eval_batch_size", "64"]
     assert main(["demo", *tiny, "--cache_dir", str(tmp_path / "cache"), "--out", str(out), "--objectives", "[npo]",
                  "--masks", "[lora+fila, lora+wagle]", "--lora_rank", "4", "--attacks", "false",
-                 "--geffect_every", "0"]) == 0
+                 "--geffect_every", "0", "--learning_rates", "[1e-2]", "--seeds", "[0]"]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {r["mask"]: r for r in res["rows"]}
     assert set(rows) == {"lora+fila", "lora+wagle"}
@@ -115,6 +115,8 @@ def test_demo_lora_rows(tmp_path):
     for r in rows.values():
         assert 0 < r["ratio"] < 1 and 0 <= r["model_utility"] <= 1 and r["lora"]["rank"] == 4
     assert "lora+wagle" in res["table"]
+    # the fronts sweep the LoRA rows too (one lr and seed here)
+    assert [r["method"] for r in res["front"]["table_rows"]] == ["lora+fila(r=4)", "lora+wagle(r=4, gamma=1e-06)"]
 
 
 def test_unlearn_help_lists_the_lora_section(capsys):

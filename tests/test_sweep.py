@@ -88,6 +88,43 @@ def test_forget_targets_add_runs_without_changing_the_answer_ones(tmp_path):
     assert [sp["settings"].get("forget_target") for sp in b if "@" in sp["settings"]["method"]] == ["refusal"]
 
 
+def test_lora_kinds_are_an_axis_of_the_grid(tmp_path):
+    from wagle_ext.app.config import SweepConfig, load_config
+    from wagle_ext.app.sweep import _specs
+
+    base = ["--masks", "[dense, wagle]", "--seeds", "[0]", "--ratios", "[0.05, 0.1]"]
+    a = _specs(load_config(SweepConfig, None, base), str(tmp_path))
+    cfg = load_config(SweepConfig, None, ["--masks", "[dense, wagle, lora, lora+fila, lora+wagle]", "--seeds", "[0]",
+                                          "--ratios", "[0.05, 0.1]", "--lora_rank", "4"])
+    b = _specs(cfg, str(tmp_path))
+    assert {sp["key"] for sp in a} < {sp["key"] for sp in b}
+    got = sorted((sp["settings"]["method"], sp["settings"]["ratio"]) for sp in b)
+    assert got == [("dense", 1.0), ("lora(r=4)", 1.0), ("lora+fila(r=4)", 1.0), ("lora+wagle(r=4, gamma=1e-06)", 0.05),
+                   ("lora+wagle(r=4, gamma=1e-06)", 0.1), ("wagle(gamma=1e-06)", 0.05), ("wagle(gamma=1e-06)", 0.1)]
+    assert {sp["settings"].get("lora_rank") for sp in b if "lora" in sp["settings"]["mask"]} == {4}
+
+
+def test_sweep_lora_runs_adapters_placed_by_the_wagle_mask(tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    args = ["sweep", *TINY, "--cache_dir", str(tmp_path / "cache"), "--masks", "[lora, lora+wagle]", "--lora_rank", "2",
+            "--ratios", "[0.1]", "--learning_rates", "[3e-2]", "--seeds", "[0]", "--out", out]
+    assert main(args) == 0
+    res = json.loads(open(os.path.join(out, "results.json")).read())
+    assert len(_mask_files(out)) == 1  # the WAGLE mask that places lora+wagle's adapters (no mask of its own)
+    target = next(iter(res["references"].values()))["target"]["metrics"]
+    runs = {r["settings"]["mask"]: json.load(open(os.path.join(out, "runs", r["key"], "result.json")))
+            for r in res["runs"]}
+    assert set(runs) == {"lora", "lora+wagle"}
+    for kind, r in runs.items():
+        lo = r["lora"]
+        assert lo["rank"] == 2 and 0 < lo["trainable_fraction"] < 1 and lo["adapted_modules"] >= 1
+        assert r["trajectory"][-1]["metrics"]["forget_Q_A_Prob"] != target["forget_Q_A_Prob"]  # it trained
+    assert runs["lora+wagle"]["lora"]["placement_source"] == "mask"
+    assert runs["lora+wagle"]["lora"]["adapted_modules"] < runs["lora"]["lora"]["adapted_modules"]
+    table = open(os.path.join(out, "table.txt")).read()
+    assert "lora(r=2)" in table and "lora+wagle(r=2, gamma=1e-06)" in table and "ratio 0.1, lr 0.03" in table
+
+
 def test_masks_scored_on_refusals_are_the_po_forget_gradients(tmp_path, capsys):
     """forget_targets [answer, refusal]: two WAGLE masks, the refusal one equal to a mask scored by the
     library on refusal_targets (the forget loss of PO), recorded in its metadata and diagnostics."""
@@ -182,6 +219,7 @@ def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides,field", [
     (["--masks", "[dense, lottery]"], r"masks\[1\]: unknown mask kind"),
+    (["--lora_rank", "0"], "lora_rank: must be an int >= 1"),
     (["--gammas", "[0]"], r"gammas\[0\]: must be a number > 0"),
     (["--ratios", "[0.1, 2]"], r"ratios\[1\]: must be in"),
     (["--learning_rates", "[]"], "learning_rates: must hold at least one value"),

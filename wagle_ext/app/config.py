@@ -138,7 +138,7 @@ class DemoConfig:
     benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
     objectives: list = dataclasses.field(default_factory=lambda: ["graddiff", "npo"])
     masks: list = dataclasses.field(default_factory=lambda: ["dense", "random", "magnitude", "wagle", "lora",
-                                                             "lora+fila", "lora+wagle"])  # LoRA rows: not in the fronts
+                                                             "lora+fila", "lora+wagle"])
     ratio: float = 0.1             # fraction of weights selected for update (WAGLE convention)
     gamma: float = 1e-6            # WAGLE score's Hessian constant
     lora_rank: int = 8             # rank of the LoRA rows (masks lora, lora+fila, lora+wagle), alpha 2 * rank
@@ -259,6 +259,7 @@ class SweepConfig:
     scopes: list = dataclasses.field(default_factory=lambda: ["global"])  # build_mask scopes: global, per_tensor, per_row
     forget_targets: list = dataclasses.field(default_factory=lambda: ["answer"])  # wagle/snip/gradient masks: answer, refusal
     rescores: list = dataclasses.field(default_factory=lambda: [0])  # masked runs: re-score every N steps (0: never)
+    lora_rank: int = 8             # masks lora, lora+fila, lora+wagle: adapters of this rank (alpha 2 x rank)
     learning_rates: list = dataclasses.field(default_factory=lambda: [1e-3])
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds (data order, retain pairing)
     seed_benchmark: bool = False   # embedded model: also train one benchmark per seed (benchmark.seed + seed)
@@ -553,16 +554,13 @@ def _as_float(v: Any) -> Any:
 
 
 def demo_sweep_config(cfg: DemoConfig) -> "SweepConfig":
-    """The front sweep of ``wagle demo``: its objectives, masks, gamma and ratio over its
-    ``learning_rates`` x ``seeds`` on the same embedded benchmark, evaluated every ``eval_every``
-    steps with the fast metrics, into ``<out>/sweep``. LoRA rows are not swept (``wagle sweep`` has
-    no LoRA axis): the front covers the demo's other mask kinds."""
-    from ..attribution import SCORE_KINDS
-
+    """The front sweep of ``wagle demo``: its objectives, masks (LoRA rows included, rank
+    ``lora_rank``), gamma and ratio over its ``learning_rates`` x ``seeds`` on the same embedded
+    benchmark, evaluated every ``eval_every`` steps with the fast metrics, into ``<out>/sweep``."""
     return SweepConfig(
         out=os.path.join(cfg.out, "sweep"), model="embedded", data=DataConfig(source="embedded"),
-        objectives=list(cfg.objectives),
-        masks=[m for m in cfg.masks if m == "dense" or m in SCORE_KINDS], gammas=[cfg.gamma], ratios=[cfg.ratio], learning_rates=list(cfg.learning_rates),
+        objectives=list(cfg.objectives), masks=list(cfg.masks), lora_rank=cfg.lora_rank,
+        gammas=[cfg.gamma], ratios=[cfg.ratio], learning_rates=list(cfg.learning_rates),
         seeds=list(cfg.seeds), eval_every=cfg.eval_every, eval=EvalSettings(metrics="fast"),
         unlearn=copy.deepcopy(cfg.unlearn), workers=cfg.workers, benchmark=copy.deepcopy(cfg.benchmark),
         cache_dir=cfg.cache_dir, num_threads=cfg.num_threads, device="cpu", overwrite=True)
@@ -585,10 +583,13 @@ def _validate_sweep(cfg: "SweepConfig") -> None:
         _validate_objective(o, f"objectives[{i}]")
     _check(len(cfg.masks) > 0, "masks", "must name at least one mask kind")
     for i, m in enumerate(cfg.masks):
-        _check(m == "dense" or m in SCORE_KINDS, f"masks[{i}]",
-               f"unknown mask kind {m!r} (known: dense, {', '.join(SCORE_KINDS)})")
+        _check(m == "dense" or m in SCORE_KINDS or m in LORA_KINDS, f"masks[{i}]",
+               f"unknown mask kind {m!r} (known: dense, {', '.join(SCORE_KINDS + LORA_KINDS)})")
+    _check(isinstance(cfg.lora_rank, int) and cfg.lora_rank >= 1, "lora_rank",
+           f"must be an int >= 1, got {cfg.lora_rank!r}")
     _check(len(set(cfg.masks)) == len(cfg.masks), "masks", "names a mask kind twice")
-    _check(len(cfg.gammas) > 0 or "wagle" not in cfg.masks, "gammas", "must hold at least one gamma for wagle")
+    _check(len(cfg.gammas) > 0 or not {"wagle", "lora+wagle"} & set(cfg.masks), "gammas",
+           "must hold at least one gamma for wagle")
     for i, g in enumerate(cfg.gammas):
         ok = g in HESSIAN_ESTIMATES or (isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0)
         _check(ok, f"gammas[{i}]", f"must be a number > 0 or one of {', '.join(HESSIAN_ESTIMATES)}, got {g!r}")

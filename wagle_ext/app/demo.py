@@ -202,9 +202,6 @@ def _front(cfg: DemoConfig, out: str) -> dict:
 
     scfg = demo_sweep_config(cfg)
     scfg.out = os.path.join(out, "sweep")
-    if not scfg.masks:
-        _log("[demo] fronts: skipped (no mask kind of the demo is swept: LoRA rows only)")
-        return None
     n = len(cfg.objectives) * len(cfg.seeds) * len(cfg.learning_rates) * len(scfg.masks)
     _log(f"[demo] fronts: {n} runs ({len(cfg.objectives)} objectives x {len(scfg.masks)} masks x "
          f"{len(cfg.learning_rates)} learning rates x {len(cfg.seeds)} seeds), {cfg.unlearn.steps} steps each, "

@@ -1,6 +1,8 @@
 """``wagle sweep``: forget-quality / model-utility trade-off curves over a grid of unlearning runs.
 
-Grid: objectives x mask kinds (``dense``, the score kinds; ``wagle`` once per gamma of ``gammas``) x
+Grid: objectives x mask kinds (``dense``, the score kinds, ``wagle`` once per gamma of ``gammas``; the
+LoRA kinds ``lora``, ``lora+fila`` and ``lora+wagle`` train adapters of rank ``lora_rank`` instead,
+``lora+wagle`` placed by the WAGLE mask of each ratio and gamma) x
 ratios x selection scopes (``build_mask``'s ``global``, ``per_tensor``, ``per_row``; ``dense`` has
 one ratio, 1, and no scope) x forget targets (the kinds with a forget gradient: scored on the forget
 answers, or on refusals, PO's forget loss) x re-scoring intervals x learning rates x seeds. Every run
@@ -48,7 +50,7 @@ import time
 import types
 from typing import Any, Optional
 
-from .config import FORGET_GRADIENT_KINDS, SweepConfig, config_to_dict
+from .config import FORGET_GRADIENT_KINDS, LORA_KINDS, SweepConfig, config_to_dict
 from .front_axes import FORGET_QUALITY, FrontAxes
 from .pipeline import _benchmark, _device_dtype, _Job, _load_data, _load_model, _log, _set_threads, _unlearn
 from .runs import RunDir
@@ -181,6 +183,15 @@ def _targets(cfg: SweepConfig, kind: str) -> list:
     return list(cfg.forget_targets) if kind in FORGET_GRADIENT_KINDS else ["answer"]
 
 
+def _mask_grid(cfg: SweepConfig) -> list:
+    """(kind, [targets], [scopes]) of the masks to build: the mask kinds of the grid, and the global
+    WAGLE masks on the forget answers that place the adapters of ``lora+wagle``."""
+    grid = [(k, _targets(cfg, k), list(cfg.scopes)) for k in cfg.masks if k != "dense" and k not in LORA_KINDS]
+    if "lora+wagle" in cfg.masks:
+        grid.append(("wagle", ["answer"], ["global"]))
+    return grid
+
+
 def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
     """{(kind, gamma, ratio, scope, forget target): mask file} for this context, each built once (scores
     once per kind, gamma and forget target)."""
@@ -189,12 +200,12 @@ def _masks(cfg: SweepConfig, ctx: Any, work: str) -> dict:
 
     out = {}
     forget, retain = ctx.data["forget"], ctx.data["retain"]
-    for kind in cfg.masks:
-        if kind == "dense":
-            continue
-        for gamma, target in itertools.product(cfg.gammas if kind == "wagle" else [None], _targets(cfg, kind)):
+    for kind, targets, scopes in _mask_grid(cfg):
+        for gamma, target in itertools.product(cfg.gammas if kind == "wagle" else [None], targets):
             scores = None
-            for ratio, scope in itertools.product(cfg.ratios, cfg.scopes):
+            for ratio, scope in itertools.product(cfg.ratios, scopes):
+                if (kind, gamma, ratio, scope, target) in out:  # wagle for lora+wagle, already in the grid
+                    continue
                 ident = {"ctx": ctx.ident, "kind": kind, "gamma": gamma, "ratio": ratio, "seed": cfg.mask_seed}
                 if scope != "global":  # the keys of global masks stay those of sweeps before scopes existed
                     ident["scope"] = scope
@@ -247,8 +258,12 @@ def _diagnostics(cfg: SweepConfig, contexts: dict, mask_files: dict, work: str) 
 # the runs
 # ------------------------------------------------------------------------------------------------
 
-def _method(kind: str, gamma: Any, scope: str = "global", rescore: int = 0, target: str = "answer") -> str:
-    name = kind if kind != "wagle" else (f"wagle(h={gamma})" if isinstance(gamma, str) else f"wagle(gamma={gamma:g})")
+def _method(kind: str, gamma: Any, scope: str = "global", rescore: int = 0, target: str = "answer",
+            rank: Optional[int] = None) -> str:
+    g = None if gamma is None else (f"h={gamma}" if isinstance(gamma, str) else f"gamma={gamma:g}")
+    if kind in LORA_KINDS:  # adapters of rank r; lora+wagle placed by the WAGLE mask of that gamma
+        return f"{kind}(r={rank}" + (f", {g})" if kind == "lora+wagle" else ")")
+    name = kind if kind != "wagle" else f"wagle({g})"
     if kind == "dense":
         return name
     return (name + ("" if target == "answer" else f"@{target}") + ("" if scope == "global" else f"/{scope}")
@@ -263,11 +278,11 @@ def _specs(cfg: SweepConfig, work: str, ident: Optional[dict] = None) -> list:
     specs = []
     for objective in cfg.objectives:
         for kind in cfg.masks:
-            for gamma, target, scope, rescore in itertools.product(cfg.gammas if kind == "wagle" else [None],
-                                                                   _targets(cfg, kind),
-                                                                   cfg.scopes if kind != "dense" else ["global"],
-                                                                   cfg.rescores if kind != "dense" else [0]):
-                for ratio in (cfg.ratios if kind != "dense" else [1.0]):
+            masked = kind != "dense" and kind not in LORA_KINDS  # the axes of masks
+            for gamma, target, scope, rescore in itertools.product(
+                    cfg.gammas if kind in ("wagle", "lora+wagle") else [None], _targets(cfg, kind),
+                    cfg.scopes if masked else ["global"], cfg.rescores if masked else [0]):
+                for ratio in (cfg.ratios if masked or kind == "lora+wagle" else [1.0]):
                     for lr in cfg.learning_rates:
                         for seed in cfg.seeds:
                             u = {**unlearn, "learning_rate": float(lr), "seed": seed, "save_steps": 0,
@@ -278,7 +293,7 @@ def _specs(cfg: SweepConfig, work: str, ident: Optional[dict] = None) -> list:
                             settings = {
                                 "format": _FORMAT, "objective": objective, "mask": kind, "gamma": gamma,
                                 "ratio": float(ratio), "learning_rate": float(lr), "seed": seed,
-                                "method": _method(kind, gamma, scope, rescore, target),
+                                "method": _method(kind, gamma, scope, rescore, target, cfg.lora_rank),
                                 "context": ident if ident is not None else _context_identity(cfg, seeds[seed]),
                                 "mask_seed": cfg.mask_seed if kind != "dense" else None, "unlearn": u,
                                 "eval_every": cfg.eval_every, "eval": dataclasses.asdict(cfg.eval),
@@ -287,6 +302,8 @@ def _specs(cfg: SweepConfig, work: str, ident: Optional[dict] = None) -> list:
                                 settings["scope"] = scope
                             if target != "answer":  # likewise
                                 settings["forget_target"] = target
+                            if kind in LORA_KINDS:
+                                settings["lora_rank"] = cfg.lora_rank
                             key = _key(settings)
                             specs.append({"key": key, "settings": settings, "bench_seed": seeds[seed],
                                           "dir": os.path.join(work, "runs", key)})
@@ -308,6 +325,19 @@ def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str, ho
     s = spec["settings"]
     model = copy.deepcopy(ctx.model)
     mask = MaskSet.load(mask_path, model=model) if mask_path else None
+    lora_info = None
+    if s["mask"] in LORA_KINDS:  # adapters instead of a mask (lora+wagle: placed by the WAGLE mask of mask_path)
+        from .config import LoraSettings
+        from .pipeline import _lora_model
+
+        gamma = s["gamma"] if isinstance(s["gamma"], (int, float)) else 1e-6
+        lo = LoraSettings(rank=s["lora_rank"], init="fila" if s["mask"] == "lora+fila" else "default",
+                          targets="wagle" if s["mask"] == "lora+wagle" else "all", ratio=s["ratio"], gamma=gamma)
+        torch.manual_seed(s["seed"])  # the adapters' initialisation is part of the run
+        model, lora_info = _lora_model(model, ctx.tok, ctx.data["forget"], ctx.data["retain"], lo, mask=mask,
+                                       seed=s["seed"], progress=False)
+        lora_info["trainable_fraction"] = lora_info["trainable"] / sum(p.numel() for p in ctx.model.parameters())
+        mask = None
     u = dataclasses.replace(cfg.unlearn, **{k: s["unlearn"][k] for k in ("learning_rate", "seed", "save_steps",
                                                                           "logging_steps")},
                             rescore_every=s["unlearn"].get("rescore_every", 0))
@@ -322,6 +352,8 @@ def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str, ho
               "train_loss": res["train_loss"], "rescore_history": res["rescore_history"],
               "seconds": time.perf_counter() - t0,
               "eval_seconds": sum(e["seconds"] for e in cb.entries)}
+    if lora_info is not None:
+        result["lora"] = {k: v for k, v in lora_info.items() if k != "placement"}
     if hooks is not None and hooks.final is not None:
         result["final"] = hooks.final(model)
     import shutil
@@ -363,9 +395,11 @@ def _run_sweep(cfg: SweepConfig, run: RunDir, hooks: Any = None) -> dict:
     jobs = []
     for sp in todo:
         s = sp["settings"]
-        mpath = None if s["mask"] == "dense" else mask_files[(sp["bench_seed"], s["mask"], s["gamma"], s["ratio"],
-                                                              s.get("scope", "global"),
-                                                              s.get("forget_target", "answer"))]
+        mpath = None
+        if s["mask"] not in ("dense", "lora", "lora+fila"):  # lora+wagle: the WAGLE mask that places its adapters
+            kind = "wagle" if s["mask"] == "lora+wagle" else s["mask"]
+            mpath = mask_files[(sp["bench_seed"], kind, s["gamma"], s["ratio"], s.get("scope", "global"),
+                                s.get("forget_target", "answer"))]
         jobs.append((cfg_dict, sp, mpath, work))
 
     def report(i: int, r: dict) -> None:
@@ -511,8 +545,9 @@ def _format_table(rows: list, ukey: str, tmus: list, tfqs: list, n_seeds: int,
         line = [r["objective"], r["method"]]
         for thr in THRESHOLDS:
             b = r[f"{thr:g}"]
+            no_ratio = r["method"] == "dense" or r["method"].startswith(("lora(", "lora+fila("))
             line += [f"{b['mean']:.3g} ± {b['std']:.2g}",
-                     (f"ratio {b['ratio']:g}, " if r["method"] != "dense" else "") + f"lr {b['learning_rate']:g}"]
+                     (f"ratio {b['ratio']:g}, " if not no_ratio else "") + f"lr {b['learning_rate']:g}"]
         cells.append(line)
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
