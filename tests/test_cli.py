@@ -137,7 +137,7 @@ def test_demo_end_to_end_and_cache_reuse(tmp_path, cache, capsys):
     out = tmp_path / "demo"
     assert main(["demo", *TINY, "--cache_dir", cache, "--out", str(out), "--geffect_every", "1",
                  "--masks", "[dense, random, magnitude, wagle]",  # LoRA rows: tests/test_lora_cli.py
-                 "--learning_rates", "[1e-2]", "--seeds", "[0]", "--eval_every", "1"]) == 0
+                 "--learning_rates", "[1e-2]", "--seeds", "[0]", "--eval_every", "1", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"results in {out}" in printed and "forget_quality" in printed and "model_utility" in printed
     for f in ("results.json", "table.txt", "forget_quality_vs_utility.png", "config.json",

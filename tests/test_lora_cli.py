@@ -104,7 +104,7 @@ def test_demo_lora_rows(tmp_path):
             "--unlearn.batch_size", "2", "--eval_batch_size", "64"]
     assert main(["demo", *tiny, "--cache_dir", str(tmp_path / "cache"), "--out", str(out), "--objectives", "[npo]",
                  "--masks", "[lora+fila, lora+wagle]", "--lora_rank", "4", "--attacks", "false",
-                 "--geffect_every", "0", "--learning_rates", "[1e-2]", "--seeds", "[0]"]) == 0
+                 "--geffect_every", "0", "--learning_rates", "[1e-2]", "--seeds", "[0]", "--workers", "1"]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {r["mask"]: r for r in res["rows"]}
     assert set(rows) == {"lora+fila", "lora+wagle"}

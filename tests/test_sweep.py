@@ -217,6 +217,20 @@ def test_sweep_tiny_grid_front_table_results_and_rerun(tmp_path, capsys):
     assert all(len(row["0.9"]["per_seed"]) == 3 for row in res["table_rows"])
 
 
+def test_parallel_workers_give_the_runs_of_one_process(tmp_path):
+    """--workers 2 (spawned processes): the same run keys and bit-identical trajectories as in one process."""
+    common = ["sweep", *TINY, "--cache_dir", str(tmp_path / "cache"), "--masks", "[dense, wagle]", "--ratios", "[0.1]",
+              "--learning_rates", "[1e-2]", "--seeds", "[0]"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert main([*common, "--out", one]) == 0
+    assert main([*common, "--workers", "2", "--out", two]) == 0
+    runs = [{r["key"]: r["trajectory"] for r in json.load(open(os.path.join(d, "results.json")))["runs"]}
+            for d in (one, two)]
+    assert len(runs[0]) == 2 and runs[0].keys() == runs[1].keys()
+    for key, traj in runs[0].items():
+        assert [e["metrics"] for e in traj] == [e["metrics"] for e in runs[1][key]], key
+
+
 @pytest.mark.parametrize("overrides,field", [
     (["--masks", "[dense, lottery]"], r"masks\[1\]: unknown mask kind"),
     (["--lora_rank", "0"], "lora_rank: must be an int >= 1"),

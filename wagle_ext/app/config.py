@@ -151,7 +151,7 @@ class DemoConfig:
     learning_rates: list = dataclasses.field(default_factory=lambda: [5e-4, 1e-3, 2e-3, 5e-3, 1e-2])  # of the front sweep
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])  # unlearning seeds of the front sweep
     eval_every: int = 5            # front sweep: evaluation every N steps along each run
-    workers: int = 1               # front sweep: runs in parallel processes (each num_threads threads)
+    workers: int = 2               # front sweep: runs in parallel processes (each num_threads threads)
     num_threads: int = 1           # torch intra-op threads (tiny models: 1 avoids spinning workers)
     overwrite: bool = False        # replace a non-empty out (only once the new run has succeeded)
     cache_dir: Optional[str] = None  # default $WAGLE_CACHE or ~/.cache/wagle_ext
