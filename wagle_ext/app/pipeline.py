@@ -175,8 +175,9 @@ def _compute_scores(model, tok, forget, retain, kind: str, gamma: float, seed: i
     re-run the data passes per group: hand them to ``build_mask`` once). The accumulated gradient is a
     sum of per-example gradients, so ``batch_size`` changes the speed, not the scores.
     ``forget_target="refusal"``: the forget gradient is taken on the forget questions answered with
-    refusals (:func:`~wagle_ext.unlearn.data.refusal_targets`, drawn as PO's data of ``seed`` draws them), the forget loss of
-    PO/IdkPO -- WAGLE's ``snip_advanced_CL``; only for the kinds of :data:`FORGET_GRADIENT_KINDS`."""
+    refusals (:func:`~wagle_ext.unlearn.data.refusal_targets`: those PO's data of ``seed`` draws), the
+    forget loss of PO/IdkPO -- WAGLE's ``snip_advanced_CL``; only for the kinds of
+    ``FORGET_GRADIENT_KINDS``."""
     from torch.utils.data import DataLoader
 
     from ..attribution import score_model
