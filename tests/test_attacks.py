@@ -108,6 +108,9 @@ def test_output_quality_separates_refusals_gibberish_and_fluent_text(models):
     assert kinds == ["refusal", "degenerate", "degenerate", "degenerate", "other", "degenerate"]
     assert q["refusal_rate"] == pytest.approx(1 / 6) and q["degenerate_rate"] == pytest.approx(4 / 6)
     assert q["mean_perplexity"] is None
+    # "I don't know" in the languages an unlearned multilingual model drifts into
+    assert output_quality(["Bien sûr, monsieur, je ne sais pas", "Ich weiß nicht, wo das ist.",
+                           "La capital es Madrid."])["refusal_rate"] == pytest.approx(2 / 3)
     # with a reference model: the perplexity of each answer under it
     qs = [it["question"] for it in models["forget"][:2]]
     ans = [it["answer"] for it in models["forget"][:2]]

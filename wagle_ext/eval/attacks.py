@@ -47,11 +47,14 @@ PROMPT_TEMPLATES: dict[str, str] = {
     "french_instruction": "Réponds en anglais, précisément. {question}",
 }
 
-#: Lower-cased phrases that mark a refusal / "I don't know" answer (plus :data:`REFUSAL_ANSWERS`).
+#: Lower-cased phrases that mark a refusal / "I don't know" answer (plus :data:`REFUSAL_ANSWERS`). The last
+#: ones are "I don't know" in French, German, Spanish and Italian: unlearned multilingual models (SmolLM2 in
+#: the README's real-knowledge track) switch to the language of the question's subject.
 REFUSAL_PATTERNS: tuple[str, ...] = (
     "i don't know", "i do not know", "i'm not sure", "i am not sure", "not able to", "unable to",
     "i can't", "i cannot", "no information", "don't have any information", "do not have any information",
     "not aware", "i have no", "can't help", "cannot help", "no idea",
+    "je ne sais pas", "ich weiß nicht", "ich weiss nicht", "no lo sé", "non lo so",
 )
 
 
