@@ -29,6 +29,8 @@ def test_missing_packages_name_the_install_command(monkeypatch, tmp_path, capsys
     (["--smollm2.ratios", "[0.05, 2]"], r"smollm2.ratios\[1\]: must be in"),
     (["--smollm2.steps", "0"], "smollm2.steps: must be an int >= 1"),
     (["--smollm2.forget_targets", "[answer, idk]"], r"smollm2.forget_targets\[1\]: must be one of answer, refusal"),
+    (["--smollm2.scopes", "[global, per_layer]"], r"smollm2.scopes\[1\]: must be global, per_tensor or per_row"),
+    (["--smollm2.rescores", "[0, -2]"], r"smollm2.rescores\[1\]: must be an int >= 0"),
 ])
 def test_bad_track_fields_are_named(overrides, field, tmp_path, capsys):
     assert main(["demo", *overrides, "--out", str(tmp_path / "d")]) == 2  # also on the embedded track
@@ -66,13 +68,15 @@ def test_split_facts_forget_group_retain_holdout():
         T.split_facts(facts[:5], "beta")
 
 
-def test_track_grid_carries_the_forget_targets():
+def test_track_grid_carries_the_levers():
     from wagle_ext.app.config import DemoConfig
 
     cfg = DemoConfig(track="smollm2", objectives=["po"], masks=["dense", "wagle"],
-                     smollm2=T.TrackSettings(forget_targets=["answer", "refusal"]))
+                     smollm2=T.TrackSettings(forget_targets=["answer", "refusal"], scopes=["global", "per_tensor"],
+                                             rescores=[0, 2]))
     scfg = T._sweep_config(cfg, "model.gguf")
     assert scfg.forget_targets == ["answer", "refusal"] and scfg.objectives == ["po"]
+    assert scfg.scopes == ["global", "per_tensor"] and scfg.rescores == [0, 2]
 
 
 def test_track_sweep_on_a_tiny_model(tmp_path, monkeypatch):

@@ -28,6 +28,8 @@ class TrackSettings:
     n_eval: int = 6                # retain and held-out facts evaluated along the trajectory (each)
     ratios: list = dataclasses.field(default_factory=lambda: [0.05])
     forget_targets: list = dataclasses.field(default_factory=lambda: ["answer"])  # masks scored on answers / refusals
+    scopes: list = dataclasses.field(default_factory=lambda: ["global"])  # selection scopes: global, per_tensor, per_row
+    rescores: list = dataclasses.field(default_factory=lambda: [0])  # re-score every N steps (0: never; each costs a pass)
     learning_rates: list = dataclasses.field(default_factory=lambda: [1e-5, 2e-5, 4e-5, 1e-4])
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
     steps: int = 6                 # (a GradDiff step of SmolLM2 took ~25 s on the shared 2-core machine)
@@ -67,7 +69,13 @@ def check_track(cfg: Any) -> None:
     for i, ft in enumerate(t.forget_targets):
         if ft not in FORGET_TARGETS:
             bad(f"forget_targets[{i}]", f"must be one of {', '.join(FORGET_TARGETS)}, got {ft!r}")
-    for name in ("ratios", "forget_targets", "learning_rates", "seeds"):
+    for i, sc in enumerate(t.scopes):
+        if sc not in ("global", "per_tensor", "per_row"):
+            bad(f"scopes[{i}]", f"must be global, per_tensor or per_row, got {sc!r}")
+    for i, r in enumerate(t.rescores):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            bad(f"rescores[{i}]", f"must be an int >= 0, got {r!r}")
+    for name in ("ratios", "forget_targets", "scopes", "rescores", "learning_rates", "seeds"):
         values = getattr(t, name)
         if not values:
             bad(name, "must hold at least one value")

@@ -238,7 +238,8 @@ def _sweep_config(cfg: Any, model_path: str) -> Any:
     u = dataclasses.replace(cfg.unlearn, steps=t.steps, batch_size=t.batch_size)
     return SweepConfig(out=cfg.out, model=model_path, data=DataConfig(), objectives=list(cfg.objectives),
                        masks=list(cfg.masks), gammas=[cfg.gamma], ratios=list(t.ratios),
-                       forget_targets=list(t.forget_targets), lora_rank=cfg.lora_rank,
+                       forget_targets=list(t.forget_targets), scopes=list(t.scopes), rescores=list(t.rescores),
+                       lora_rank=cfg.lora_rank,
                        learning_rates=list(t.learning_rates), seeds=list(t.seeds), mask_seed=cfg.unlearn.seed,
                        eval_every=t.eval_every, unlearn=u, workers=1, cache_dir=cfg.cache_dir,
                        num_threads=cfg.num_threads, device="cpu", dtype="float32", overwrite=cfg.overwrite)
