@@ -174,8 +174,7 @@ def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dic
             lo = [val(v) - val(v - e) for v, e in zip(c[yk], c[yk + "err"])]
             hi = [val(v + e) - val(v) for v, e in zip(c[yk], c[yk + "err"])]
             ax.errorbar(c["x"], y, xerr=c["xerr"], yerr=[lo, hi], color=colors[c["method"]], ls=ls, lw=0.9,
-                        marker="o", ms=3, alpha=0.55, elinewidth=0.6, capsize=1.5,
-                        label=f"{c['method']}: {c['label']}")
+                        marker="o", ms=3, alpha=0.55, elinewidth=0.6, capsize=1.5)
         for m, pts in panel["fronts"].items():
             if pts:
                 ax.plot([p[0] for p in pts], [val(p[1]) for p in pts], color=colors[m], lw=2.6, alpha=0.95,
@@ -183,7 +182,7 @@ def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dic
         ov = panel.get("overall", [])
         if ov:
             ax.scatter([p[0] for p in ov], [val(p[1]) for p in ov], s=110, facecolors="none", edgecolors="black",
-                       linewidths=1.4, zorder=5, label="Pareto front (all methods)")
+                       linewidths=1.4, zorder=5)
         for ref, marker in zip(references, ("X", "P", "X", "P")):
             ax.scatter([ref["x"]], [val(ref[yk])], marker=marker, color="lightgray", edgecolors="black",
                        s=90, zorder=4)
@@ -208,7 +207,16 @@ def plot_fronts(panels: dict, path: str, *, title: str, references: Sequence[dic
         ax.set_ylabel(ylabel or "forget quality (KS p-value vs retain model; log; higher = better)")
         ax.set_title(name, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        # one entry per method (a legend entry per setting does not fit once a grid has a few dozen)
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([0], [0], color=colors[m], lw=2.6, marker="D", ms=5, label=m) for m in seen]
+        if ov:
+            handles.append(Line2D([0], [0], ls="none", marker="o", ms=10, mfc="none", mec="black",
+                                  label="front of all methods"))
+        styled = max((len(v) for v in seen.values()), default=0)
+        ax.legend(handles=handles, fontsize=7, loc="best", title_fontsize=7,
+                  title=f"thick: a method's front; thin: its {styled} setting(s) (ratio, lr), mean over seeds")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
