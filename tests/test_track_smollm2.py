@@ -121,7 +121,7 @@ def test_track_sweep_on_a_tiny_model(tmp_path, monkeypatch):
         finals = [r["final"] for r in res["runs"] if r["settings"]["method"] == row["method"]]
         assert row["degenerate"]["mean"] == pytest.approx(sum(f["degenerate"] for f in finals) / 2)
         assert 0.0 <= row["forget_acc"]["mean"] <= 1.0 and len(finals[0]["forget_answers"]) == 3
-        assert "holdout_acc" in row and "refusal" in row
+        assert "holdout_acc" in row and "refusal" in row and 0.0 <= row["holdout_refusal"]["mean"] <= 1.0
     assert all(k in res["settings"][0]["curve"][0] for k in ("forget_prob_mean", "forget_prob_std"))
     # a rerun into the same out skips every run and reuses the original model's evaluation
     ref = os.path.join(out, "references", os.listdir(os.path.join(out, "references"))[0], "references.json")

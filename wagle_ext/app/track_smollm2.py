@@ -218,8 +218,10 @@ def final_evaluator(tok: Any, splits: dict, *, collator: Any = None, max_new_tok
         out = {"forget_acc": sum(answer_is_correct(a, f) for a, f in zip(fg, forget)) / len(forget),
                "degenerate": q["degenerate_rate"], "refusal": q["refusal_rate"], "other": q["other_rate"],
                "forget_answers": fg}
-        if held:
+        if held:  # a refusal objective's failure mode: refusing what it should still answer
             out["holdout_acc"] = sum(answer_is_correct(a, f) for a, f in zip(hg, held)) / len(held)
+            out["holdout_refusal"] = output_quality(hg)["refusal_rate"]
+            out["holdout_answers"] = hg
         out["seconds"] = time.perf_counter() - t0
         return out
 
@@ -385,7 +387,7 @@ def _run(cfg: Any, run: Any, model: Any, tok: Any, facts: list, log: Any) -> dic
 # the end of each run: accuracy and answer quality, per setting
 # ------------------------------------------------------------------------------------------------
 
-END_COLUMNS = ("forget_prob", "utility", "forget_acc", "holdout_acc", "degenerate", "refusal")
+END_COLUMNS = ("forget_prob", "utility", "forget_acc", "holdout_acc", "degenerate", "refusal", "holdout_refusal")
 
 
 def end_of_run_rows(results: dict) -> list:
@@ -426,5 +428,6 @@ def format_end_table(rows: list, references: dict, steps: int) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     return (f"End of run (step {steps}), mean ± std over seeds: answer probabilities (forget_prob; utility = harmonic "
             "mean of retain and held-out), greedy accuracy (keyword in the answer) on the forget and held-out facts, "
-            "and the fraction of forget answers that are degenerate (gibberish, repetition) or refusals\n"
+            "the fraction of forget answers that are degenerate (gibberish, repetition) or refusals, and of held-out "
+            "answers that are refusals\n"
             + "\n".join(lines))
