@@ -24,6 +24,7 @@ import typing
 from typing import Any, Callable, Optional, Sequence, Union
 
 from .._checks import ROUNDINGS, check_grad_mode, check_ratio
+from ..masks.maskset import SCOPES
 from ..unlearn.data import FORGET_TARGETS
 from .embedded_benchmark import BenchmarkConfig
 from .track_config import TRACKS, TrackSettings
@@ -596,7 +597,7 @@ def _validate_sweep(cfg: "SweepConfig") -> None:
     for i, t in enumerate(cfg.forget_targets):
         _check_forget_target(t, f"forget_targets[{i}]", cfg.masks)
     for i, sc in enumerate(cfg.scopes):
-        _check(sc in ("global", "per_tensor", "per_row"), f"scopes[{i}]",
+        _check(sc in SCOPES, f"scopes[{i}]",
                f"must be global, per_tensor or per_row, got {sc!r}")
     for i, r in enumerate(cfg.rescores):
         _check(isinstance(r, int) and not isinstance(r, bool) and r >= 0, f"rescores[{i}]",
@@ -733,7 +734,7 @@ def validate(cfg: Any) -> None:
                "is a setting of the gradients; --scores reads scores made earlier (their file records it)")
         _check_by(check_ratio, "ratio", f"must be in (0, 1], got {cfg.ratio}", cfg.ratio)
         _check(cfg.gamma > 0, "gamma", f"must be > 0, got {cfg.gamma}")
-        _check(cfg.scope in ("global", "per_tensor", "per_row"), "scope",
+        _check(cfg.scope in SCOPES, "scope",
                f"must be global, per_tensor or per_row, got {cfg.scope!r}")
     elif isinstance(cfg, SweepConfig):
         _validate_sweep(cfg)

@@ -69,7 +69,8 @@ def run_score(cfg: ScoreConfig, *, with_mask: bool) -> str:
                           run.file("scores.safetensors"), metadata=meta)
                 _log("[score] wrote scores.safetensors")
         with run.phase("select"):
-            mask = _select(scores, cfg, model, {k: info[k] for k in ("forget_target",) if k in info})
+            target = info.get("forget_target")
+            mask = _select(scores, cfg, model, {"forget_target": target} if target else None)
         mask.save(run.file("mask.safetensors"))
         mask.plot(run.file("mask.png"), title=f"{info.get('kind', cfg.kind)} mask, ratio {cfg.ratio:g}")
         with open(run.file("mask_stats.json"), "w") as f:

@@ -62,6 +62,8 @@ _FORMAT = 1  # enters every run key: bump when a run's result changes meaning
 #: UnlearnSettings fields added after sweeps existed, with the value that reproduces the older runs:
 #: left out of a run's key at that value, so a sweep made before them resumes instead of starting over.
 _LATER_UNLEARN_FIELDS: dict = {"rescore_every": 0}
+#: kinds that read no mask file, hence have no ratio (lora+wagle's ratio is that of the mask placing it)
+_MASKLESS = ("dense", "lora", "lora+fila")
 _CONTEXTS: dict = {}  # per process: (context, sweep dir, eval settings) -> loaded model, data, evaluator
 
 
@@ -330,9 +332,8 @@ def _execute(cfg_dict: dict, spec: dict, mask_path: Optional[str], work: str, ho
         from .config import LoraSettings
         from .pipeline import _lora_model
 
-        gamma = s["gamma"] if isinstance(s["gamma"], (int, float)) else 1e-6
         lo = LoraSettings(rank=s["lora_rank"], init="fila" if s["mask"] == "lora+fila" else "default",
-                          targets="wagle" if s["mask"] == "lora+wagle" else "all", ratio=s["ratio"], gamma=gamma)
+                          targets="wagle" if s["mask"] == "lora+wagle" else "all")  # placement: the mask itself
         torch.manual_seed(s["seed"])  # the adapters' initialisation is part of the run
         model, lora_info = _lora_model(model, ctx.tok, ctx.data["forget"], ctx.data["retain"], lo, mask=mask,
                                        seed=s["seed"], progress=False)
@@ -396,7 +397,7 @@ def _run_sweep(cfg: SweepConfig, run: RunDir, hooks: Any = None) -> dict:
     for sp in todo:
         s = sp["settings"]
         mpath = None
-        if s["mask"] not in ("dense", "lora", "lora+fila"):  # lora+wagle: the WAGLE mask that places its adapters
+        if s["mask"] not in _MASKLESS:  # lora+wagle: the WAGLE mask that places its adapters
             kind = "wagle" if s["mask"] == "lora+wagle" else s["mask"]
             mpath = mask_files[(sp["bench_seed"], kind, s["gamma"], s["ratio"], s.get("scope", "global"),
                                 s.get("forget_target", "answer"))]
@@ -486,11 +487,12 @@ def _summarise(cfg: SweepConfig, results: list, references: dict, ukey: str, wor
             best[f"{thr:g}"] = {"per_seed": per_seed, "mean": mean, "std": std, "n": len(per_seed)}
         settings.append({"objective": objective, "method": method, "ratio": ratio, "learning_rate": lr,
                          "seeds": sorted(m[0] for m in members), "curve": curve, "best": best})
+    kinds = {r["settings"]["method"]: r["settings"]["mask"] for r in results}
     table_rows = []
     for objective in cfg.objectives:
         for method in dict.fromkeys(st["method"] for st in settings if st["objective"] == objective):
             mine = [st for st in settings if st["objective"] == objective and st["method"] == method]
-            row = {"objective": objective, "method": method}
+            row = {"objective": objective, "method": method, "mask": kinds[method]}
             for thr in THRESHOLDS:
                 t = f"{thr:g}"
                 b = max(mine, key=lambda st: axes.rank(st["best"][t]["mean"]))
@@ -545,9 +547,8 @@ def _format_table(rows: list, ukey: str, tmus: list, tfqs: list, n_seeds: int,
         line = [r["objective"], r["method"]]
         for thr in THRESHOLDS:
             b = r[f"{thr:g}"]
-            no_ratio = r["method"] == "dense" or r["method"].startswith(("lora(", "lora+fila("))
             line += [f"{b['mean']:.3g} ± {b['std']:.2g}",
-                     (f"ratio {b['ratio']:g}, " if not no_ratio else "") + f"lr {b['learning_rate']:g}"]
+                     (f"ratio {b['ratio']:g}, " if r["mask"] not in _MASKLESS else "") + f"lr {b['learning_rate']:g}"]
         cells.append(line)
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]

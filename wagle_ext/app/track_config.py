@@ -8,6 +8,7 @@ import importlib.util
 import os
 from typing import Any, Optional
 
+from ..masks.maskset import SCOPES
 from ..unlearn.data import FORGET_TARGETS
 from .real_facts import GROUPS
 
@@ -70,7 +71,7 @@ def check_track(cfg: Any) -> None:
         if ft not in FORGET_TARGETS:
             bad(f"forget_targets[{i}]", f"must be one of {', '.join(FORGET_TARGETS)}, got {ft!r}")
     for i, sc in enumerate(t.scopes):
-        if sc not in ("global", "per_tensor", "per_row"):
+        if sc not in SCOPES:
             bad(f"scopes[{i}]", f"must be global, per_tensor or per_row, got {sc!r}")
     for i, r in enumerate(t.rescores):
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:

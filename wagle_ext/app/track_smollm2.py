@@ -400,10 +400,11 @@ def end_of_run_rows(results: dict) -> list:
         s = r["settings"]
         last = r["trajectory"][-1]["metrics"] if r["trajectory"] else {}
         vals = {**{k: last.get(k) for k in ("forget_prob", "utility")}, **(r.get("final") or {})}
-        groups.setdefault((s["objective"], s["method"], s["ratio"], s["learning_rate"]), []).append(vals)
+        groups.setdefault((s["objective"], s["method"], s["mask"], s["ratio"], s["learning_rate"]), []).append(vals)
     rows = []
-    for (objective, method, ratio, lr), members in groups.items():
-        row = {"objective": objective, "method": method, "ratio": ratio, "learning_rate": lr, "n": len(members)}
+    for (objective, method, mask, ratio, lr), members in groups.items():
+        row = {"objective": objective, "method": method, "mask": mask, "ratio": ratio, "learning_rate": lr,
+               "n": len(members)}
         for k in END_COLUMNS:
             xs = [m[k] for m in members if m.get(k) is not None]
             if xs:
@@ -415,12 +416,14 @@ def end_of_run_rows(results: dict) -> list:
 
 def format_end_table(rows: list, references: dict, steps: int) -> str:
     """The end-of-run table (text): one line per setting, the original model first."""
+    from .sweep import _MASKLESS
+
     head = ["objective", "method", "ratio", "lr", *END_COLUMNS]
     ref = next(iter(references.values()))["target"]
     orig = {**ref["metrics"], **ref.get("final", {})}
     cells = [head, ["-", "(original model)", "-", "-"] + [f"{orig[k]:.3f}" if k in orig else "-" for k in END_COLUMNS]]
     for r in rows:
-        cells.append([r["objective"], r["method"], "-" if r["method"] == "dense" else f"{r['ratio']:g}",
+        cells.append([r["objective"], r["method"], "-" if r["mask"] in _MASKLESS else f"{r['ratio']:g}",
                       f"{r['learning_rate']:g}"] + [f"{r[k]['mean']:.3f} ± {r[k]['std']:.2f}" if k in r else "-"
                                                     for k in END_COLUMNS])
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
